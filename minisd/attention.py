@@ -1,0 +1,34 @@
+"""The one attention every minisd network calls, and the written-out math it stands for.
+
+    Attention(Q, K, V) = softmax(Q Kᵀ / √hd) V        (Vaswani et al. 2017, arXiv:1706.03762, eq. 1)
+
+`attention` runs PyTorch's fused `scaled_dot_product_attention` (flash / memory-efficient / cuDNN kernels where
+the device has them); `attention_reference` spells the same formula out in three lines for the reader, and
+tests/test_attention.py proves the two agree.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
+    """softmax(q kᵀ / √hd) v over the last two dims, on the fused kernel.
+
+    q: (b, nh, s, hd); k, v: (b, nh, s_kv, hd). Returns (b, nh, s, hd). `causal=True` lets token i look only at
+    tokens j <= i (CLIP's text encoder).
+    """
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
+    """The same function as `attention`, written out. Shapes as in `attention`."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (b, nh, s, s_kv): how much each query likes each key
+    if causal:
+        s, s_kv = scores.shape[-2:]
+        future = torch.ones(s, s_kv, dtype=torch.bool, device=q.device).triu(1)  # j > i
+        scores = scores.masked_fill(future, float("-inf"))
+    weights = scores.softmax(dim=-1)  # each row sums to 1
+    return weights @ v

@@ -1,0 +1,62 @@
+"""What every sampler offers: the small interface the lessons' denoising loops use.
+
+    sampler.set_timesteps(num_inference_steps)            # or strength=… for image-to-image
+    latents = noise * sampler.init_noise_sigma            # img2img: sampler.add_noise(x0, noise, sampler.timesteps[:1])
+    for t in sampler.timesteps:                           # one entry per model call
+        latent_model_input = sampler.scale_model_input(latents, t)
+        eps = unet(latent_model_input, t, context)
+        latents = sampler.step(eps, t, latents, generator=generator)
+"""
+
+from torch import Generator, Tensor
+
+from minisd.errors import MinisdError
+
+
+def img2img_start(num_inference_steps: int, strength: float) -> int:
+    """How many of the n scheduled steps an image-to-image run skips: n − min(⌊n · strength⌋, n).
+
+    strength 1 keeps every step (the input image is fully noised: plain txt2img); strength 0.3 with 50 steps
+    runs the last 15. The one place this is computed, for every sampler (diffusers' pipelines compute
+    `init_timestep = min(int(n * strength), n)`, `t_start = n - init_timestep`). A strength so small that no step
+    would run is an error here; diffusers silently returns an empty timestep list.
+
+    >>> img2img_start(50, 0.3), img2img_start(50, 1.0), img2img_start(10, 0.75)
+    (35, 0, 3)
+    """
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+        raise MinisdError(f"strength must be in (0, 1], got {strength!r}")
+    steps_run = min(int(num_inference_steps * strength), num_inference_steps)
+    if steps_run == 0:
+        raise MinisdError(
+            f"strength {strength} with {num_inference_steps} steps runs no denoising step "
+            f"(needs strength >= {1 / num_inference_steps:.3g} or more steps)"
+        )
+    return num_inference_steps - steps_run
+
+
+class Sampler:
+    """Base class of minisd's samplers. Subclasses fill `timesteps` and `init_noise_sigma` in `set_timesteps`.
+
+    order: model calls per step of the underlying method (Heun: 2); `timesteps` has one entry per model call.
+    """
+
+    name: str = ""  # the A1111 name, for PNG parameters
+    order: int = 1
+    timesteps: Tensor
+    init_noise_sigma: float = 1.0
+
+    def set_timesteps(self, num_inference_steps: int, strength: float = 1.0) -> None:
+        raise NotImplementedError
+
+    def scale_model_input(self, x: Tensor, t: Tensor | int) -> Tensor:
+        """What the UNet sees at step t. Identity for the ᾱ samplers (DDPM, DDIM, PLMS)."""
+        return x
+
+    def step(self, eps: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
+        """One move from x at t to the next, less noisy, x, given the model's noise prediction eps."""
+        raise NotImplementedError
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
+        """Noise clean latents x0 to the level of timestep t, in this sampler's space."""
+        raise NotImplementedError

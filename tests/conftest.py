@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+from tests.parity import REPORT
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests carry @pytest.mark.gpu; without CUDA they skip with that reason, and run with `pytest -m gpu`."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print every parity measurement: the numbers the closing notes quote."""
+    if not REPORT:
+        return
+    terminalreporter.section("parity: max |minisd − reference| / max |reference|")
+    for test, component, err, tol in REPORT:
+        terminalreporter.write_line(f"{err:10.3g}  (bar {tol:g})  {component}  [{test}]")
