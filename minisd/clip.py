@@ -1,0 +1,200 @@
+"""CLIP ViT-L/14's text transformer, as Stable Diffusion v1 uses it: token ids in, one vector per token out.
+
+    input_ids (b, 77) ──token_embedding + position_embedding──▶ x (b, 77, 768)   = hidden_states[0]
+    12 × pre-LN layer:  x = x + self_attn(layer_norm1(x))       causal: token i sees tokens 0..i
+                        x = x + mlp(layer_norm2(x))             768 → 3072 → 768, quick-GELU   = hidden_states[n]
+    final_layer_norm(x) ──▶ last_hidden_state (b, 77, 768): the UNet's cross-attention `context`
+
+Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision", arXiv:2103.00020,
+§2.4 (a GPT-2 style transformer, Radford et al. 2019); module paths equal transformers' `CLIPTextModel`, so its
+state_dict loads with strict=True. What SD v1 does not use is left out: the pooled (end-token) output and the
+text projection belong to CLIP's contrastive loss, and SD v1 passes no padding attention mask (diffusers'
+`use_attention_mask` is unset for it): padding tokens are ordinary tokens that see the prompt before them.
+"""
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from minisd.attention import attention
+from minisd.errors import MinisdError
+
+
+@dataclass
+class TextEncoderConfig:
+    """Sizes of the text encoder; defaults are SD v1's (CLIP ViT-L/14). Names are transformers' CLIPTextConfig keys."""
+
+    vocab_size: int = 49408  # 512 byte tokens (plain and end-of-word) + 48,894 BPE merges + start + end
+    hidden_size: int = 768  # d
+    intermediate_size: int = 3072  # MLP width, 4·d
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12  # nh; hd = d / nh = 64
+    max_position_embeddings: int = 77  # s: 75 prompt tokens + start + end
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise MinisdError(
+                f"hidden_size must be a multiple of num_attention_heads ({self.num_attention_heads}), "
+                f"got {self.hidden_size}"
+            )
+
+
+class TextEncoderOutput(NamedTuple):
+    """last_hidden_state: (b, s, d) after final_layer_norm. hidden_states: num_hidden_layers + 1 tensors (b, s, d),
+    the embeddings first and then each layer's output, before any final norm (transformers' output_hidden_states)."""
+
+    last_hidden_state: Tensor
+    hidden_states: tuple[Tensor, ...]
+
+
+class TextEmbeddings(nn.Module):
+    """Token embedding plus learned absolute position embedding. input_ids (b, s) -> (b, s, d)."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """input_ids: (b, s) integer ids. Returns (b, s, d)."""
+        # Positions are made here, not stored: transformers' `position_ids` buffer is not part of the state_dict.
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.token_embedding(input_ids) + self.position_embedding(positions)  # (s, d) broadcasts over b
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which token i attends only to tokens 0..i. x (b, s, d) -> (b, s, d)."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (b, s, d). Returns (b, s, d)."""
+        q = rearrange(self.q_proj(x), "b s (nh hd) -> b nh s hd", nh=self.num_heads)  # split d into nh heads
+        k = rearrange(self.k_proj(x), "b s (nh hd) -> b nh s hd", nh=self.num_heads)
+        v = rearrange(self.v_proj(x), "b s (nh hd) -> b nh s hd", nh=self.num_heads)
+        out = attention(q, k, v, causal=True)  # CLIP's text transformer is causal, like GPT-2
+        out = rearrange(out, "b nh s hd -> b s (nh hd)")  # heads side by side again
+        return self.out_proj(out)
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """x · σ(1.702 x), the sigmoid approximation of GELU (Hendrycks & Gimpel 2016, arXiv:1606.08415, §2) that
+    OpenAI's CLIP was trained with (transformers' `hidden_act="quick_gelu"`). Any shape.
+
+    >>> quick_gelu(torch.tensor([0.0, 1.0])).round(decimals=4)
+    tensor([0.0000, 0.8458])
+    """
+    return x * torch.sigmoid(1.702 * x)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: fc1 (d → 4d), quick-GELU, fc2 (4d → d). x (b, s, d) -> (b, s, d)."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (b, s, d). Returns (b, s, d)."""
+        return self.fc2(quick_gelu(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    """One pre-LayerNorm transformer layer. x (b, s, d) -> (b, s, d)."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.self_attn = CausalSelfAttention(config)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (b, s, d). Returns (b, s, d)."""
+        x = x + self.self_attn(self.layer_norm1(x))  # tokens look at the tokens before them
+        x = x + self.mlp(self.layer_norm2(x))  # each token thinks on its own
+        return x
+
+
+class Encoder(nn.Module):
+    """The stack of layers (the `encoder.layers.N` key paths). x (b, s, d) -> every hidden state."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([EncoderLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        """x: (b, s, d) embeddings. Returns num_hidden_layers + 1 tensors (b, s, d): x, then each layer's output."""
+        hidden_states = [x]
+        for layer in self.layers:
+            x = layer(x)
+            hidden_states.append(x)
+        return tuple(hidden_states)
+
+
+class TextEncoder(nn.Module):
+    """CLIP's text transformer (transformers' CLIPTextModel without the pooled output).
+
+    forward: input_ids (b, s) int64, s <= 77 (SD v1 always passes 77: start, prompt, end, padding with 49407).
+    Returns TextEncoderOutput(last_hidden_state (b, s, 768), hidden_states: 13 × (b, s, 768)).
+    """
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = TextEmbeddings(config)
+        self.encoder = Encoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, input_ids: Tensor) -> TextEncoderOutput:
+        """input_ids: (b, s) integer token ids, 1 <= s <= max_position_embeddings. Returns TextEncoderOutput."""
+        self._check_input_ids(input_ids)
+        hidden_states = self.encoder(self.embeddings(input_ids))
+        return TextEncoderOutput(self.final_layer_norm(hidden_states[-1]), hidden_states)
+
+    def prompt_embeds(self, input_ids: Tensor, clip_skip: int | None = None) -> Tensor:
+        """The (b, s, d) embeddings a pipeline hands the UNet, optionally from `clip_skip` layers before the end.
+
+        Follows diffusers' StableDiffusionPipeline.encode_prompt: clip_skip None (or 0) is last_hidden_state;
+        clip_skip = k takes hidden_states[-(k + 1)], the output of layer 12 − k, and still applies
+        final_layer_norm to it (the UNet was trained on normalised features). AUTOMATIC1111's "Clip skip: 2"
+        is k = 1 here.
+        """
+        n = self.config.num_hidden_layers
+        if clip_skip is not None and (
+            isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip <= n
+        ):
+            raise MinisdError(f"clip_skip must be None or an integer in [0, {n}], got {clip_skip!r}")
+        output = self(input_ids)
+        if not clip_skip:
+            return output.last_hidden_state
+        return self.final_layer_norm(output.hidden_states[-(clip_skip + 1)])
+
+    def _check_input_ids(self, input_ids: Tensor) -> None:
+        """Raise MinisdError unless input_ids is a (b, s) integer tensor with s and every id in range."""
+        max_length = self.config.max_position_embeddings
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            raise MinisdError(f"input_ids must be a (batch, sequence) tensor of token ids, got {shape}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise MinisdError(f"input_ids must hold integer token ids (torch.int64), got dtype {input_ids.dtype}")
+        if not 1 <= input_ids.shape[1] <= max_length:
+            raise MinisdError(f"input_ids length must be in [1, {max_length}] tokens, got {input_ids.shape[1]}")
+        if input_ids.numel() and input_ids.device.type != "meta":
+            low, high = input_ids.min().item(), input_ids.max().item()
+            if low < 0 or high >= self.config.vocab_size:
+                raise MinisdError(
+                    f"input_ids must be token ids in [0, {self.config.vocab_size - 1}], got values in [{low}, {high}]"
+                )
