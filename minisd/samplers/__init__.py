@@ -1,1 +1,91 @@
+"""Samplers by name: the names AUTOMATIC1111 users type and diffusers' scheduler class names both resolve.
 
+>>> get_sampler("Euler a").name, get_sampler("DPMSolverMultistepScheduler").name
+('Euler a', 'DPM++ 2M')
+>>> get_sampler("dpm++ 2m karras").name
+'DPM++ 2M Karras'
+"""
+
+from collections.abc import Callable
+
+from minisd.errors import MinisdError
+from minisd.samplers.base import Sampler
+from minisd.samplers.ddim import DDIMSampler
+from minisd.samplers.ddpm import DDPMSampler
+from minisd.samplers.dpm_solver import DPMSolverPP2MSampler
+from minisd.samplers.euler import EulerSampler
+from minisd.samplers.euler_ancestral import EulerAncestralSampler
+from minisd.samplers.heun import HeunSampler
+from minisd.samplers.lms import LMSSampler
+from minisd.samplers.pndm import PNDMSampler
+
+
+def _dpmpp_2m_karras() -> Sampler:
+    return DPMSolverPP2MSampler(use_karras_sigmas=True)
+
+
+# A1111's display name -> how to build it, set up for SD v1 (each class's defaults are SD v1's).
+SAMPLERS: dict[str, Callable[[], Sampler]] = {
+    "DDPM": DDPMSampler,
+    "DDIM": DDIMSampler,
+    "PLMS": PNDMSampler,
+    "LMS": LMSSampler,
+    "Euler": EulerSampler,
+    "Euler a": EulerAncestralSampler,
+    "Heun": HeunSampler,
+    "DPM++ 2M": DPMSolverPP2MSampler,
+    "DPM++ 2M Karras": _dpmpp_2m_karras,
+}
+
+# Other spellings -> the display name: diffusers' class names and A1111's internal ids (k_euler_a, ...).
+ALIASES = {
+    "DDPMScheduler": "DDPM",
+    "DDIMScheduler": "DDIM",
+    "PNDMScheduler": "PLMS",
+    "PNDM": "PLMS",
+    "LMSDiscreteScheduler": "LMS",
+    "k_lms": "LMS",
+    "EulerDiscreteScheduler": "Euler",
+    "k_euler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "k_euler_a": "Euler a",
+    "euler_ancestral": "Euler a",
+    "HeunDiscreteScheduler": "Heun",
+    "k_heun": "Heun",
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "k_dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+}
+
+
+def _key(name: str) -> str:
+    """Case, spaces, '-' and '_' do not matter: 'Euler a' = 'euler_a' = 'EULER-A'."""
+    return "".join(ch for ch in name.lower() if ch not in " _-")
+
+
+_LOOKUP = {_key(n): n for n in SAMPLERS} | {_key(alias): n for alias, n in ALIASES.items()}
+
+
+def sampler_names() -> list[str]:
+    """The display names, in the order a menu would show them."""
+    return list(SAMPLERS)
+
+
+def get_sampler(name: str, eta: float = 0.0) -> Sampler:
+    """A new sampler set up for SD v1, by A1111 name or diffusers class name (case-insensitive).
+
+    eta: DDIM's η (0 = deterministic DDIM, 1 = DDPM-like noise); the other samplers take none, so a non-zero eta
+    with them is an error rather than silently ignored.
+    """
+    if not isinstance(name, str) or _key(name) not in _LOOKUP:
+        raise MinisdError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
+    display = _LOOKUP[_key(name)]
+    if display == "DDIM":
+        return DDIMSampler(eta=eta)
+    if eta != 0.0:
+        raise MinisdError(f"eta applies to the DDIM sampler only, got eta={eta!r} with {display!r}")
+    return SAMPLERS[display]()
+
+
+__all__ = ["SAMPLERS", "Sampler", "get_sampler", "sampler_names"]

@@ -1,0 +1,300 @@
+"""Images in and out: PIL <-> tensors, the "parameters" text that AUTOMATIC1111 (A1111) writes into PNGs, grids.
+
+    PIL RGB uint8 (h, w, 3) ──pil_to_image──▶ image (1, 3, h, w) in [-1, 1] ──(VAE, UNet)──▶ image ──image_to_pil──▶ PIL
+
+pil_to_image and image_to_pil compute exactly what diffusers' VaeImageProcessor.preprocess / .postprocess compute
+for RGB images and float32 tensors; mask_to_tensor what its inpainting mask processor computes.
+
+A1111's "parameters" text (its infotext, modules/processing.py `create_infotext`), three parts, one per line:
+    a photo of a cat, (masterpiece:1.2)                       the prompt (may span several lines)
+    Negative prompt: blurry, lowres                           only when there is one
+    Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 123, Size: 512x512, Model hash: 6ce0161689, Model: v1-5
+The last line is "key: value" pairs; a value holding "," ":" or a newline is written as a JSON string ("...").
+A1111 reads it back with `parse_generation_parameters` (modules/infotext_utils.py); parse_parameters reads what it
+reads, and A1111 reads what format_parameters writes.
+"""
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from torch import Tensor
+
+from minisd.errors import MinisdError
+
+WHITE = (255, 255, 255)  # what transparent pixels become: A1111's default img2img_background_color "#ffffff"
+PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")  # the modes PIL can write as PNG
+
+# ---------------------------------------------------------------------------------------------------------------
+# PIL <-> tensors
+
+
+def pil_to_image(pil: Image.Image) -> Tensor:
+    """A PIL image -> (1, 3, h, w) float32 in [-1, 1]: pixel / 255 · 2 − 1 (diffusers' VaeImageProcessor).
+
+    Modes: "RGB" as is; "L" (grey) repeated into R, G, B; "RGBA", "LA" and "P" (palette, possibly with a
+    transparent colour) composited over white, as A1111 flattens img2img inputs: out = (rgb·α + 255·(255 − α)) / 255
+    in PIL's integer arithmetic. Other modes are refused: convert them first, e.g. pil.convert("RGB").
+
+    >>> pil_to_image(Image.new("RGB", (2, 1), (255, 0, 51))).tolist()
+    [[[[1.0, 1.0]], [[-1.0, -1.0]], [[-0.6000000238418579, -0.6000000238418579]]]]
+    """
+    if not isinstance(pil, Image.Image):
+        raise MinisdError(f"pil must be a PIL.Image.Image, got {type(pil).__name__}")
+    if pil.mode in ("RGBA", "LA", "P"):
+        rgba = pil.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, WHITE)
+        flat.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))  # alpha 0 keeps the white, 255 takes the pixel
+        pil = flat
+    elif pil.mode == "L":
+        pil = pil.convert("RGB")
+    elif pil.mode != "RGB":
+        raise MinisdError(f"pil must be an RGB, RGBA, L, LA or P image, got mode {pil.mode!r}: use pil.convert('RGB')")
+    w, h = pil.size
+    pixels = torch.frombuffer(bytearray(pil.tobytes()), dtype=torch.uint8)  # h·w·3 bytes, row by row, R G B
+    pixels = rearrange(pixels, "(b h w c) -> b c h w", b=1, h=h, w=w, c=3)
+    return pixels.float() / 255 * 2 - 1
+
+
+def image_to_pil(image: Tensor) -> list[Image.Image]:
+    """(b, 3, h, w) in [-1, 1] -> b RGB PIL images: round((image / 2 + 1/2).clamp(0, 1) · 255) (diffusers' rule,
+    round half to even).
+
+    Computed in float32: equal to diffusers for float32 input; for fp16/bf16 input diffusers does the first step in
+    half precision, which can differ by one level. Values outside [-1, 1] clip; NaN is refused.
+
+    >>> [pil.getpixel((0, 0)) for pil in image_to_pil(torch.tensor([-1.0, 0.0, 2.0]).reshape(1, 3, 1, 1))]
+    [(0, 128, 255)]
+    """
+    if not isinstance(image, Tensor) or image.dim() != 4 or image.shape[1] != 3 or not image.is_floating_point():
+        what = f"{tuple(image.shape)} {image.dtype}" if isinstance(image, Tensor) else type(image).__name__
+        raise MinisdError(f"image must be a floating (batch, 3, height, width) tensor, got {what}")
+    image = image.detach().float().cpu()
+    if image.isnan().any():
+        raise MinisdError("image must not contain NaN (a VAE decode in float16 can overflow: decode in float32)")
+    image = (image * 0.5 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
+    pixels = (image * 255).round().to(torch.uint8)
+    pixels = rearrange(pixels, "b c h w -> b h w c")  # PIL's byte order: row by row, R G B
+    h, w = pixels.shape[1:3]
+    return [Image.frombytes("RGB", (w, h), bytes(p.flatten().tolist())) for p in pixels]
+
+
+def mask_to_tensor(pil: Image.Image, height: int, width: int) -> Tensor:
+    """An inpainting mask -> (1, 1, height, width) float32 of 0.0 (keep) and 1.0 (repaint), as diffusers' inpainting
+    pipeline prepares it: resized to (width, height) with Lanczos when the size differs, converted to "L" (grey;
+    alpha is ignored), then pixel / 255 ≥ 0.5 is 1 (white, pixel ≥ 128), the rest 0.
+
+    >>> mask_to_tensor(Image.new("L", (2, 1), 128), 1, 2).tolist()
+    [[[[1.0, 1.0]]]]
+    """
+    if not isinstance(pil, Image.Image):
+        raise MinisdError(f"pil must be a PIL.Image.Image, got {type(pil).__name__}")
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MinisdError(f"{name} must be a positive int, got {value!r}")
+    if pil.size != (width, height):
+        pil = pil.resize((width, height), Image.Resampling.LANCZOS)  # diffusers' default resample="lanczos"
+    pil = pil.convert("L")
+    pixels = torch.frombuffer(bytearray(pil.tobytes()), dtype=torch.uint8)
+    pixels = rearrange(pixels, "(b c h w) -> b c h w", b=1, c=1, h=height, w=width)
+    return (pixels.float() / 255 >= 0.5).float()  # diffusers' binarize: < 0.5 -> 0, ≥ 0.5 -> 1
+
+
+def make_grid(images: list[Image.Image], rows: int) -> Image.Image:
+    """Paste equal-size images into `rows` rows, row by row, ceil(n / rows) columns; empty cells black (A1111's
+    image_grid). Returns one image of their mode, (columns · w, rows · h).
+
+    >>> make_grid([Image.new("RGB", (4, 3))] * 5, rows=2).size  # 3 columns, the last cell empty
+    (12, 6)
+    """
+    if not isinstance(images, list) or not images or not all(isinstance(im, Image.Image) for im in images):
+        raise MinisdError(f"images must be a non-empty list of PIL images, got {images!r:.80}")
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= len(images):
+        raise MinisdError(f"rows must be an int in [1, {len(images)}] (the number of images), got {rows!r}")
+    w, h = images[0].size
+    mode = images[0].mode
+    for i, im in enumerate(images):
+        if im.size != (w, h) or im.mode != mode:
+            raise MinisdError(
+                f"images must share one size and mode ({w}x{h} {mode}), got {im.size[0]}x{im.size[1]} "
+                f"{im.mode} at index {i}"
+            )
+    cols = math.ceil(len(images) / rows)
+    grid = Image.new(mode, (cols * w, rows * h))  # zeros: black
+    for i, im in enumerate(images):
+        grid.paste(im, (i % cols * w, i // cols * h))
+    return grid
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A1111's "parameters" text
+
+# One "key: value" pair of the last line, as A1111's parser reads it: a key of word characters, spaces, "-" and "/",
+# then either a JSON string or anything up to the next comma.
+PARAMETER = re.compile(r'\s*(?P<key>\w[\w \-/]+):\s*(?P<value>"(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+NEGATIVE_PREFIX = "Negative prompt:"
+FIXED_KEYS = ("Prompt", "Negative prompt", "Steps", "Sampler", "CFG scale", "Seed", "Size", "Model hash", "Model")
+
+
+def _format_value(name: str, value: str | int | float) -> str:
+    """A value as A1111 writes it: numbers plainly (7.0 as 7), a str quoted by quote_value."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise MinisdError(f"{name} must be a str, int or float, got {type(value).__name__}")
+    if isinstance(value, str):
+        return quote_value(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise MinisdError(f"{name} must be a finite number, got {value}")
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value)
+
+
+def quote_value(value: str) -> str:
+    """A str value as it goes on the parameters line: A1111 writes one holding "," ":" or a newline as a JSON string;
+    minisd also quotes one that is empty, starts with '"' or has spaces at either end, so each reads back unchanged.
+
+    >>> quote_value("Euler a"), quote_value("a, b")
+    ('Euler a', '"a, b"')
+    """
+    if any(c in value for c in ",:\n") or not value or value != value.strip() or value.startswith('"'):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def format_parameters(
+    prompt: str,
+    negative_prompt: str,
+    steps: int,
+    sampler: str,
+    cfg_scale: float,
+    seed: int,
+    width: int,
+    height: int,
+    model_name: str | None = None,
+    model_hash: str | None = None,
+    extra: dict[str, str | int | float | None] | None = None,
+) -> str:
+    """The A1111 "parameters" text for one image: prompt, "Negative prompt: ..." (if not empty), then
+    "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 123, Size: 512x512, Model hash: ..., Model: ...", then `extra`
+    in its order (e.g. {"Denoising strength": 0.75, "Clip skip": 2}; None values are left out, as A1111 does).
+
+    sampler is A1111's name ("Euler a", "DPM++ 2M Karras"); model_hash its short hash (first 10 hex digits of the
+    file's SHA-256). Like A1111, the text is stripped at both ends and each prompt line is read back stripped; a
+    prompt line starting with "Negative prompt:" cannot be told apart from the negative prompt.
+
+    >>> format_parameters("a cat", "", 20, "Euler a", 7.0, 123, 512, 512)
+    'a cat\\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 123, Size: 512x512'
+    """
+    for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt), ("sampler", sampler)):
+        if not isinstance(value, str):
+            raise MinisdError(f"{name} must be a str, got {type(value).__name__}")
+    if not sampler:
+        raise MinisdError("sampler must be a non-empty str (A1111's name, e.g. 'Euler a'), got ''")
+    for name, value, low in (("steps", steps, 1), ("seed", seed, 0), ("width", width, 1), ("height", height, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise MinisdError(f"{name} must be an int >= {low}, got {value!r}")
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, int | float):
+        raise MinisdError(f"cfg_scale must be a number, got {cfg_scale!r}")
+    fields: dict[str, str | int | float | None] = {
+        "Steps": steps,
+        "Sampler": sampler,
+        "CFG scale": cfg_scale,
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model hash": model_hash,
+        "Model": model_name,
+    }
+    if extra is not None and not isinstance(extra, dict):
+        raise MinisdError(f"extra must be a dict or None, got {type(extra).__name__}")
+    for key, value in (extra or {}).items():
+        if not isinstance(key, str) or not re.fullmatch(r"\w[\w \-/]+", key) or key in FIXED_KEYS:
+            raise MinisdError(
+                f"extra keys must be 2+ letters, digits, spaces, '-' or '/', starting with a letter or digit, and not "
+                f"one of {FIXED_KEYS}, got {key!r}"
+            )
+        fields[key] = value
+    line = ", ".join(f"{key}: {_format_value(key, value)}" for key, value in fields.items() if value is not None)
+    negative = f"\n{NEGATIVE_PREFIX} {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{line}".strip()
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """Read an A1111 "parameters" text: {"Prompt": ..., "Negative prompt": ..., "Steps": "20", ...}, every value a
+    str as written (JSON strings decoded). The last line is the parameters when it holds at least 3 "key: value"
+    pairs (A1111's rule); otherwise the whole text is prompt. Each prompt line is stripped, as A1111 does.
+
+    >>> parse_parameters("a cat\\nNegative prompt: dog\\nSteps: 20, Sampler: Euler a, CFG scale: 7.5")
+    {'Prompt': 'a cat', 'Negative prompt': 'dog', 'Steps': '20', 'Sampler': 'Euler a', 'CFG scale': '7.5'}
+    """
+    if not isinstance(text, str):
+        raise MinisdError(f"text must be a str, got {type(text).__name__}")
+    *lines, last = text.strip().split("\n")
+    if len(PARAMETER.findall(last)) < 3:
+        lines, last = [*lines, last], ""
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    in_negative = False
+    for line in lines:
+        line = line.strip()
+        if line.startswith(NEGATIVE_PREFIX):
+            in_negative = True
+            line = line[len(NEGATIVE_PREFIX) :].strip()
+        target = negative_lines if in_negative else prompt_lines
+        if target or line:  # A1111 drops empty lines before the first text
+            target.append(line)
+    fields = {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines)}
+    for key, value in PARAMETER.findall(last):
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass  # A1111 keeps a value it cannot decode as written
+        fields[key] = value
+    return fields
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PNG files
+
+
+def save_png(pil: Image.Image, path: str | os.PathLike, parameters: str, overwrite: bool = False) -> None:
+    """Write `pil` as a PNG with `parameters` in a text chunk named "parameters" (tEXt; iTXt, UTF-8, when the text
+    is not Latin-1, PIL's rule), where A1111 and most SD tools look. An existing file is an error unless overwrite."""
+    if not isinstance(pil, Image.Image):
+        raise MinisdError(f"pil must be a PIL.Image.Image, got {type(pil).__name__}")
+    if pil.mode not in PNG_MODES:
+        raise MinisdError(f"pil mode must be one of {PNG_MODES} to be saved as PNG, got {pil.mode!r}")
+    if not isinstance(parameters, str):
+        raise MinisdError(f"parameters must be a str, got {type(parameters).__name__}")
+    if not isinstance(path, str | os.PathLike):
+        raise MinisdError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise MinisdError(f"path must be in an existing folder, got {str(path)!r}")
+    if path.is_dir():
+        raise MinisdError(f"path must be a file name, got the folder {str(path)!r}")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    try:
+        with open(path, "wb" if overwrite else "xb") as f:  # "x": fail if it exists, checked and created at once
+            pil.save(f, format="PNG", pnginfo=info)
+    except FileExistsError:
+        raise MinisdError(f"path already exists (pass overwrite=True to replace it): {str(path)!r}") from None
+
+
+def read_png_parameters(path: str | os.PathLike) -> str | None:
+    """The "parameters" text of a PNG (A1111's or save_png's), or None when it has none."""
+    if not isinstance(path, str | os.PathLike) or not os.path.isfile(path):
+        raise MinisdError(f"path must be an existing file, got {path!r}")
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                raise MinisdError(f"path must be a PNG file, got a {im.format} file: {os.fspath(path)!r}")
+            return im.text.get("parameters")  # .text also reads text chunks stored after the pixels
+    except UnidentifiedImageError:
+        raise MinisdError(f"path must be a PNG file, got a file PIL cannot read: {os.fspath(path)!r}") from None
