@@ -1,16 +1,21 @@
 """What every sampler offers: the small interface the lessons' denoising loops use.
 
-    sampler.set_timesteps(num_inference_steps)            # or strength=… for image-to-image
-    latents = noise * sampler.init_noise_sigma            # img2img: sampler.add_noise(x0, noise, sampler.timesteps[:1])
-    for t in sampler.timesteps:                           # one entry per model call
-        latent_model_input = sampler.scale_model_input(latents, t)
-        eps = unet(latent_model_input, t, context)
-        latents = sampler.step(eps, t, latents, generator=generator)
+sampler.set_timesteps(num_inference_steps)        # or strength=… for image-to-image
+latents = noise * sampler.init_noise_sigma        # txt2img start
+# img2img start instead: latents = sampler.add_noise(x0, noise, sampler.timesteps[:1])
+for t in sampler.timesteps:                       # one entry per model call
+    latent_model_input = sampler.scale_model_input(latents, t)
+    eps = unet(latent_model_input, t, context)
+    latents = sampler.step(eps, t, latents, generator=generator)
 """
 
+from collections.abc import Sequence
+
+import torch
 from torch import Generator, Tensor
 
 from minisd.errors import MinisdError
+from minisd.samplers.schedule import check_timesteps, spaced_timesteps
 
 
 def img2img_start(num_inference_steps: int, strength: float) -> int:
@@ -35,6 +40,52 @@ def img2img_start(num_inference_steps: int, strength: float) -> int:
     return num_inference_steps - steps_run
 
 
+def inference_timesteps(
+    num_inference_steps: int | None = None,
+    strength: float = 1.0,
+    timesteps: Sequence[int] | Tensor | None = None,
+    spacing: str = "leading",
+) -> Tensor:
+    """The distinct timesteps a run visits, decreasing, int64 (n,): the spaced schedule of `num_inference_steps`
+    (or the caller's `timesteps`), less the first img2img_start(n, strength) entries.
+
+    >>> inference_timesteps(10, strength=0.5).tolist()
+    [401, 301, 201, 101, 1]
+    >>> inference_timesteps(timesteps=[999, 500, 250, 0], strength=0.5).tolist()
+    [250, 0]
+    """
+    if timesteps is not None:
+        if num_inference_steps is not None:
+            raise MinisdError(
+                f"give num_inference_steps or timesteps, not both (got {num_inference_steps} and timesteps)"
+            )
+        schedule = check_timesteps(timesteps)
+    elif num_inference_steps is None:
+        raise MinisdError("set_timesteps needs num_inference_steps or timesteps, got neither")
+    else:
+        schedule = spaced_timesteps(num_inference_steps, spacing)
+    return schedule[img2img_start(len(schedule), strength) :]
+
+
+def next_timestep(timesteps: Tensor, t: Tensor | int) -> tuple[int, int]:
+    """(t, the timestep after t in `timesteps`), both ints; −1 after the last ("step to the end of the chain")."""
+    t = int(t)
+    where = (timesteps == t).nonzero()
+    if where.numel() != 1:
+        raise MinisdError(f"timestep {t} is not in this sampler's schedule {timesteps.tolist()}; call set_timesteps")
+    i = where.item()
+    return t, int(timesteps[i + 1]) if i + 1 < len(timesteps) else -1
+
+
+def draw_noise(like: Tensor, generator: Generator | None) -> Tensor:
+    """Standard normal noise of `like`'s shape and dtype, drawn the way diffusers' `randn_tensor` draws a step's
+    noise, so one generator gives diffusers' exact numbers: one torch.randn call, in like's dtype (a float16 draw
+    is not a float32 draw rounded), on the generator's device (a CPU generator draws on CPU), then moved to
+    like's device."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
 class Sampler:
     """Base class of minisd's samplers. Subclasses fill `timesteps` and `init_noise_sigma` in `set_timesteps`.
 
@@ -46,7 +97,15 @@ class Sampler:
     timesteps: Tensor
     init_noise_sigma: float = 1.0
 
-    def set_timesteps(self, num_inference_steps: int, strength: float = 1.0) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        strength: float = 1.0,
+        *,
+        timesteps: Sequence[int] | Tensor | None = None,
+    ) -> None:
+        """Plan a run of n steps (or over the caller's decreasing `timesteps`); strength < 1 keeps only the last
+        ⌊n · strength⌋ of them (image-to-image, see img2img_start)."""
         raise NotImplementedError
 
     def scale_model_input(self, x: Tensor, t: Tensor | int) -> Tensor:

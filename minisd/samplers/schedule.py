@@ -12,6 +12,8 @@ diffusers calls it "scaled_linear"). LDM computes it in float64 and stores float
 checkpoint; minisd keeps float64 and casts at the last moment.
 """
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -79,7 +81,9 @@ def spaced_timesteps(
       "linspace"  t = round(linspace(0, T − 1, n)), reversed.
 
     Where "leading" + steps_offset would pass the end of the table (n = 1000: t = 1000), the offset is lowered
-    so the first step is T − 1. diffusers keeps t = 1000 there and then indexes past ᾱ's end.
+    so the first step is T − 1. diffusers keeps t = 1000 there and then indexes past ᾱ's end. For 62 values of n
+    (61, 103, …) diffusers' "trailing" float arange yields n + 1 timesteps, the last t = −1 (ᾱ[−1] = ᾱ_999);
+    here always n. Otherwise the timesteps equal diffusers' for every n and spacing (tests/test_schedule.py).
 
     >>> spaced_timesteps(5).tolist()
     [801, 601, 401, 201, 1]
@@ -98,13 +102,32 @@ def spaced_timesteps(
         steps_offset = min(steps_offset, T - 1 - (n - 1) * step_ratio)
         timesteps = i * step_ratio + steps_offset
     elif spacing == "trailing":
-        timesteps = (T - i * (T / n)).round() - 1
+        delta = (T - T / n) - T  # −T/n rounded as numpy.arange rounds it, so .5 ties round as in diffusers
+        timesteps = (T + i * delta).round() - 1
     elif spacing == "linspace":
-        timesteps = torch.linspace(0, T - 1, n, dtype=torch.float64).round()
+        timesteps = (i * ((T - 1) / max(n - 1, 1))).round()  # numpy.linspace's arithmetic, for the same ties
     else:
         raise MinisdError(f"timestep spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
     timesteps = timesteps.to(torch.int64)
     return timesteps.sort(descending=True).values
+
+
+def check_timesteps(timesteps: Sequence[int] | Tensor, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Tensor:
+    """Caller-given timesteps, checked: a non-empty 1-D integer sequence, strictly decreasing, in [0, T−1].
+    Returns them as an int64 tensor of shape (n,).
+
+    >>> check_timesteps([999, 500, 0]).tolist()
+    [999, 500, 0]
+    """
+    t = torch.as_tensor(timesteps)
+    if t.ndim != 1 or t.numel() == 0 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise MinisdError(f"timesteps must be a non-empty 1-D sequence of integers, got {timesteps!r}")
+    t = t.to(torch.int64).cpu()
+    if not (t[:-1] > t[1:]).all():
+        raise MinisdError(f"timesteps must be strictly decreasing, got {t.tolist()}")
+    if t[0] > num_train_timesteps - 1 or t[-1] < 0:
+        raise MinisdError(f"timesteps must lie in [0, {num_train_timesteps - 1}], got {t.tolist()}")
+    return t
 
 
 def add_noise(x0: Tensor, noise: Tensor, t: Tensor | int, alphas_cumprod: Tensor) -> Tensor:

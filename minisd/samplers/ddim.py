@@ -1,0 +1,75 @@
+"""DDIM: denoising diffusion implicit models (Song, Meng & Ermon 2020, arXiv:2010.02502).
+
+code             paper (DDIM writes α for DDPM's ᾱ)   diffusers
+t, t_prev        τ_i, τ_{i−1}                         timestep, prev_timestep
+alpha_bar_t      α_{τ_i} (= ᾱ_t)                      alphas_cumprod[t]
+alpha_bar_prev   α_{τ_{i−1}}                          alpha_prod_t_prev
+eps              ε_θ(x_t, t)                          model_output
+x0_pred          "predicted x_0", eq. 12              pred_original_sample
+sigma_t          σ_{τ_i}(η), eq. 16                   std_dev_t
+eta              η: 0 = deterministic DDIM, 1 = DDPM  eta
+
+One step (eq. 12): predict x_0 from x_t, then re-noise it to the level of t_prev along the predicted ε, plus
+fresh noise of size σ_t when η > 0.
+"""
+
+from collections.abc import Sequence
+
+from torch import Generator, Tensor
+
+from minisd.errors import MinisdError
+from minisd.samplers import schedule
+from minisd.samplers.base import Sampler, draw_noise, inference_timesteps, next_timestep
+
+
+class DDIMSampler(Sampler):
+    """DDIM with SD v1's settings. eta in [0, 1]. With eta > 0 each step draws one noise tensor from the caller's
+    generator (eps's shape and dtype, on the generator's device: base.draw_noise), exactly as diffusers'
+    DDIMScheduler.step does, so one generator gives diffusers' numbers.
+
+    Where diffusers differs: 1000 "leading" steps visit 999 … 0 here (diffusers visits 1000 and indexes past ᾱ's
+    end); t_prev is the next entry of the schedule, so any spacing or caller-given timesteps step to where the
+    schedule goes (diffusers steps to t − ⌊T / n⌋, the same for SD v1's "leading" spacing).
+    """
+
+    name = "DDIM"
+
+    def __init__(self, eta: float = 0.0, timestep_spacing: str = "leading") -> None:
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:  # NaN fails too
+            raise MinisdError(f"eta must be in [0, 1], got {eta!r}")
+        if timestep_spacing not in schedule.SPACINGS:
+            raise MinisdError(f"timestep_spacing must be one of {schedule.SPACINGS}, got {timestep_spacing!r}")
+        self.eta = float(eta)
+        self.timestep_spacing = timestep_spacing
+        self.alphas_cumprod = schedule.alphas_cumprod_from_betas(schedule.scaled_linear_betas())  # float64 (T,)
+        # set_alpha_to_one=False (SD v1): past the last step, ᾱ_prev = ᾱ_0, not 1 (LDM's ddim.py does the same)
+        self.final_alpha_bar = self.alphas_cumprod[0].item()
+        self.timesteps = schedule.spaced_timesteps(50, timestep_spacing)
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        strength: float = 1.0,
+        *,
+        timesteps: Sequence[int] | Tensor | None = None,
+    ) -> None:
+        """One model call per timestep: n of them, or ⌊n · strength⌋ for image-to-image."""
+        self.timesteps = inference_timesteps(num_inference_steps, strength, timesteps, self.timestep_spacing)
+
+    def step(self, eps: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
+        """x_t -> x_{t_prev} by eq. 12. eps, x: (b, c, h, w). Coefficients in float64, cast last."""
+        t, t_prev = next_timestep(self.timesteps, t)
+        alpha_bar_t = self.alphas_cumprod[t].item()
+        alpha_bar_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else self.final_alpha_bar
+        x0_pred = (x - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5  # eq. 12, "predicted x_0"
+        ddpm_variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)  # σ_t(η=1)²
+        sigma_t = self.eta * ddpm_variance**0.5  # eq. 16
+        direction = (1 - alpha_bar_prev - sigma_t**2) ** 0.5 * eps  # eq. 12, "direction pointing to x_t"
+        x_prev = alpha_bar_prev**0.5 * x0_pred + direction  # eq. 12
+        if self.eta > 0:
+            x_prev = x_prev + sigma_t * draw_noise(eps, generator)  # eq. 12, "random noise" σ_t ε_t
+        return x_prev
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
+        """x_t = √ᾱ_t · x0 + √(1 − ᾱ_t) · noise (DDPM eq. 4); x0, noise: (b, c, h, w)."""
+        return schedule.add_noise(x0, noise, t, self.alphas_cumprod)

@@ -1,0 +1,75 @@
+"""DDPM: ancestral sampling of the denoising diffusion probabilistic model (Ho, Jain & Abbeel 2020,
+arXiv:2006.11239), over any subset of the 1000 training timesteps.
+
+code             paper                                  diffusers
+t, t_prev        t, t − 1 (here: the schedule's next t) timestep, prev_t
+alpha_bar_t      ᾱ_t                                    alphas_cumprod[t]
+alpha_t, beta_t  α_t = ᾱ_t / ᾱ_prev, β_t = 1 − α_t      current_alpha_t, current_beta_t
+eps              ε_θ(x_t, t)                            model_output
+x0_pred          x_0 from eq. 4 solved with ε_θ        pred_original_sample
+mean             μ̃_t(x_t, x_0), eq. 7                  pred_prev_sample
+variance         β̃_t, eq. 7 ("fixed_small")            _get_variance(t)
+
+One step samples p(x_{t_prev} | x_t) = q(x_{t_prev} | x_t, x0_pred) (eqs. 6-7): the posterior mean plus √β̃_t noise.
+Written through x0_pred it equals eq. 11's μ_θ = (x_t − β_t / √(1 − ᾱ_t) · ε) / √α_t.
+"""
+
+from collections.abc import Sequence
+
+from torch import Generator, Tensor
+
+from minisd.errors import MinisdError
+from minisd.samplers import schedule
+from minisd.samplers.base import Sampler, draw_noise, inference_timesteps, next_timestep
+
+
+class DDPMSampler(Sampler):
+    """DDPM with SD v1's β (variance_type "fixed_small", clip_sample False, epsilon prediction).
+
+    Noise: every step with t > 0 draws one noise tensor from the caller's generator (eps's shape and dtype, on the
+    generator's device: base.draw_noise), as diffusers' DDPMScheduler.step does, so one generator gives
+    diffusers' numbers. That includes SD v1's last step (t = 1 → x_0), whose variance is 0: the draw keeps the
+    generator in step with diffusers (diffusers clamps that variance to 1e-20 and adds 1e-10 · noise).
+
+    Where diffusers differs: 1000 "leading" steps visit 999 … 0 here (diffusers visits 1000 and indexes past ᾱ's
+    end).
+    """
+
+    name = "DDPM"
+
+    def __init__(self, timestep_spacing: str = "leading") -> None:
+        if timestep_spacing not in schedule.SPACINGS:
+            raise MinisdError(f"timestep_spacing must be one of {schedule.SPACINGS}, got {timestep_spacing!r}")
+        self.timestep_spacing = timestep_spacing
+        self.alphas_cumprod = schedule.alphas_cumprod_from_betas(schedule.scaled_linear_betas())  # float64 (T,)
+        self.timesteps = schedule.spaced_timesteps(50, timestep_spacing)
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        strength: float = 1.0,
+        *,
+        timesteps: Sequence[int] | Tensor | None = None,
+    ) -> None:
+        """One model call per timestep: n of them, or ⌊n · strength⌋ for image-to-image."""
+        self.timesteps = inference_timesteps(num_inference_steps, strength, timesteps, self.timestep_spacing)
+
+    def step(self, eps: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
+        """x_t -> x_{t_prev} ~ q(x_{t_prev} | x_t, x0_pred). eps, x: (b, c, h, w). Coefficients in float64."""
+        t, t_prev = next_timestep(self.timesteps, t)
+        alpha_bar_t = self.alphas_cumprod[t].item()
+        alpha_bar_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0  # past the end: x_0 itself
+        alpha_t = alpha_bar_t / alpha_bar_prev  # one step of the spaced chain: α_t = ᾱ_t / ᾱ_prev
+        beta_t = 1 - alpha_t
+        x0_pred = (x - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5  # eq. 4 solved for x_0
+        x0_coef = alpha_bar_prev**0.5 * beta_t / (1 - alpha_bar_t)  # eq. 7, μ̃_t's weight on x_0
+        xt_coef = alpha_t**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar_t)  # eq. 7, μ̃_t's weight on x_t
+        mean = x0_coef * x0_pred + xt_coef * x
+        if t == 0:
+            return mean
+        variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t  # eq. 7, β̃_t
+        return mean + variance**0.5 * draw_noise(eps, generator)  # Algorithm 2, line 4: + σ_t z
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
+        """x_t = √ᾱ_t · x0 + √(1 − ᾱ_t) · noise (eq. 4); x0, noise: (b, c, h, w)."""
+        return schedule.add_noise(x0, noise, t, self.alphas_cumprod)

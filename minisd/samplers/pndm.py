@@ -1,0 +1,105 @@
+"""PLMS: the pseudo linear multistep method (Liu, Ren, Lin & Zhao 2022, "Pseudo Numerical Methods for Diffusion
+Models on Manifolds", arXiv:2202.09778), as SD v1 runs it (CompVis plms.py; diffusers PNDMScheduler with
+skip_prk_steps=True: no Runge-Kutta warm-up).
+
+code             paper                                  diffusers
+t, t_prev        t, t − δ                               timestep, prev_timestep
+alpha_bar_t      ᾱ_t                                    alphas_cumprod[t]
+eps              ε_θ(x_t, t)                            model_output
+eps_history      e_t, e_{t−δ}, e_{t−2δ}, e_{t−3δ}       ets
+eps_prime        e'_t, the combined ε (eq. 12)          model_output (after combining)
+transfer         φ(x_t, e'_t, t, t − δ), eq. 9          _get_prev_sample
+
+Each step moves x along φ (the DDIM step, eq. 9) with ε extrapolated from the last four ε by the Adams-Bashforth
+weights (55, −59, 37, −9) / 24 (eq. 12). Until four ε exist, lower orders: (3, −1) / 2, then (23, −16, 5) / 12.
+The very first step has no history: it is a pseudo improved Euler (Heun) step, which costs a second model call
+at the next timestep; so `timesteps` repeats its second entry and holds n + 1 calls for n ≥ 2 steps.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Generator, Tensor
+
+from minisd.errors import MinisdError
+from minisd.samplers import schedule
+from minisd.samplers.base import Sampler, inference_timesteps
+
+
+class PNDMSampler(Sampler):
+    """PLMS with SD v1's settings. Deterministic: the generator is not used.
+
+    Image-to-image: set_timesteps(n, strength) keeps the last ⌊n · strength⌋ distinct steps, as every sampler
+    does, and runs a fresh warm-up from the first of them (timesteps [t_k, t_{k−1}, t_{k−1}, …, t_0]). diffusers'
+    img2img pipeline instead slices a full run's [t_{n−1}, t_{n−2}, t_{n−2}, …], counting the duplicate as a
+    step: it starts one step noisier than DDIM at the same strength, and after its warm-up the next call
+    evaluates x at t_j labelled t_{j−1}, skipping a step (tests/test_samplers_alpha.py shows both).
+    1000 "leading" steps visit 999 … 0 here (diffusers visits 1000 and indexes past ᾱ's end).
+    """
+
+    name = "PLMS"
+
+    def __init__(self, timestep_spacing: str = "leading") -> None:
+        if timestep_spacing not in schedule.SPACINGS:
+            raise MinisdError(f"timestep_spacing must be one of {schedule.SPACINGS}, got {timestep_spacing!r}")
+        self.timestep_spacing = timestep_spacing
+        self.alphas_cumprod = schedule.alphas_cumprod_from_betas(schedule.scaled_linear_betas())  # float64 (T,)
+        # set_alpha_to_one=False (SD v1): past the last step, ᾱ_prev = ᾱ_0, not 1 (CompVis plms.py does the same)
+        self.final_alpha_bar = self.alphas_cumprod[0].item()
+        self.set_timesteps(50)
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        strength: float = 1.0,
+        *,
+        timesteps: Sequence[int] | Tensor | None = None,
+    ) -> None:
+        """Plan the run and forget the previous run's ε history. `timesteps` gets the warm-up's extra call."""
+        self.steps = inference_timesteps(num_inference_steps, strength, timesteps, self.timestep_spacing)
+        self.timesteps = torch.cat([self.steps[:1], self.steps[1:2], self.steps[1:]])  # warm-up: repeat t_{k−1}
+        self.calls = 0  # model calls seen so far in this run
+        self.eps_history: list[Tensor] = []
+        self.warmup_start: tuple[Tensor, Tensor] | None = None  # (x, eps) at the first step, until its second call
+
+    def transfer(self, x: Tensor, eps: Tensor, t: int, t_prev: int) -> Tensor:
+        """φ(x_t, ε, t, t_prev), eq. 9: the deterministic DDIM step from t to t_prev (−1: past the last step)."""
+        a_t = self.alphas_cumprod[t].item()
+        a_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else self.final_alpha_bar
+        x_coef = (a_prev / a_t) ** 0.5
+        eps_coef = (a_prev - a_t) / (a_t**0.5 * (((1 - a_prev) * a_t) ** 0.5 + ((1 - a_t) * a_prev) ** 0.5))
+        return x_coef * x - eps_coef * eps  # eq. 9
+
+    def step(self, eps: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
+        """One model call's move. eps, x: (b, c, h, w). Call with every entry of `timesteps`, in order."""
+        i = self.calls
+        if i >= len(self.timesteps) or int(t) != self.timesteps[i]:
+            expected = self.timesteps[i].item() if i < len(self.timesteps) else "none (the run is over)"
+            raise MinisdError(f"PLMS step {i} expects timestep {expected}, got {int(t)}; step every entry in order")
+        self.calls += 1
+        warmup = len(self.steps) > 1 and i < 2
+        j = max(i - 1, 0)  # index in `steps` of the step this call completes
+        t, t_prev = int(self.steps[j]), int(self.steps[j + 1]) if j + 1 < len(self.steps) else -1
+        if warmup and i == 0:  # improved Euler, stage 1: an Euler (DDIM) step, only to evaluate ε at t_prev
+            self.warmup_start = (x, eps)
+            return self.transfer(x, eps, t, t_prev)
+        if warmup:  # stage 2: redo the first step from its start with the mean of both ε
+            x, eps_first = self.warmup_start
+            self.warmup_start = None
+            self.eps_history = [eps_first]
+            return self.transfer(x, (eps_first + eps) / 2, t, t_prev)
+        self.eps_history = [*self.eps_history[-3:], eps]
+        e = self.eps_history[::-1]  # e[0] = e_t, e[1] = e_{t−δ}, …
+        if len(e) == 1:
+            eps_prime = e[0]
+        elif len(e) == 2:
+            eps_prime = (3 * e[0] - e[1]) / 2  # 2nd-order Adams-Bashforth
+        elif len(e) == 3:
+            eps_prime = (23 * e[0] - 16 * e[1] + 5 * e[2]) / 12  # 3rd order
+        else:
+            eps_prime = (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3]) / 24  # eq. 12, 4th order
+        return self.transfer(x, eps_prime, t, t_prev)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
+        """x_t = √ᾱ_t · x0 + √(1 − ᾱ_t) · noise (DDPM eq. 4); x0, noise: (b, c, h, w)."""
+        return schedule.add_noise(x0, noise, t, self.alphas_cumprod)
