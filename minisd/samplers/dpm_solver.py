@@ -1,0 +1,129 @@
+"""DPM-Solver++(2M): a second-order multistep solver of the diffusion ODE written for the data prediction x_0
+(Lu et al. 2022, arXiv:2211.01095, Alg. 2; k-diffusion `sample_dpmpp_2m`; A1111 "DPM++ 2M" and, with
+use_karras_sigmas, "DPM++ 2M Karras").
+
+Unlike the other σ samplers it moves x_t itself (diffusers does the same): x_t = α_t·x_0 + σ_t·ε, so the UNet
+input needs no scaling and pure noise starts at std 1. The σ of the other samplers is σ_t / α_t = e^(−λ).
+
+code          paper (Lu et al. 2022)                        diffusers (DPMSolverMultistepScheduler)
+sigma         σ_t / α_t = e^(−λ_t) (k-diffusion's σ)        sigmas[step_index]
+alpha_t       α_t = 1/√(σ² + 1) = √ᾱ                        alpha_t
+sigma_t       σ_t = σ·α_t = √(1 − ᾱ)                        sigma_t
+lambda_       λ_t = log(α_t / σ_t) = −log σ (half-log-SNR)  lambda_t
+h             h_i = λ_{t_i} − λ_{t_{i−1}}                   h
+r             r_i = h_{i−1} / h_i                           r0
+x0_pred       x_θ(x̃_t, t) = (x_t − σ_t·ε) / α_t           model_output after convert_model_output
+x0_prev       x_θ at the previous step                      model_outputs[-2]
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Generator, Tensor
+
+from minisd.errors import MinisdError
+from minisd.samplers.schedule import NUM_TRAIN_TIMESTEPS
+from minisd.samplers.sigmas import SigmaSampler, karras_sigmas, linspace_exact, sigma_at, t_at, upcast
+
+
+def vp_coefficients(sigma: float) -> tuple[float, float]:
+    """(α_t, σ_t) of the noise level σ: α_t = 1/√(σ² + 1), σ_t = σ·α_t (α_t² + σ_t² = 1).
+
+    >>> vp_coefficients(0.0)
+    (1.0, 0.0)
+    """
+    alpha_t = 1 / math.sqrt(sigma**2 + 1)
+    return alpha_t, sigma * alpha_t
+
+
+def dpmpp_2m_step(
+    x: Tensor, x0_pred: Tensor, x0_prev: Tensor | None, sigma: float, sigma_next: float, sigma_prev: float | None
+) -> Tensor:
+    """One DPM-Solver++ step from σ to σ_next in x_t space: first order (= DDIM) without a previous x_0 prediction,
+    else the 2M update (Alg. 2). σ_next = 0 returns x0_pred itself (the update with e^(−h) = 0)."""
+    if sigma_next == 0:
+        return x0_pred
+    alpha_next, sigma_t_next = vp_coefficients(sigma_next)
+    _, sigma_t = vp_coefficients(sigma)
+    h = math.log(sigma / sigma_next)  # λ_{t_i} − λ_{t_{i−1}}, λ = −log σ
+    if x0_prev is None:
+        D = x0_pred  # first order (Alg. 2's first step; = DDIM)
+    else:
+        r = math.log(sigma_prev / sigma) / h  # r_i = h_{i−1} / h_i
+        D = (1 + 1 / (2 * r)) * x0_pred - (1 / (2 * r)) * x0_prev  # Alg. 2: D_i
+    return (sigma_t_next / sigma_t) * x - (alpha_next * math.expm1(-h)) * D  # Alg. 2: x̃_{t_i}
+
+
+class DPMSolverPP2MSampler(SigmaSampler):
+    """DPM-Solver++(2M); step-equal to diffusers' DPMSolverMultistepScheduler with SD v1.5's scheduler config
+    (algorithm_type "dpmsolver++", solver_order 2, solver_type "midpoint", linspace spacing, lower_order_final, final
+    σ 0): the first step of every run is first order, the last (to σ = 0) returns the x_0 prediction.
+
+    Timesteps are integers: round(linspace(999, 0, n + 1)) without its last 0, or with use_karras_sigmas the
+    rounded t of each Karras σ (eq. 5 of Karras et al. 2022, ρ = 7); near σ_min several Karras σ round to the
+    same t (from n = 50), so `timesteps` may repeat there, exactly as in diffusers. n = 1000 without Karras repeats
+    a timestep and so a σ (h = 0, a division by zero; diffusers returns NaN): minisd refuses it.
+    """
+
+    name = "DPM++ 2M"  # "DPM++ 2M Karras" with use_karras_sigmas
+    timestep_dtype = torch.int64
+
+    def __init__(self, use_karras_sigmas: bool = False) -> None:
+        super().__init__()
+        self.use_karras_sigmas = use_karras_sigmas
+        self.name = "DPM++ 2M Karras" if use_karras_sigmas else "DPM++ 2M"
+
+    def schedule(self, num_inference_steps: int) -> tuple[Tensor, Tensor]:
+        """(timesteps (n,) int64, sigmas (n,) float64) of the full run."""
+        n, table = num_inference_steps, self.sigma_table
+        if self.use_karras_sigmas:
+            sigmas = karras_sigmas(table[0].item(), table[-1].item(), n)
+            return self.timesteps_for(sigmas), sigmas
+        if n >= NUM_TRAIN_TIMESTEPS:
+            raise MinisdError(f"num_inference_steps must be in [1, {NUM_TRAIN_TIMESTEPS - 1}] for DPM++ 2M, got {n}")
+        timesteps = linspace_exact(NUM_TRAIN_TIMESTEPS - 1, n + 1).round().flip(0)[:-1].long()
+        return timesteps, sigma_at(timesteps, table)
+
+    def timesteps_for(self, sigmas: Tensor) -> Tensor:
+        """The integer timestep nearest (in log σ) to each σ, as diffusers rounds for DPM++."""
+        return t_at(sigmas, self.sigma_table).round().long()
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        strength: float = 1.0,
+        *,
+        timesteps: Sequence[int] | Tensor | None = None,
+        sigmas: Sequence[float] | Tensor | None = None,
+    ) -> None:
+        super().set_timesteps(num_inference_steps, strength, timesteps=timesteps, sigmas=sigmas)
+        self.init_noise_sigma = 1.0  # x_t space: pure noise x_T ≈ ε has std 1
+
+    def reset(self) -> None:
+        self.x0_prev = None  # the previous step's x_0 prediction (2M's one stored value)
+
+    def scale_model_input(self, x: Tensor, t: Tensor | int) -> Tensor:
+        """x_t is already what the UNet wants."""
+        self.call_sigma(t)
+        return x
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
+        """x_t = α_t·x_0 + σ_t·ε at timestep t of this run (DDPM eq. 4 in x_t space)."""
+        sigma = self.sigma_of(t).reshape(-1, *([1] * (x0.ndim - 1)))
+        alpha_t = 1 / (sigma**2 + 1).sqrt()
+        alpha_t, sigma_t = alpha_t.to(device=x0.device, dtype=x0.dtype), (sigma * alpha_t).to(x0.device, x0.dtype)
+        return alpha_t * x0 + sigma_t * noise
+
+    def step(self, eps: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
+        """x_t at step i -> x_t at step i + 1. eps, x: (b, c, h, w); returns x's dtype (computed in >= float32)."""
+        sigma = self.call_sigma(t)
+        i = self.step_index
+        self.step_index += 1
+        alpha_t, sigma_t = vp_coefficients(sigma)
+        x_t = upcast(x)
+        x0_pred = (x_t - sigma_t * upcast(eps)) / alpha_t  # the data prediction x_θ from ε
+        sigma_prev = self.sigmas[i - 1].item() if i > 0 else None
+        x_next = dpmpp_2m_step(x_t, x0_pred, self.x0_prev, sigma, self.sigmas[i + 1].item(), sigma_prev)
+        self.x0_prev = x0_pred
+        return x_next.to(x.dtype)

@@ -1,0 +1,35 @@
+"""Euler: the first-order solver of the probability-flow ODE in σ (Karras et al. 2022, arXiv:2206.00364, Alg. 1
+without its Heun correction; k-diffusion `sample_euler`; A1111 "Euler").
+
+code          paper                              diffusers (EulerDiscreteScheduler)
+sigma         σ_i                                sigmas[step_index]
+sigma_next    σ_{i+1}                            sigmas[step_index + 1]
+eps           ε_θ(x_i; σ_i)                      model_output
+denoised      D_θ(x_i; σ_i) = x_i − σ_i·ε        pred_original_sample
+d             d_i = (x_i − D_θ(x_i; σ_i)) / σ_i  derivative
+"""
+
+from torch import Generator, Tensor
+
+from minisd.samplers.sigmas import SigmaSampler, upcast
+
+
+def euler_step(x: Tensor, eps: Tensor, sigma: float, sigma_next: float) -> Tensor:
+    """One Euler step of dx/dσ = (x − D(x; σ)) / σ from σ to σ_next. x, eps: (b, c, h, w)."""
+    denoised = x - sigma * eps  # D(x; σ) for an ε-predicting model (Karras eq. 7: c_skip = 1, c_out = −σ)
+    d = (x - denoised) / sigma  # the ODE's slope dx/dσ (Karras Alg. 1 line 4, σ(t) = t)
+    return x + (sigma_next - sigma) * d  # Alg. 1 line 5
+
+
+class EulerSampler(SigmaSampler):
+    """Euler in σ: one UNet call per step, deterministic. Step-equal to diffusers' EulerDiscreteScheduler with
+    SD v1.5's scheduler config (linspace spacing, σ interpolated at fractional t, final σ 0, no churn)."""
+
+    name = "Euler"
+
+    def step(self, eps: Tensor, t: Tensor | float, x: Tensor, generator: Generator | None = None) -> Tensor:
+        """x at σ_i -> x at σ_{i+1}. eps, x: (b, c, h, w); returns x's dtype (computed in at least float32)."""
+        sigma = self.call_sigma(t)
+        sigma_next = self.sigmas[self.step_index + 1].item()
+        self.step_index += 1
+        return euler_step(upcast(x), upcast(eps), sigma, sigma_next).to(x.dtype)

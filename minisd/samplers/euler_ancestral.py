@@ -1,0 +1,54 @@
+"""Euler ancestral: an Euler step down to σ_down, then fresh noise of size σ_up back up to σ_{i+1}
+(k-diffusion `sample_euler_ancestral` with η = 1; A1111 "Euler a"). Each step forgets part of the noise and
+draws new noise, as DDPM's ancestral sampling does, so the result keeps changing with the step count.
+
+code          paper / k-diffusion                        diffusers (EulerAncestralDiscreteScheduler)
+sigma         σ_i                                        sigma_from
+sigma_next    σ_{i+1}                                    sigma_to
+sigma_up      σ_up: std of the noise added               sigma_up
+sigma_down    σ_down = √(σ_{i+1}² − σ_up²)               sigma_down
+denoised      D(x_i; σ_i) = x_i − σ_i·ε                  pred_original_sample
+d             (x_i − D) / σ_i                            derivative
+"""
+
+import math
+
+from torch import Generator, Tensor
+
+from minisd.samplers.base import draw_noise
+from minisd.samplers.euler import euler_step
+from minisd.samplers.sigmas import SigmaSampler, upcast
+
+
+def ancestral_sigmas(sigma: float, sigma_next: float) -> tuple[float, float]:
+    """(σ_down, σ_up) for a step σ -> σ_next: σ_up² = σ_next²(σ² − σ_next²)/σ², σ_down² = σ_next² − σ_up², so
+    σ_down² + σ_up² = σ_next² (k-diffusion `get_ancestral_step`, η = 1: DDPM's posterior variance (Ho et al. 2020
+    eq. 7) written in σ). Both 0 when σ_next = 0.
+
+    >>> [round(s, 6) for s in ancestral_sigmas(2.0, 1.0)]
+    [0.5, 0.866025]
+    """
+    sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+    sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
+    return sigma_down, sigma_up
+
+
+class EulerAncestralSampler(SigmaSampler):
+    """Euler ancestral; step-equal to diffusers' EulerAncestralDiscreteScheduler (SD v1.5 config: linspace).
+
+    Noise: every step, the last included (where σ_up = 0), draws one standard normal tensor shaped like eps, in
+    eps's dtype, from `generator` on the generator's device, then moves it to eps's device — diffusers'
+    `randn_tensor(eps.shape, generator=generator, device=eps.device, dtype=eps.dtype)`. So the same generator
+    (same seed and state) gives diffusers' noise draw for draw.
+    """
+
+    name = "Euler a"
+
+    def step(self, eps: Tensor, t: Tensor | float, x: Tensor, generator: Generator | None = None) -> Tensor:
+        """x at σ_i -> x at σ_{i+1} with fresh noise. eps, x: (b, c, h, w); returns x's dtype."""
+        sigma = self.call_sigma(t)
+        sigma_down, sigma_up = ancestral_sigmas(sigma, self.sigmas[self.step_index + 1].item())
+        self.step_index += 1
+        x_down = euler_step(upcast(x), upcast(eps), sigma, sigma_down)  # deterministic part, to σ_down
+        noise = draw_noise(eps, generator)
+        return (x_down + sigma_up * noise).to(x.dtype)  # back up to σ_{i+1} with new noise

@@ -1,0 +1,215 @@
+"""The σ view of SD's noise schedule, shared by the k-diffusion-style samplers (LMS, Euler, Euler a, Heun, DPM++).
+
+code            paper / k-diffusion                              diffusers
+sigma_table     σ_t for t = 0 … T−1, increasing                  ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+sigma           σ: the noise level of x = x_t / √ᾱ_t             sigmas[step_index]
+sigmas          the σ a run visits, decreasing, ending at 0      sigmas
+x               x = x_0 + σ·ε (Karras et al. 2022 §2)            sample
+eps             ε_θ(x / √(σ² + 1), t)                            model_output
+denoised        D(x; σ) = x − σ·ε, the x_0 prediction            pred_original_sample
+d               dx/dσ = (x − D(x; σ)) / σ (Karras Alg. 1)        derivative
+
+SD's UNet was trained on x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε. Dividing by √ᾱ_t gives x = x_0 + σ_t·ε with
+σ_t = √((1 − ᾱ_t)/ᾱ_t): the "variance exploding" form in which Karras et al. (arXiv:2206.00364) write every
+sampler as an ODE in σ. The UNet still wants x_t, so it is fed x / √(σ² + 1) (= x_t, because √ᾱ_t = 1/√(σ² + 1)).
+The samplers below step in σ; a run's σ list ends at 0, the clean image.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from minisd.errors import MinisdError
+from minisd.samplers.base import Sampler, img2img_start
+from minisd.samplers.schedule import (
+    NUM_TRAIN_TIMESTEPS,
+    alphas_cumprod_from_betas,
+    check_num_inference_steps,
+    check_timesteps,
+    scaled_linear_betas,
+    sigmas_from_alphas_cumprod,
+)
+
+
+def sd_sigma_table() -> Tensor:
+    """σ_t of SD v1's training schedule for t = 0 … 999, float64, increasing (0.0292 … 14.61)."""
+    return sigmas_from_alphas_cumprod(alphas_cumprod_from_betas(scaled_linear_betas()))
+
+
+def linspace_exact(stop: float, num: int) -> Tensor:
+    """num points i · (stop / (num − 1)) from 0 to stop, float64, increasing.
+
+    numpy.linspace's own arithmetic (one division, then multiplies; the last point set to `stop`), so that a
+    later rounding breaks ties exactly as diffusers' does (torch.linspace differs in the last bit for some num).
+
+    >>> linspace_exact(999, 3).tolist()
+    [0.0, 499.5, 999.0]
+    """
+    if num == 1:
+        return torch.zeros(1, dtype=torch.float64)
+    points = torch.arange(num, dtype=torch.float64) * (stop / (num - 1))
+    points[-1] = stop
+    return points
+
+
+def sigma_at(t: Tensor, sigma_table: Tensor) -> Tensor:
+    """σ at fractional timesteps t ∈ [0, T−1]: linear interpolation between the table's neighbours (as
+    numpy.interp, which diffusers uses). t: any shape; returns float64 of t's shape.
+
+    >>> table = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    >>> sigma_at(torch.tensor([0.0, 0.5, 1.5, 2.0]), table).tolist()
+    [1.0, 1.5, 3.0, 4.0]
+    """
+    t = t.double()
+    low = t.floor().long().clamp(0, len(sigma_table) - 2)
+    w = t - low  # in [0, 1]: how far past the lower neighbour
+    return (1 - w) * sigma_table[low] + w * sigma_table[low + 1]
+
+
+def t_at(sigma: Tensor, sigma_table: Tensor) -> Tensor:
+    """The fractional timestep whose σ is `sigma`: linear interpolation in log σ, clipped to [0, T−1]
+    (k-diffusion `sigma_to_t`; diffusers `_sigma_to_t`). The inverse of `sigma_at` up to that log. float64.
+
+    >>> table = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    >>> [round(t, 6) for t in t_at(torch.tensor([1.0, 2.0**0.5, 2.0, 8.0]), table).tolist()]
+    [0.0, 0.5, 1.0, 2.0]
+    """
+    log_table = sigma_table.log()
+    log_sigma = sigma.double().clamp_min(1e-10).log()
+    # the last table entry at or below log σ (kept one short of the end so low + 1 exists)
+    low = (log_sigma[None, :] >= log_table[:, None]).sum(0).sub(1).clamp(0, len(log_table) - 2)
+    w = ((log_table[low] - log_sigma) / (log_table[low] - log_table[low + 1])).clamp(0, 1)
+    return low + w
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> Tensor:
+    """n noise levels from σ_max down to σ_min, evenly spaced in σ^(1/ρ) (Karras et al. 2022, eq. 5, ρ = 7):
+    σ_i = (σ_max^(1/ρ) + i/(n−1) · (σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ. Dense near σ_min, where detail is made.
+
+    >>> [round(s, 4) for s in karras_sigmas(0.1, 10.0, 3).tolist()]
+    [10.0, 1.4507, 0.1]
+    """
+    ramp = linspace_exact(1.0, n)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho  # eq. 5
+
+
+def check_sigmas(sigmas: Tensor | list[float]) -> Tensor:
+    """Validate caller-given σ: n + 1 >= 2 finite values, strictly decreasing, the last 0. Returns float64."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise MinisdError(f"sigmas must be a list of at least 2 noise levels, got shape {tuple(sigmas.shape)}")
+    if not torch.isfinite(sigmas).all() or (sigmas < 0).any():
+        raise MinisdError(f"sigmas must be finite and >= 0, got {sigmas.tolist()}")
+    if not (sigmas[1:] < sigmas[:-1]).all():
+        raise MinisdError(f"sigmas must be strictly decreasing, got {sigmas.tolist()}")
+    if sigmas[-1] != 0:
+        raise MinisdError(f"sigmas must end at 0 (the clean image), got last {sigmas[-1].item()}")
+    return sigmas
+
+
+def upcast(x: Tensor) -> Tensor:
+    """x in at least float32: steps are computed there and cast back, so fp16 latents lose nothing to the step."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class SigmaSampler(Sampler):
+    """What the σ samplers share: the schedule (timesteps, σ), image-to-image truncation, the UNet input scaling,
+    add_noise, and the step counter. Subclasses write `step` (and Heun `calls_for`).
+
+    After `set_timesteps`: `sigmas` (m + 1,) float64, the σ of the m method steps this run makes, then 0;
+    `timesteps` one float32 entry per model call (what the UNet is given); `step_index` the next call's index.
+    Default spacing "linspace" (diffusers' default for these schedulers; SD v1.5's scheduler_config sets none):
+    t = linspace(T − 1, 0, n), kept fractional, and σ interpolated there. n = 1 runs from t = T − 1 (pure noise);
+    diffusers' linspace(0, T − 1, 1) = [0] makes its one step start at σ_min = 0.029, from a nearly clean "noise".
+    """
+
+    timestep_dtype = torch.float32  # fractional t: what diffusers gives these UNet calls
+
+    def __init__(self) -> None:
+        self.sigma_table = sd_sigma_table()
+
+    def schedule(self, num_inference_steps: int) -> tuple[Tensor, Tensor]:
+        """The full run's (timesteps (n,) float32, sigmas (n,) float64), before truncation and the final 0."""
+        timesteps = linspace_exact(NUM_TRAIN_TIMESTEPS - 1, num_inference_steps).flip(0).float()
+        if num_inference_steps == 1:  # diffusers: linspace(0, T−1, 1) = [0], one step from σ_min; start at T−1
+            timesteps[0] = NUM_TRAIN_TIMESTEPS - 1
+        return timesteps, sigma_at(timesteps, self.sigma_table)  # σ of exactly the t the UNet sees
+
+    def timesteps_for(self, sigmas: Tensor) -> Tensor:
+        """The timesteps the UNet is shown for caller-given σ: the fractional t of each (log-σ interpolation)."""
+        return t_at(sigmas, self.sigma_table).float()
+
+    def calls_for(self, timesteps: Tensor, sigmas: Tensor) -> tuple[Tensor, Tensor]:
+        """(timesteps, σ of x) per model call. One call per step here; Heun overrides."""
+        return timesteps, sigmas[:-1]
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        strength: float = 1.0,
+        *,
+        timesteps: Sequence[int] | Tensor | None = None,
+        sigmas: Sequence[float] | Tensor | None = None,
+    ) -> None:
+        """Plan a run of n steps; strength < 1 keeps only the last steps (image-to-image, base.img2img_start).
+
+        Instead of n, the caller may give `timesteps` (decreasing integers; σ is read off the table there) or
+        `sigmas` (n + 1 noise levels, strictly decreasing, ending at 0, e.g. `karras_sigmas(...)` plus 0; the
+        UNet is shown the fractional t of each σ).
+        """
+        if (num_inference_steps is not None) + (timesteps is not None) + (sigmas is not None) != 1:
+            given = [name for name, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None]
+            raise MinisdError(
+                f"set_timesteps needs exactly one of num_inference_steps, timesteps, sigmas; got "
+                f"num_inference_steps={num_inference_steps!r} and {' and '.join(given) or 'nothing else'}"
+            )
+        if sigmas is not None:
+            sigmas = check_sigmas(sigmas)
+            timesteps = self.timesteps_for(sigmas[:-1])
+        else:
+            if timesteps is not None:
+                timesteps = check_timesteps(timesteps).to(self.timestep_dtype)
+                sigmas = sigma_at(timesteps, self.sigma_table)
+            else:
+                check_num_inference_steps(num_inference_steps)
+                timesteps, sigmas = self.schedule(num_inference_steps)
+            sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])  # the run ends at σ = 0, the clean image
+        start = img2img_start(len(timesteps), strength)
+        self.sigmas = sigmas[start:]
+        self.timesteps, self.call_sigmas = self.calls_for(timesteps[start:], self.sigmas)
+        self.init_noise_sigma = self.sigmas[0].item()  # σ of the first x (the full schedule's σ_max for txt2img)
+        self.step_index = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the history of multistep methods: each run starts at its own first step."""
+
+    def call_sigma(self, t: Tensor | float) -> float:
+        """σ of x at the current model call, after checking t is the timestep this call expects."""
+        if not 0 <= self.step_index < len(self.timesteps):
+            raise MinisdError(f"step called {self.step_index + 1} times; this run has {len(self.timesteps)} calls")
+        expected = self.timesteps[self.step_index].item()
+        given = float(torch.as_tensor(t).reshape(-1)[0])
+        if given != expected:
+            raise MinisdError(f"t must be sampler.timesteps[{self.step_index}] = {expected}, got {given}")
+        return self.call_sigmas[self.step_index].item()
+
+    def scale_model_input(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """The UNet's input x_t = x / √(σ² + 1) (Karras Table 1, VP: c_in = 1/√(σ² + 1))."""
+        return x / math.sqrt(self.call_sigma(t) ** 2 + 1)
+
+    def sigma_of(self, t: Tensor | float) -> Tensor:
+        """σ of each timestep in t (the first place it appears in this run's `timesteps`), float64, shape (b,)."""
+        t = torch.as_tensor(t).reshape(-1).cpu().float()
+        matches = t[:, None] == self.timesteps[None, :]
+        if not matches.any(1).all():
+            raise MinisdError(f"t must be among sampler.timesteps, got {t.tolist()}")
+        return self.call_sigmas[matches.int().argmax(1)]
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
+        """x = x_0 + σ_t · ε (Karras §2): clean latents noised to timestep t of this run. x0, noise: (b, c, h, w)."""
+        sigma = self.sigma_of(t).reshape(-1, *([1] * (x0.ndim - 1)))
+        return x0 + noise * sigma.to(device=x0.device, dtype=x0.dtype)
