@@ -1,0 +1,123 @@
+"""Fake SD v1 checkpoints laid out like the official files, with random weights (no real weights in the repo).
+
+- official_keys(variant): the exact (name, shape, dtype) list of an official file, from tests/data/sd15/*.json.
+- random_official_state_dict(variant, dtype, seed): full size (~1.07e9 values; 1.9e9 for "pruned"), cheap
+  uniform random floats, the real schedule buffers (computed here with numpy the way LDM does), position_ids.
+- tiny_official_state_dict(variant, dtype, seed): the same key NAMES at tiny sizes (TINY_* configs below), made
+  by exporting random tiny minisd state dicts through minisd_to_ldm: fast files for CLI and loader tests.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from minisd.clip import TextEncoder, TextEncoderConfig
+from minisd.unet import UNet, UNetConfig
+from minisd.vae import VAE, VAEConfig
+from weights_convert.keymap_ldm import SCHEDULE_BUFFERS, ema_name, minisd_to_ldm
+
+DATA = Path(__file__).parent / "data" / "sd15"
+MANIFESTS = {
+    "emaonly": "v1-5-pruned-emaonly.json",
+    "pruned": "v1-5-pruned.json",
+    "inpainting": "v1-5-inpainting.json",
+}
+VARIANTS = tuple(MANIFESTS)
+POOL_SIZE = 2**26  # > the largest SD v1 tensor (the 49408 × 768 token embedding, 37.9M values)
+
+# Tiny sizes: SD v1's structure with small numbers. Groups (32) and head counts (8 UNet, 12 CLIP) are SD v1's,
+# so a config.json written for these sizes needs only what the shapes say.
+TINY_UNET = UNetConfig(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=48)
+TINY_VAE = VAEConfig(block_out_channels=(32, 64), layers_per_block=1)
+TINY_TEXT_ENCODER = TextEncoderConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=12)
+
+
+def official_keys(variant: str) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, shape, dtype) of every tensor of the official file, in file order."""
+    manifest = json.loads((DATA / MANIFESTS[variant]).read_text())
+    return [(name, tuple(shape), getattr(torch, dtype)) for name, shape, dtype in manifest["keys"]]
+
+
+def ldm_schedule_buffers() -> dict[str, np.ndarray]:
+    """The 12 buffers exactly as CompVis `LatentDiffusion.register_schedule` computes them: numpy float64
+    (`make_beta_schedule("linear")` is a torch float64 linspace), v_posterior = 0, stored as float32."""
+    betas = (torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2).numpy()
+    alphas = 1.0 - betas
+    alphas_cumprod = np.cumprod(alphas, axis=0)
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    posterior_variance = (1 - 0.0) * betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod) + 0.0 * betas
+    values = {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
+        "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+    }
+    return {name: values[name].astype(np.float32) for name in SCHEDULE_BUFFERS}
+
+
+def _random(shape, dtype: torch.dtype, generator: torch.Generator) -> Tensor:
+    return torch.empty(shape, dtype=dtype).uniform_(-0.1, 0.1, generator=generator)
+
+
+def random_official_state_dict(variant: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, Tensor]:
+    """A full-size official-layout state dict with random weights; floats in `dtype`, integers as in the file."""
+    generator = torch.Generator().manual_seed(seed)
+    # Cheap randomness: one pool of random values; each tensor copies a window at a random offset, so tensors
+    # of the same shape still differ (a swapped pair of keys is caught) at memcpy speed instead of RNG speed.
+    pool = _random(POOL_SIZE, dtype, generator)
+    schedule = ldm_schedule_buffers()
+    state_dict = {}
+    for name, shape, file_dtype in official_keys(variant):
+        if name in schedule:
+            state_dict[name] = torch.from_numpy(schedule[name]).to(dtype)
+        elif name.endswith("position_ids"):
+            state_dict[name] = torch.arange(77, dtype=file_dtype)[None]
+        elif name == "model_ema.decay":
+            state_dict[name] = torch.tensor(0.9999, dtype=dtype)
+        elif name == "model_ema.num_updates":
+            state_dict[name] = torch.tensor(840000, dtype=file_dtype)
+        else:
+            numel = int(np.prod(shape))
+            offset = int(torch.randint(0, POOL_SIZE - numel + 1, (1,), generator=generator))
+            state_dict[name] = pool[offset : offset + numel].reshape(shape).clone()
+    return state_dict
+
+
+def tiny_components(in_channels: int = 4, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """Random minisd state dicts {"unet", "vae", "text_encoder"} at the TINY_* sizes."""
+    generator = torch.Generator().manual_seed(seed)
+    unet_config = dataclasses.replace(TINY_UNET, in_channels=in_channels)
+    with torch.device("meta"):
+        models = {"unet": UNet(unet_config), "vae": VAE(TINY_VAE), "text_encoder": TextEncoder(TINY_TEXT_ENCODER)}
+    return {
+        component: {name: _random(t.shape, dtype, generator) for name, t in model.state_dict().items()}
+        for component, model in models.items()
+    }
+
+
+def tiny_official_state_dict(variant: str = "emaonly", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """Official key names at tiny sizes: "emaonly" (with the model_ema scalars), "pruned" (plus a distinct
+    random EMA UNet under model_ema.*) or "inpainting" (9-channel UNet input)."""
+    components = tiny_components(9 if variant == "inpainting" else 4, dtype, seed)
+    scalars = {
+        "model_ema.decay": torch.tensor(0.9999, dtype=dtype),
+        "model_ema.num_updates": torch.tensor(840000, dtype=torch.int32),
+    }
+    state_dict = minisd_to_ldm(components, model_ema_scalars=scalars)
+    if variant == "pruned":
+        generator = torch.Generator().manual_seed(seed + 1)
+        unet_keys = [name for name in state_dict if name.startswith("model.diffusion_model.")]
+        state_dict.update({ema_name(k): _random(state_dict[k].shape, dtype, generator) for k in unet_keys})
+    return state_dict

@@ -1,0 +1,187 @@
+"""What is this file? Recognise an SD v1 state dict's layout from its key names, and refuse what is not SD v1.
+
+Layouts (CheckpointInfo.layout):
+    "ldm"                     the official single file: model.diffusion_model.* + first_stage_model.* +
+                              cond_stage_model.transformer.* (CompVis / runwayml releases, most community models)
+    "minisd"                  minisd's own single file: minisd names under unet.* / vae.* / text_encoder.*
+    "diffusers-unet"          unet/diffusion_pytorch_model.safetensors of a diffusers folder
+    "diffusers-vae"           vae/diffusion_pytorch_model.safetensors
+    "diffusers-text-encoder"  text_encoder/model.safetensors (with or without transformers 4.x's `text_model.`)
+
+Refused with one line saying what was found: SD 2.x (OpenCLIP text encoder `cond_stage_model.model.*`, or a
+1024-wide cross-attention context), SDXL (`conditioner.embedders.*`, 2048-wide context), LoRA adapters
+(`lora_unet_*`, `*.lora_down.*`, ...), a single file missing parts (UNet-only, VAE-only), files with no SD keys.
+"""
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from minisd.errors import MinisdError
+from weights_convert.keymap_ldm import (
+    EMA_PREFIX,
+    EMA_SCALARS,
+    OLD_TEXT_ENCODER_PREFIX,
+    POSITION_IDS,
+    UNET_PREFIX,
+    VAE_PREFIX,
+)
+
+# minisd's own single file: each component's minisd names under one prefix; the metadata says so.
+MINISD_PREFIXES = {"unet": "unet.", "vae": "vae.", "text_encoder": "text_encoder."}
+MINISD_METADATA = {"format": "pt", "minisd.layout": "minisd", "minisd.components": "unet,vae,text_encoder"}
+
+# Where the cross-attention context width d_ctx is read (attn2.to_k maps d_ctx -> c): 768 SD v1, 1024 SD 2.x,
+# 2048 SDXL.
+_LDM_TO_K = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+_DIFFUSERS_TO_K = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+# The text encoder's width d: 768 CLIP ViT-L (SD v1), 1024 OpenCLIP ViT-H in CLIPTextModel form (SD 2.x folders).
+_TEXT_WIDTH_KEYS = [
+    prefix + "final_layer_norm.weight"
+    for prefix in ("", "text_model.", "text_encoder.", "cond_stage_model.transformer.text_model.")
+]
+_CONV_IN = {"ldm": UNET_PREFIX + "input_blocks.0.0.weight", "minisd": "unet.conv_in.weight"}
+_LDM_PARTS = {
+    "unet": (UNET_PREFIX, "the UNet (model.diffusion_model.*)"),
+    "vae": (VAE_PREFIX, "the VAE (first_stage_model.*)"),
+    "text_encoder": (OLD_TEXT_ENCODER_PREFIX, "the text encoder (cond_stage_model.transformer.*)"),
+}
+
+
+@dataclass
+class CheckpointInfo:
+    """What inspect_checkpoint found. parameter_counts and dtypes are per component ("unet", "vae",
+    "text_encoder"; "unet_ema" for the EMA copy of a v1-5-pruned style file); dtypes name the float dtypes."""
+
+    layout: str
+    variant: str  # "v1" or "v1-inpainting" (a 9-channel UNet input)
+    has_ema: bool  # a second, EMA copy of the UNet under model_ema.* (use_ema picks which one loads)
+    parameter_counts: dict[str, int] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def _refuse_other_models(state_dict: Mapping[str, Tensor], names: list[str]) -> None:
+    lora = [n for n in names if n.startswith(("lora_", "lora.")) or ".lora_" in n or ".lora." in n]
+    if lora:
+        raise MinisdError(f"this is a LoRA adapter ({len(lora)} LoRA keys such as {lora[0]}), not an SD v1 checkpoint")
+    if any(n.startswith("conditioner.embedders.") for n in names):
+        raise MinisdError("this is an SDXL checkpoint (conditioner.embedders.* keys); minisd loads SD v1 only")
+    if any(n.startswith("cond_stage_model.model.") for n in names):
+        raise MinisdError("this is an SD 2.x checkpoint (OpenCLIP text encoder cond_stage_model.model.*); SD v1 only")
+    for key in (_LDM_TO_K, _DIFFUSERS_TO_K, "unet." + _DIFFUSERS_TO_K):
+        if key in state_dict and state_dict[key].ndim == 2:
+            width = state_dict[key].shape[1]
+            model = {1024: "SD 2.x", 2048: "SDXL"}.get(width)
+            if model:
+                raise MinisdError(f"this is an {model} UNet ({width}-wide text context in {key}); SD v1 uses 768")
+    for key in _TEXT_WIDTH_KEYS:
+        if key in state_dict:
+            width = state_dict[key].shape[0]
+            model = {1024: "SD 2.x (OpenCLIP ViT-H)", 1280: "SDXL (OpenCLIP ViT-bigG)"}.get(width)
+            if model:
+                raise MinisdError(f"this is an {model} text encoder ({width} wide, {key}); SD v1's CLIP is 768 wide")
+
+
+def _layout(names: list[str]) -> str:
+    present = {part for part, (prefix, _) in _LDM_PARTS.items() if any(n.startswith(prefix) for n in names)}
+    if present:
+        if len(present) < 3:
+            found = " and ".join(_LDM_PARTS[p][1] for p in _LDM_PARTS if p in present)
+            missing = " and ".join(_LDM_PARTS[p][1] for p in _LDM_PARTS if p not in present)
+            raise MinisdError(f"incomplete SD v1 single file: it has {found} but no {missing}")
+        return "ldm"
+    if all(any(n.startswith(prefix) for n in names) for prefix in MINISD_PREFIXES.values()):
+        return "minisd"
+    if "conv_in.weight" in names and any(n.startswith("time_embedding.") for n in names):
+        return "diffusers-unet"
+    if any(n.startswith("encoder.down_blocks.") for n in names) and any(n.startswith("decoder.") for n in names):
+        return "diffusers-vae"
+    if any(n.startswith("encoder.down.") for n in names) and any(n.startswith("decoder.up.") for n in names):
+        raise MinisdError(
+            "this is a VAE-only file in the LDM layout (like vae-ft-mse-840000): it has no UNet and no text encoder"
+        )
+    if any(n.startswith(("text_model.embeddings.", "embeddings.token_embedding.")) for n in names):
+        return "diffusers-text-encoder"
+    raise MinisdError(f"no Stable Diffusion v1 keys found ({len(names)} keys such as {_shown(names)})")
+
+
+def _component_of(layout: str, name: str) -> str | None:
+    """Which component a key belongs to (None: schedule buffers, EMA scalars, position ids)."""
+    if layout == "ldm":
+        if name.startswith(UNET_PREFIX):
+            return "unet"
+        if name.startswith(EMA_PREFIX):
+            return None if name in EMA_SCALARS else "unet_ema"
+        if name.startswith(VAE_PREFIX):
+            return "vae"
+        if name.startswith(OLD_TEXT_ENCODER_PREFIX):
+            return None if name.endswith(POSITION_IDS) else "text_encoder"
+        return None
+    if layout == "minisd":
+        return next((c for c, p in MINISD_PREFIXES.items() if name.startswith(p)), None)
+    if name.endswith(POSITION_IDS):
+        return None
+    return {"diffusers-unet": "unet", "diffusers-vae": "vae", "diffusers-text-encoder": "text_encoder"}[layout]
+
+
+def inspect_checkpoint(state_dict: Mapping[str, Tensor]) -> CheckpointInfo:
+    """Recognise an SD v1 state dict: layout, variant, EMA, parameter counts and dtypes per component.
+
+    Reads names and shapes only (works on meta tensors). Raises MinisdError (one line, saying what was found)
+    for anything that is not SD v1 or not a whole single file; see the module docstring.
+    """
+    names = list(state_dict)
+    if not names:
+        raise MinisdError("the checkpoint holds no tensors")
+    _refuse_other_models(state_dict, names)
+    layout = _layout(names)
+
+    counts: Counter[str] = Counter()
+    dtypes: dict[str, set[str]] = {}
+    for name in names:
+        component = _component_of(layout, name)
+        if component is None:
+            continue
+        tensor = state_dict[name]
+        counts[component] += tensor.numel()
+        if tensor.is_floating_point():
+            dtypes.setdefault(component, set()).add(str(tensor.dtype).removeprefix("torch."))
+
+    variant = "v1"
+    conv_in = _CONV_IN.get(layout, "conv_in.weight")
+    if conv_in in state_dict:
+        in_channels = state_dict[conv_in].shape[1]
+        if in_channels not in (4, 9):
+            raise MinisdError(f"UNet input has {in_channels} channels ({conv_in}); SD v1 has 4, its inpainting UNet 9")
+        variant = "v1-inpainting" if in_channels == 9 else "v1"
+    return CheckpointInfo(
+        layout=layout,
+        variant=variant,
+        has_ema=counts["unet_ema"] > 0,
+        parameter_counts=dict(counts),
+        dtypes={c: ",".join(sorted(d)) for c, d in dtypes.items()},
+    )
+
+
+def split_minisd_file(state_dict: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """minisd's single file -> {"unet", "vae", "text_encoder"} state dicts (prefixes removed; no copy)."""
+    components: dict[str, dict[str, Tensor]] = {c: {} for c in MINISD_PREFIXES}
+    for name, tensor in state_dict.items():
+        component = next((c for c, p in MINISD_PREFIXES.items() if name.startswith(p)), None)
+        if component is None:
+            raise MinisdError(
+                f"key {name!r} has none of the minisd file prefixes {', '.join(MINISD_PREFIXES.values())}"
+            )
+        components[component][name.removeprefix(MINISD_PREFIXES[component])] = tensor
+    return components
+
+
+def join_minisd_file(components: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """{"unet", "vae", "text_encoder"} state dicts -> minisd's single file (component prefixes added)."""
+    return {MINISD_PREFIXES[c] + name: t for c in MINISD_PREFIXES for name, t in components[c].items()}
