@@ -188,7 +188,7 @@ def _read_folder(folder: Path, variant: str | None):
         found = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
         raise MinisdError(
             f"{folder}: not a complete diffusers SD v1 folder: no {', '.join(c + '/' for c in missing)} directory "
-            f"(found: {', '.join(found) or 'no directories'})"
+            f"(found: {_some(found) or 'no directories'})"
         )
     state_dicts, configs = {}, {}
     for component in COMPONENTS:
@@ -231,8 +231,14 @@ def _weights_file(component_dir: Path, component: str, variant: str | None) -> P
     found = sorted(p.name for p in component_dir.iterdir() if p.is_file())
     raise MinisdError(
         f"{component_dir}: no weights file {' or '.join(c.name for c in candidates)} "
-        f"(variant={variant!r}; found: {', '.join(found) or 'nothing'})"
+        f"(variant={variant!r}; found: {_some(found) or 'nothing'})"
     )
+
+
+def _some(names: list[str], most: int = 8) -> str:
+    """A few names for a one-line message: 'a, b, c' or 'a, b, … (12 more)'."""
+    shown = ", ".join(names[:most])
+    return shown + (f", … ({len(names) - most} more)" if len(names) > most else "")
 
 
 def _fields_from(config_class, config: dict):
