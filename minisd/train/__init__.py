@@ -1,0 +1,31 @@
+"""Training the nano model: SD v1's architecture at small sizes, learned offline from coloured shapes.
+
+shapes.py   the data: 64×64 pictures of one or two coloured shapes with captions, a fixed held-out caption set
+checker.py  the judge: does a picture show its caption? (colour, shape, count, relation by image analysis)
+
+Size study (parameters counted exactly; times on the shared 2-core CI-like machine, torch 2.13 CPU fp32,
+min of repeated runs, load average ~4.5 so expect ±50%):
+
+    network                                                           params   fp16     time
+    TextEncoderConfig(hidden_size=64, intermediate_size=256,          3.37 M   6.7 MB   encode b=2: 2.5 ms
+        num_hidden_layers=4, num_attention_heads=4)                   (token embedding 49408 × 64 = 3.16 M)
+    VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, 1.03 M   2.1 MB   decode 64×64: 12 ms
+        norm_num_groups=16)
+    UNetConfig(block_out_channels=(32, 64, 128, 128), layers_per_block=1, 5.80 M  11.6 MB   CFG step b=2 at 8×8:
+        attention_head_dim=4, cross_attention_dim=64, norm_num_groups=16)                19 ms, 25 steps 0.47 s
+    total                                                            10.2 M   20.4 MB  one picture: 0.74 s
+
+- One picture = text encoder (b=2) + 25 UNet steps with classifier-free guidance (b=2) + VAE decode, timed end
+  to end with random weights: 0.74 s on one thread (min of 7; median 0.76 s); two threads on the loaded host
+  reached the same 0.77 s at best but 5 s at the median.
+- The file must be fp16 (fp32 would be 41 MB); load it as fp32 for CPU compute.
+- hidden_size=128 (the first idea) costs 49408 × 128 = 6.3 M parameters (12.6 MB fp16) in the token embedding
+  alone, of which the captions use ~20 rows; it fits only with a 2.2 M UNet (32, 64, 64, 64). Width 64 gives
+  that budget to the UNet instead.
+- At b=2 and 8×8 latents the UNet is bound by per-op overhead, not FLOPs: one thread ran 18–24 ms a step for
+  every UNet from 2.2 M to 8.5 M parameters, two threads 46–64 ms (thread hand-off on a loaded host). So the
+  25 MB budget binds, not the 2 s one.
+- Training (one thread, fwd + bwd): UNet + text encoder at b=64 ≈ 0.63 s a step (4,000 steps ≈ 42 min);
+  VAE at b=16 on 64×64 ≈ 0.8–1.2 s a step (2,000 steps ≈ 27–40 min). Inside 90 minutes only if the VAE comes
+  first, briefly, and the training pictures are encoded to latents once.
+"""
