@@ -206,8 +206,11 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        """x: (b, c, h, w) -> (b, c, *size). `size` is the next skip's (h, w): 2h × 2w, or one less where the
+        stride-2 conv on the way down rounded an odd size up (latents not a multiple of 8: diffusers'
+        `forward_upsample_size`)."""
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class DownBlock(nn.Module):
@@ -284,14 +287,17 @@ class UpBlock(nn.Module):
         )
         self.upsamplers = nn.ModuleList([Upsample(out_ch)] if with_upsample else [])
 
-    def forward(self, x: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor, upsample_size: tuple[int, int] | None
+    ) -> Tensor:
+        """upsample_size: the (h, w) of the skip the next level will eat; None at the last level."""
         for i, (resnet, skip) in enumerate(zip(self.resnets, skips, strict=True)):
             x = torch.cat([x, skip], dim=1)  # (b, c + c_skip, h, w): the U's horizontal arrow
             x = resnet(x, emb)
             if self.attentions:
                 x = self.attentions[i](x, context)
         for upsample in self.upsamplers:
-            x = upsample(x)
+            x = upsample(x, upsample_size)
         return x
 
 
@@ -339,7 +345,7 @@ class UNet(nn.Module):
     def forward(self, latents: Tensor, t: Tensor | float, context: Tensor) -> Tensor:
         """Predict the noise in `latents`.
 
-        latents: (b, in_channels, h, w), h and w multiples of 8; t: a number or a 0-d or (b,) tensor of
+        latents: (b, in_channels, h, w), any h, w >= 1 (pixels / 8); t: a number or a 0-d or (b,) tensor of
         timesteps in [0, 999] (fractional allowed); context: (b, s, cross_attention_dim) prompt embeddings
         (s = 77 for one CLIP window). Returns eps: (b, out_channels, h, w).
         """
@@ -358,19 +364,19 @@ class UNet(nn.Module):
 
         for block in self.up_blocks:
             block_skips = [skips.pop() for _ in block.resnets]  # ...and popped on the way up: last in, first out
-            x = block(x, block_skips, emb, context)
+            upsample_size = tuple(skips[-1].shape[-2:]) if skips else None  # where the next level's skip is
+            x = block(x, block_skips, emb, context, upsample_size)
 
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
     def _check_inputs(self, latents: Tensor, t: Tensor | float, context: Tensor) -> Tensor:
         """Raise MinisdError on bad shapes; return t as a tensor."""
         cfg = self.config
-        multiple = 2 ** (len(cfg.block_out_channels) - 1)
         if latents.ndim != 4 or latents.shape[1] != cfg.in_channels:
             raise MinisdError(f"latents must be (b, {cfg.in_channels}, h, w), got {tuple(latents.shape)}")
         b, _, h, w = latents.shape
-        if h % multiple or w % multiple or h == 0 or w == 0:
-            raise MinisdError(f"latents height and width must be positive multiples of {multiple}, got {h}x{w}")
+        if h == 0 or w == 0:
+            raise MinisdError(f"latents height and width must be positive, got {h}x{w}")
         if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.cross_attention_dim:
             raise MinisdError(
                 f"context must be ({b}, s, {cfg.cross_attention_dim}) to match latents, got {tuple(context.shape)}"

@@ -88,7 +88,9 @@ def tiny(request):
 
 
 @pytest.mark.parametrize("t_name", list(TIMESTEPS))
-@pytest.mark.parametrize(("h", "w"), [(16, 16), (16, 24)], ids=["16x16", "16x24"])
+# 9x13 and 5x7: latent sizes that are not multiples of 8 (72x104-pixel images), where the up path must
+# upsample to the odd size of each skip as diffusers' forward_upsample_size does.
+@pytest.mark.parametrize(("h", "w"), [(16, 16), (16, 24), (9, 13), (5, 7)], ids=["16x16", "16x24", "9x13", "5x7"])
 def test_tiny_unet_matches_diffusers(tiny, t_name, h, w):
     config, ours, ref = tiny
     latents, context = inputs(config, h, w, seed=1)
@@ -119,7 +121,8 @@ def full_size():
 
 
 @pytest.mark.parametrize(
-    ("t_name", "h", "w"), [("scalar_t", 16, 16), ("per_sample_t", 16, 16), ("per_sample_t", 16, 24)]
+    ("t_name", "h", "w"),
+    [("scalar_t", 16, 16), ("per_sample_t", 16, 16), ("per_sample_t", 16, 24), ("scalar_t", 9, 13)],
 )
 def test_full_size_unet_matches_diffusers(full_size, t_name, h, w):
     config, ours, ref = full_size
@@ -175,7 +178,7 @@ def test_config_fields_are_diffusers_keys_with_sd_v1_defaults():
     [
         ((2, 9, 16, 16), 10, (2, 77, 32), "latents must be"),  # 9 channels into the 4-channel UNet
         ((2, 4, 16), 10, (2, 77, 32), "latents must be"),
-        ((2, 4, 16, 20), 10, (2, 77, 32), "multiples of 8"),
+        ((2, 4, 0, 16), 10, (2, 77, 32), "must be positive"),
         ((2, 4, 16, 16), 10, (2, 77, 768), "context must be"),  # wrong width
         ((2, 4, 16, 16), 10, (1, 77, 32), "context must be"),  # wrong batch
         ((2, 4, 16, 16), torch.tensor([1, 2, 3]), (2, 77, 32), "t must be"),
