@@ -12,11 +12,8 @@ stays near 1e-6 (the measured values are printed in the parity summary); 1e-3 is
 swapped negative/positive half, a wrong strength start or a wrong mask blend moves pixels by 1e-2 and more.
 """
 
-import gzip
-import json
 import types
 from dataclasses import asdict
-from importlib import resources
 
 import pytest
 import torch
@@ -33,7 +30,6 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from PIL import Image
-from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from minisd.clip import TextEncoder, TextEncoderConfig
@@ -46,6 +42,7 @@ from minisd.tokenizer import Tokenizer
 from minisd.unet import UNet, UNetConfig
 from minisd.vae import VAE, VAEConfig
 from tests.parity import REPORT
+from tests.reference import write_reference_tokenizer_folder
 
 PIXEL_TOL = 1e-3  # on [0, 1] pixels; see the module docstring
 SIZE = 64  # pixels: 8×8 latents
@@ -136,22 +133,6 @@ def twin(ours: torch.nn.Module, ref: torch.nn.Module, seed: int) -> torch.nn.Mod
     return ours.eval()
 
 
-def write_tokenizer_folder(folder) -> None:
-    """vocab.json and merges.txt of SD v1's tokenizer, written from the packaged .gz without minisd's code (as
-    tests/test_tokenizer.py does), so transformers' CLIPTokenizer can be built offline."""
-    folder.mkdir()
-    with (resources.files("minisd") / "data" / "bpe_simple_vocab_16e6.txt.gz").open("rb") as f:
-        merges = gzip.decompress(f.read()).decode("utf-8").splitlines()[1:48895]
-    byte_tokens = sorted(pre_tokenizers.ByteLevel.alphabet())  # code-point order is id order (test_tokenizer)
-    tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + [m.replace(" ", "") for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "unk_token": "<|endoftext|>"}))
-
-
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory):
     """ours: minisd components (4-channel UNet); ours9: with the 9-channel UNet; ref: the diffusers/transformers
@@ -174,7 +155,7 @@ def twins(tmp_path_factory):
     # CLIPTextModel no longer has (it holds final_layer_norm itself): give it that path to the same module.
     ref_text_encoder.text_model = types.SimpleNamespace(final_layer_norm=ref_text_encoder.final_layer_norm)
     folder = tmp_path_factory.mktemp("sd") / "tokenizer"
-    write_tokenizer_folder(folder)
+    write_reference_tokenizer_folder(folder)
     ref_tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
     tokenizer = Tokenizer.from_default()
     ours = types.SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet)

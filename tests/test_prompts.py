@@ -1,22 +1,19 @@
 """A1111 prompt handling: emphasis parsing on A1111's own documented examples, chunking of long prompts, weights,
 and, for plain prompts, exactly what diffusers' StableDiffusionPipeline.encode_prompt gives."""
 
-import gzip
-import json
 import types
 from dataclasses import asdict
-from importlib import resources
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from minisd.clip import TextEncoder, TextEncoderConfig
 from minisd.errors import MinisdError
 from minisd.pipelines.prompts import BREAK, apply_weights, encode_prompt, parse_emphasis, prompt_chunks
 from minisd.tokenizer import BOS, EOS, Tokenizer
+from tests.reference import write_reference_tokenizer_folder
 
 CAT, DOG, COMMA = 2368, 1929, 267  # "cat", "dog", "," are one token each
 TINY = TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
@@ -148,14 +145,7 @@ def test_chunks_carry_weights_and_pieces_are_tokenized_apart(tokenizer):
 @pytest.fixture(scope="module")
 def reference_tokenizer(tmp_path_factory):
     """transformers' CLIPTokenizer on the real vocabulary, written from the packaged .gz without minisd's code."""
-    folder = tmp_path_factory.mktemp("tokenizer")
-    with (resources.files("minisd") / "data" / "bpe_simple_vocab_16e6.txt.gz").open("rb") as f:
-        merges = gzip.decompress(f.read()).decode("utf-8").splitlines()[1:48895]  # line 0 is a header
-    byte_tokens = sorted(pre_tokenizers.ByteLevel.alphabet())  # code-point order is id order
-    tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + [m.replace(" ", "") for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    folder = write_reference_tokenizer_folder(tmp_path_factory.mktemp("tokenizer"))
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 

@@ -7,20 +7,18 @@ test writes from the packaged .gz with its own few lines, independent of minisd'
 # The prompts use look-alike characters (curly quotes, full-width letters) on purpose.
 # ruff: noqa: RUF001
 
-import gzip
 import inspect
 import json
 import random
-from importlib import resources
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from tokenizers import pre_tokenizers
 from transformers import CLIPTokenizer
 
 from minisd.errors import MinisdError
 from minisd.tokenizer import BOS, EOS, MAX_LENGTH, Tokenizer
+from tests.reference import write_reference_tokenizer_folder
 
 LONG_TAGS = (
     "masterpiece, best quality, ultra detailed, 8k, photorealistic, cinematic lighting, volumetric fog, "
@@ -267,24 +265,7 @@ ALL_PROMPTS = list(dict.fromkeys(PROMPTS + generated_prompts(150)))  # without r
 def diffusers_folder(tmp_path_factory):
     """A fake diffusers model folder holding tokenizer/, written from the packaged .gz without minisd's code."""
     root = tmp_path_factory.mktemp("sd")
-    folder = root / "tokenizer"
-    folder.mkdir()
-    with (resources.files("minisd") / "data" / "bpe_simple_vocab_16e6.txt.gz").open("rb") as f:
-        lines = gzip.decompress(f.read()).decode("utf-8").splitlines()
-    merges = lines[1:48895]  # line 0 is the header; 49408 = 2 * 256 + 48894 merges + 2 special tokens
-    # The 256 byte stand-ins in id order: visible bytes keep their code point (< U+0100), the 68 others were moved
-    # to U+0100..U+0143, both in byte order, so code-point order is id order.
-    byte_tokens = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + [m.replace(" ", "") for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    # What SD v1 folders (e.g. runwayml/stable-diffusion-v1-5) carry beside the two files.
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, "errors": "replace"}
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
-    special["unk_token"] = "<|endoftext|>"
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, **special}), encoding="utf-8")
-    (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
+    write_reference_tokenizer_folder(root / "tokenizer")
     return root
 
 

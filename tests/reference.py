@@ -1,0 +1,36 @@
+"""Reference-side helpers shared by the tests: things built without minisd's code, so they can referee it."""
+
+import gzip
+import json
+from importlib import resources
+from pathlib import Path
+
+from tokenizers import pre_tokenizers
+
+
+def write_reference_tokenizer_folder(folder: Path) -> Path:
+    """Write a diffusers-style tokenizer/ folder (vocab.json, merges.txt, tokenizer_config.json,
+    special_tokens_map.json) from the packaged .gz with a few lines of its own, so transformers' CLIPTokenizer
+    can be built offline from the same vocabulary minisd ships. Returns `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (resources.files("minisd") / "data" / "bpe_simple_vocab_16e6.txt.gz").open("rb") as f:
+        lines = gzip.decompress(f.read()).decode("utf-8").splitlines()
+    merges = lines[1:48895]  # line 0 is the header; 49408 = 2 * 256 + 48894 merges + 2 special tokens
+    # The 256 byte stand-ins in id order: visible bytes keep their code point (< U+0100), the 68 others were moved
+    # to U+0100..U+0143, both in byte order, so code-point order is id order.
+    byte_tokens = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + [m.replace(" ", "") for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    # What SD v1 folders (e.g. runwayml/stable-diffusion-v1-5) carry beside the two files.
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, "errors": "replace"}
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, **special}), encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
+    return folder
