@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import safetensors
 import torch
 from torch import Tensor, nn
 
@@ -87,7 +88,7 @@ def load_components(
                 f"variant applies to diffusers folders and hub ids, not to a single file; got {variant!r}"
             )
         state_dicts, info = _read_single_file(path, use_ema)
-        configs = _configs_from_shapes(state_dicts)
+        configs = _configs_from_metadata(path) or _configs_from_shapes(state_dicts)
         tokenizer = Tokenizer.from_default()
     else:
         if path.is_dir():
@@ -127,6 +128,23 @@ def _read_single_file(path: Path, use_ema: bool) -> tuple[dict[str, dict[str, Te
         f"{path}: holds only one part of a diffusers folder ({info.layout}); pass the folder with unet/, vae/, "
         "text_encoder/ instead"
     )
+
+
+def _configs_from_metadata(path: Path) -> dict[str, object] | None:
+    """The configs minisd's trainer writes into its files' metadata ("minisd.config": JSON of the three dataclass
+    configs), which hold what shapes cannot tell: head counts and GroupNorm groups. None for other files."""
+    if path.suffix not in SAFETENSORS_SUFFIXES:
+        return None
+    with safetensors.safe_open(str(path), framework="pt") as file:
+        text = (file.metadata() or {}).get("minisd.config")
+    if text is None:
+        return None
+    try:
+        configs = json.loads(text)
+        classes = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": TextEncoderConfig}
+        return {name: _fields_from(cls, configs[name]) for name, cls in classes.items()}
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise MinisdError(f"{path}: its minisd.config metadata is not valid ({error!r:.80})") from None
 
 
 def _count(state_dict: dict[str, Tensor], prefix: str) -> int:

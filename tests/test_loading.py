@@ -413,3 +413,43 @@ def test_full_size_file_matches_diffusers_single_file_conversion(full_size_file)
     with torch.no_grad():
         ours, ref = loaded.text_encoder(input_ids).last_hidden_state, ref_clip.eval()(input_ids).last_hidden_state
     assert_parity(test, "full-size text encoder from one official file", ours, ref, tol)
+
+
+def test_minisd_file_with_config_metadata_keeps_heads_and_groups(tmp_path):
+    """Head counts and GroupNorm groups leave no trace in tensor shapes: minisd's own files (the trainer's) carry
+    them as "minisd.config" metadata, and the loader builds exactly those configs."""
+    import json
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from minisd.clip import TextEncoder, TextEncoderConfig
+    from minisd.unet import UNet, UNetConfig
+    from minisd.vae import VAE, VAEConfig
+    from weights_convert.detect import MINISD_METADATA, join_minisd_file
+
+    torch.manual_seed(0)
+    configs = {
+        "unet": UNetConfig(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=4,
+                           cross_attention_dim=64, norm_num_groups=16),
+        "vae": VAEConfig(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=16),
+        "text_encoder": TextEncoderConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                          num_attention_heads=4),
+    }  # fmt: skip
+    models = {
+        "unet": UNet(configs["unet"]),
+        "vae": VAE(configs["vae"]),
+        "text_encoder": TextEncoder(configs["text_encoder"]),
+    }
+    path = tmp_path / "nano.safetensors"
+    metadata = {**MINISD_METADATA, "minisd.config": json.dumps({k: asdict(c) for k, c in configs.items()})}
+    save_file(join_minisd_file({k: m.state_dict() for k, m in models.items()}), str(path), metadata=metadata)
+
+    loaded = load_components(path)
+    assert loaded.unet.config == configs["unet"]
+    assert loaded.vae.config == configs["vae"]
+    assert loaded.text_encoder.config == configs["text_encoder"]
+    ids = torch.tensor([[49406, 320, 49407] + [49407] * 74])
+    torch.testing.assert_close(
+        loaded.text_encoder(ids).last_hidden_state, models["text_encoder"](ids).last_hidden_state
+    )
