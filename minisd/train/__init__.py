@@ -2,6 +2,10 @@
 
 shapes.py   the data: 64×64 pictures of one or two coloured shapes with captions, a fixed held-out caption set
 checker.py  the judge: does a picture show its caption? (colour, shape, count, relation by image analysis)
+vae_training.py        the autoencoder: L1 reconstruction + a small KL to N(0, I)
+diffusion_training.py  the lesson's loop: add noise at a random t, predict it, L_simple; the text encoder jointly
+common.py   EMA, resumable safetensors checkpoints, the loss log, DDP set-up
+__main__.py `python -m minisd.train all --run-dir D --out F` reproduces the nano model (torchrun for DDP)
 
 Size study (parameters counted exactly; times on the shared 2-core CI-like machine, torch 2.13 CPU fp32,
 min of repeated runs, load average ~4.5 so expect ±50%):

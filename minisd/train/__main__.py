@@ -1,0 +1,106 @@
+"""Train the nano model from scratch: `python -m minisd.train all --run-dir runs/nano --out minisd-nano.safetensors`.
+
+    python -m minisd.train vae --run-dir runs/nano/vae                    stage 1: the VAE
+    python -m minisd.train diffusion --run-dir runs/nano/diffusion \\
+        --vae runs/nano/vae/vae.safetensors                              stage 2: UNet + text encoder
+    python -m minisd.train all --run-dir runs/nano --out nano.safetensors   both, then copy the model file
+    torchrun --nproc_per_node=2 -m minisd.train diffusion ...             stage 2 under DDP (gloo CPU / nccl GPU)
+
+Every run resumes from its run directory's checkpoint.safetensors when there is one (run the same command again). The
+defaults are the nano model's recipe; the seed fixes every random draw, so the same command on the same machine
+and thread count gives the same weights.
+"""
+
+import argparse
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from minisd.train.common import init_distributed, read_log
+from minisd.train.diffusion_training import DiffusionTrainingConfig, train_diffusion
+from minisd.train.vae_training import VAETrainingConfig, train_vae
+
+
+def _overrides(args: argparse.Namespace, prefix: str, names: tuple[str, ...]) -> dict:
+    """The config fields given on the command line (prefix "vae_" for the VAE stage under `all`)."""
+    values = {name: getattr(args, prefix + name, None) for name in names}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+FIELDS = ("steps", "batch_size", "lr", "num_pictures", "seed", "checkpoint_every")
+
+
+def _add_fields(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    flag = "--" + prefix.replace("_", "-")
+    parser.add_argument(flag + "steps", dest=prefix + "steps", type=int, help="training steps")
+    parser.add_argument(flag + "batch-size", dest=prefix + "batch_size", type=int, help="global batch size")
+    parser.add_argument(flag + "lr", dest=prefix + "lr", type=float, help="AdamW learning rate")
+    parser.add_argument(flag + "num-pictures", dest=prefix + "num_pictures", type=int, help="training pictures")
+    parser.add_argument(flag + "seed", dest=prefix + "seed", type=int, help="the seed of every random draw")
+    parser.add_argument(flag + "checkpoint-every", dest=prefix + "checkpoint_every", type=int)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minisd.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: reproducible, and faster "
+                        "than 2 on a shared 2-core machine)")  # fmt: skip
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    vae = commands.add_parser("vae", help="train the VAE")
+    vae.add_argument("--run-dir", type=Path, required=True)
+    _add_fields(vae)
+    diffusion = commands.add_parser("diffusion", help="train the UNet and text encoder on a trained VAE's latents")
+    diffusion.add_argument("--run-dir", type=Path, required=True)
+    diffusion.add_argument("--vae", type=Path, required=True, help="vae.safetensors from the vae stage")
+    _add_fields(diffusion)
+    both = commands.add_parser("all", help="vae, then diffusion, then copy the model file to --out")
+    both.add_argument("--run-dir", type=Path, required=True, help="gets vae/ and diffusion/")
+    both.add_argument("--out", type=Path, required=True, help="where the finished .safetensors goes")
+    _add_fields(both)
+    _add_fields(both, prefix="vae_")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    distributed = init_distributed()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and distributed.world_size > 1:
+        device = f"cuda:{distributed.local_rank}"
+
+    def say(message: str) -> None:
+        if distributed.is_main:  # one voice under torchrun
+            print(message)
+
+    start = time.perf_counter()
+
+    if args.command in ("vae", "all"):
+        if distributed.world_size > 1:
+            print("the vae stage runs in one process; start it without torchrun", file=sys.stderr)
+            return 2
+        prefix = "vae_" if args.command == "all" else ""
+        config = replace(VAETrainingConfig(), **_overrides(args, prefix, FIELDS))
+        run_dir = args.run_dir / "vae" if args.command == "all" else args.run_dir
+        vae_path = train_vae(run_dir, config, device=device).path
+        last = read_log(run_dir / "log.jsonl")[-1]
+        say(f"vae: {vae_path} (step {last['step']}, l1 {last['l1']:.4f}, psnr {last['psnr']:.2f} dB)")
+    if args.command in ("diffusion", "all"):
+        vae_path = args.vae if args.command == "diffusion" else args.run_dir / "vae" / "vae.safetensors"
+        config = replace(DiffusionTrainingConfig(), **_overrides(args, "", FIELDS))
+        run_dir = args.run_dir / "diffusion" if args.command == "all" else args.run_dir
+        model_path = train_diffusion(run_dir, vae_path, config, device=device, distributed=distributed).path
+        last = read_log(run_dir / "log.jsonl")[-1] if distributed.is_main else {}
+        say(f"diffusion: {model_path} (step {last.get('step')}, loss {last.get('loss', float('nan')):.4f})")
+        if args.command == "all":
+            shutil.copyfile(model_path, args.out)
+            say(f"model: {args.out}")
+    say(f"done in {time.perf_counter() - start:.0f} s")
+    if distributed.world_size > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

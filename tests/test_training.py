@@ -1,0 +1,259 @@
+"""Training: a few steps on tiny configs. Overfitting a fixed batch, bit-identical resume, the exported file
+loading through minisd.loading, the EMA formula, the latent-scale fold.
+
+The tiny configs keep SD v1's head counts and GroupNorm groups (8 UNet heads, 12 CLIP heads, 32 groups): a
+single file carries no config and the loader reads only sizes off the tensor shapes (loading._configs_from_shapes).
+"""
+
+import json
+
+import pytest
+import safetensors
+import torch
+from torch import nn
+
+from minisd.clip import TextEncoder, TextEncoderConfig
+from minisd.errors import MinisdError
+from minisd.loading import load_components
+from minisd.samplers.schedule import alphas_cumprod_from_betas, scaled_linear_betas
+from minisd.tokenizer import Tokenizer
+from minisd.train import shapes
+from minisd.train.common import EMA, LossLog, build, load_checkpoint, read_log
+from minisd.train.diffusion_training import (
+    NANO_TEXT_ENCODER,
+    NANO_UNET,
+    Denoiser,
+    DiffusionTrainingConfig,
+    diffusion_loss,
+    draw_batch,
+    fold_latent_scale,
+    train_diffusion,
+)
+from minisd.train.vae_training import NANO_VAE, VAETrainingConfig, kl_divergence, load_vae, train_vae, vae_loss
+from minisd.unet import UNet, UNetConfig
+from minisd.vae import LATENT_SCALE, VAE, VAEConfig
+
+TINY_VAE = VAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1)  # 64×64 -> 8×8, as the nano VAE
+TINY_UNET = UNetConfig(block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=24)
+TINY_TEXT_ENCODER = TextEncoderConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=1)
+
+
+def tiny_vae_config(**changes) -> VAETrainingConfig:
+    values = {"vae": TINY_VAE, "steps": 3, "batch_size": 2, "num_pictures": 16, "log_every": 1, "warmup_steps": 2}
+    values["eval_pictures"] = 2
+    return VAETrainingConfig(**{**values, **changes})
+
+
+def tiny_diffusion_config(**changes) -> DiffusionTrainingConfig:
+    values = {
+        "unet": TINY_UNET,
+        "text_encoder": TINY_TEXT_ENCODER,
+        "steps": 4,
+        "batch_size": 4,
+        "num_pictures": 16,
+        "log_every": 1,
+        "warmup_steps": 2,
+        "lr": 1e-3,
+    }
+    return DiffusionTrainingConfig(**{**values, **changes})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One CPU thread: bit-reproducible runs, and 3-7× faster than two on the shared, loaded 2-core CI machine
+    (measured: tiny VAE 3 steps 11 s vs 33 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vae_path(tmp_path_factory):
+    """A tiny VAE trained for 3 steps: enough to have a vae.safetensors for the diffusion stage."""
+    return train_vae(tmp_path_factory.mktemp("vae"), tiny_vae_config(), progress=False).path
+
+
+def test_nano_configs_fit_the_budget():
+    """The shipped model's sizes: <= 25 MB of fp16 weights (the size study in minisd/train/__init__.py)."""
+    with torch.device("meta"):  # sizes only, no memory
+        counts = [
+            sum(p.numel() for p in cls(config).parameters())
+            for cls, config in ((UNet, NANO_UNET), (TextEncoder, NANO_TEXT_ENCODER), (VAE, NANO_VAE))
+        ]
+    assert 2 * sum(counts) <= 25e6, counts
+
+
+def test_init_is_fixed_by_the_generator():
+    a = build(UNet, TINY_UNET, torch.Generator().manual_seed(1)).state_dict()
+    b = build(UNet, TINY_UNET, torch.Generator().manual_seed(1)).state_dict()
+    c = build(UNet, TINY_UNET, torch.Generator().manual_seed(2)).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["conv_in.weight"], c["conv_in.weight"])
+
+
+def test_ema_update_formula():
+    """θ_ema ← d·θ_ema + (1 − d)·θ with d = min(decay, (1 + n)/(10 + n)), n counted from 1 (LDM LitEma)."""
+    module = nn.Linear(3, 2)
+    ema = EMA(module, decay=0.9)
+    before = ema.shadow["weight"].clone()
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    ema.update(module)
+    d = 2 / 11  # n = 1: the warm-up term (1 + 1) / (10 + 1) < 0.9
+    torch.testing.assert_close(ema.shadow["weight"], d * before + (1 - d) * module.weight, rtol=0, atol=1e-6)
+    assert ema.decay_at(1000) == 0.9  # capped by `decay` once (1 + n)/(10 + n) exceeds it (n >= 80)
+    assert ema.decay_at(79) < 0.9 == ema.decay_at(80)
+
+
+def test_kl_divergence_matches_torch_distributions():
+    moments = torch.randn(2, 8, 3, 3, generator=torch.Generator().manual_seed(0))
+    from minisd.vae import DiagonalGaussian
+
+    posterior = DiagonalGaussian(moments)
+    q = torch.distributions.Normal(posterior.mean, posterior.std)
+    p = torch.distributions.Normal(torch.zeros(()), torch.ones(()))
+    expected = torch.distributions.kl_divergence(q, p).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(kl_divergence(posterior), expected, rtol=1e-5, atol=1e-5)  # float32 rounding
+
+
+def test_vae_overfits_a_fixed_batch():
+    generator = torch.Generator().manual_seed(0)
+    vae = build(VAE, TINY_VAE, generator)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    image = shapes.to_image(shapes.dataset(2, seed=0)[0])
+    losses = []
+    for _ in range(15):
+        loss, metrics = vae_loss(vae, image, torch.Generator().manual_seed(0), kl_weight=1e-6)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(metrics["l1"])
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_diffusion_overfits_a_fixed_batch():
+    """Same x0, t, ε and prompt every step: L_simple must fall well below its start (~1 at random init)."""
+    generator = torch.Generator().manual_seed(0)
+    denoiser = Denoiser(build(UNet, TINY_UNET, generator), build(TextEncoder, TINY_TEXT_ENCODER, generator))
+    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=2e-3)
+    alphas_cumprod = alphas_cumprod_from_betas(scaled_linear_betas())
+    x0 = torch.randn(4, 4, 8, 8, generator=generator)
+    noise = torch.randn(4, 4, 8, 8, generator=generator)
+    t = torch.tensor([10, 300, 600, 900])
+    input_ids = Tokenizer.from_default()(["a red circle", "a blue square", "", "a green triangle"])
+    losses = []
+    for _ in range(25):
+        loss = diffusion_loss(denoiser, x0, input_ids, t, noise, alphas_cumprod)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_draw_batch_drops_captions_for_cfg():
+    """p_uncond = 0.1 of the prompts become the empty prompt; t covers U{0..999}."""
+    n = 4000
+    caption_ids = Tokenizer.from_default()(["a red circle"])
+    empty_ids = Tokenizer.from_default()("")
+    mean, std = torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2)
+    generator = torch.Generator().manual_seed(0)
+    x0, input_ids, t, noise = draw_batch(generator, mean, std, caption_ids, empty_ids, 0.5, n, 0.1)
+    assert abs(noise.std().item() - 1.0) < 0.02  # ε ~ N(0, I); 64,000 values
+    dropped = (input_ids == empty_ids).all(dim=1).float().mean().item()
+    assert abs(dropped - 0.1) < 0.02  # binomial std √(0.09/4000) ≈ 0.005: 4 σ
+    assert t.min() >= 0 and t.max() <= 999 and t.unique().numel() > 900
+    assert abs(x0.std().item() - 0.5) < 0.02  # x0 = scale · z with z ~ N(0, 1): std = scale
+
+
+def test_fold_latent_scale_keeps_the_autoencoder():
+    """After folding, LATENT_SCALE · z' = scale · z and decode(z') = decode(z): the same function in SD v1's scale."""
+    vae = build(VAE, TINY_VAE, torch.Generator().manual_seed(0)).eval()
+    scale = 0.9
+    folded = build(VAE, TINY_VAE, torch.Generator().manual_seed(1)).eval()
+    folded.load_state_dict(fold_latent_scale(vae.state_dict(), scale))
+    image = shapes.to_image(shapes.dataset(2, seed=0)[0])
+    with torch.no_grad():
+        posterior, posterior_folded = vae.encode(image), folded.encode(image)
+        # one extra float32 multiply per value: relative rounding ~1e-7, bar 1e-5
+        torch.testing.assert_close(LATENT_SCALE * posterior_folded.mean, scale * posterior.mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(LATENT_SCALE * posterior_folded.std, scale * posterior.std, rtol=1e-5, atol=1e-6)
+        # the ~1e-7 relative latent rounding passes ~10 conv/GroupNorm layers of the decoder: bar 1e-4
+        torch.testing.assert_close(
+            folded.decode(posterior_folded.mean), vae.decode(posterior.mean), rtol=1e-4, atol=1e-4
+        )
+
+
+def test_vae_resume_is_bit_identical(tmp_path):
+    whole = train_vae(tmp_path / "whole", tiny_vae_config(), progress=False)
+    stopped = train_vae(tmp_path / "resumed", tiny_vae_config(), progress=False, stop_at=1)
+    assert stopped.path.name == "checkpoint.safetensors"
+    resumed = train_vae(tmp_path / "resumed", tiny_vae_config(), progress=False)
+    for name, tensor in whole.vae.state_dict().items():
+        assert torch.equal(tensor, resumed.vae.state_dict()[name]), name
+    assert read_log(tmp_path / "whole" / "log.jsonl") == read_log(tmp_path / "resumed" / "log.jsonl")
+    assert torch.equal(load_vae(whole.path).decoder.conv_out.weight, whole.vae.decoder.conv_out.weight)
+
+
+def test_diffusion_resume_is_bit_identical(tmp_path, vae_path):
+    """Stop after 2 of 4 steps, resume from checkpoint.safetensors: weights, AdamW moments, EMA and log equal the
+    uninterrupted run's bit for bit (same generator state, same data, same order of operations)."""
+    train_diffusion(tmp_path / "whole", vae_path, tiny_diffusion_config(), progress=False)
+    train_diffusion(tmp_path / "resumed", vae_path, tiny_diffusion_config(), progress=False, stop_at=2)
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint.safetensors")["step"] == 2
+    train_diffusion(tmp_path / "resumed", vae_path, tiny_diffusion_config(), progress=False)
+    whole, resumed = (load_checkpoint(tmp_path / run / "checkpoint.safetensors") for run in ("whole", "resumed"))
+    assert whole["step"] == resumed["step"] == 4
+    for name in whole["denoiser"]:
+        assert torch.equal(whole["denoiser"][name], resumed["denoiser"][name]), name
+        assert torch.equal(whole["ema"]["shadow"][name], resumed["ema"]["shadow"][name]), name
+    for i, state in whole["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg_sq"], resumed["optimizer"]["state"][i]["exp_avg_sq"]), i
+    assert torch.equal(whole["generator"], resumed["generator"])
+    assert read_log(tmp_path / "whole" / "log.jsonl") == read_log(tmp_path / "resumed" / "log.jsonl")
+
+
+def test_resume_refuses_another_network(tmp_path, vae_path):
+    train_diffusion(tmp_path, vae_path, tiny_diffusion_config(), progress=False, stop_at=1)
+    other = UNetConfig(**{**TINY_UNET.__dict__, "norm_num_groups": 8})  # same shapes, another network
+    with pytest.raises(MinisdError, match="another unet config"):
+        train_diffusion(tmp_path, vae_path, tiny_diffusion_config(unet=other), progress=False)
+    with pytest.raises(MinisdError, match="another VAE or data set"):
+        train_diffusion(tmp_path, vae_path, tiny_diffusion_config(num_pictures=8), progress=False)
+
+
+def test_exported_file_loads_through_load_components(tmp_path, vae_path):
+    config = tiny_diffusion_config(steps=2)
+    run = train_diffusion(tmp_path, vae_path, config, progress=False)
+    components = load_components(run.path)
+    assert components.info.layout == "minisd"
+    assert components.unet.config == TINY_UNET
+    assert components.text_encoder.config == TINY_TEXT_ENCODER
+    assert components.vae.config == TINY_VAE
+    # the file holds the EMA weights, stored in fp16
+    for name, tensor in components.unet.state_dict().items():
+        assert tensor.dtype == torch.float16
+        assert torch.equal(tensor, run.ema.shadow["unet." + name].half()), name
+    for name, tensor in components.text_encoder.state_dict().items():
+        assert torch.equal(tensor, run.ema.shadow["text_encoder." + name].half()), name
+    with safetensors.safe_open(str(run.path), framework="pt") as file:
+        metadata = file.metadata()
+    assert json.loads(metadata["minisd.config"])["unet"]["block_out_channels"] == list(TINY_UNET.block_out_channels)
+    scale = float(metadata["minisd.trained_latent_scale"])
+    # the folded VAE: LATENT_SCALE · μ' = scale · μ of the trained VAE (fp16 weights: relative error ~1e-3)
+    image = shapes.to_image(shapes.dataset(2, seed=5)[0])
+    with torch.no_grad():
+        mean = load_vae(vae_path).encode(image).mean
+        mean_folded = components.vae.float().encode(image).mean
+    torch.testing.assert_close(
+        LATENT_SCALE * mean_folded, scale * mean, rtol=2e-2, atol=2e-2 * mean.abs().max() * scale
+    )
+
+
+def test_loss_log_resume_drops_later_lines(tmp_path):
+    log = LossLog(tmp_path / "log.jsonl")
+    for step in (1, 2, 3):
+        log.write(step, loss=float(step))
+    LossLog(tmp_path / "log.jsonl", resume_step=2).write(3, loss=9.0)
+    assert [r["loss"] for r in read_log(tmp_path / "log.jsonl")] == [1.0, 2.0, 9.0]
