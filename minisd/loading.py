@@ -94,7 +94,7 @@ def load_components(
         if path.is_dir():
             folder = path
         elif HUB_ID.match(str(source)) and path.suffix not in WEIGHT_SUFFIXES:  # "org/name-2.0" is an id
-            folder = _hub_snapshot(str(source), variant, local_files_only)
+            folder = hub_snapshot(str(source), variant, local_files_only)
         else:
             raise MinisdError(
                 f"source must be a weights file, a diffusers folder or a hub id 'org/name'; {str(source)!r} is "
@@ -356,7 +356,7 @@ def _hub_offline() -> bool:
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def _hub_snapshot(repo_id: str, variant: str | None, local_files_only: bool) -> Path:
+def hub_snapshot(repo_id: str, variant: str | None, local_files_only: bool) -> Path:
     """Download (or find in the cache) just the files load_components reads: configs, one weights file per
     component (safetensors preferred, `variant` if given) and the tokenizer. Returns the snapshot folder.
 

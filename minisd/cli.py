@@ -1,0 +1,413 @@
+"""`minisd` (also `python -m minisd`): generate images from the command line.
+
+    minisd generate "a watercolour fox" --checkpoint v1-5-pruned-emaonly.safetensors --steps 25 --seed 1 -o fox.png
+    minisd img2img "a fox in winter" --image fox.png --strength 0.6 --model stable-diffusion-v1-5/stable-diffusion-v1-5
+    minisd inpaint "a red hat" --image fox.png --mask hat-mask.png --checkpoint sd-v1-5-inpainting.ckpt
+    minisd info v1-5-pruned-emaonly.safetensors      # what a file, folder or hub id holds
+    minisd regenerate fox.png                          # the same image again, from the parameters in the PNG
+
+Weights: --checkpoint FILE, or --model ID_OR_FOLDER (a hub id through the Hugging Face cache, or a diffusers
+folder). Images are written as PNGs with A1111's "parameters" text; without -o to outputs/00001.png, 00002.png, ...
+An existing file is never replaced without --overwrite: a fresh name is taken and printed instead. With
+--num-images N, image i uses seed + i and goes to its own file (OUT-1.png ... OUT-N.png with -o OUT.png).
+Bad arguments or files: one line on stderr, exit status 2. Progress goes to stderr when it is a terminal.
+"""
+
+import argparse
+import re
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from minisd.api import (
+    DTYPE_NAMES,
+    MAX_SEED,
+    GenerationParameters,
+    StableDiffusion,
+    default_model,
+    open_image,
+)
+from minisd.errors import MinisdError
+from minisd.images import read_png_parameters, save_png
+from minisd.loading import HUB_ID
+from minisd.samplers import get_sampler, sampler_names
+
+OUTPUT_DIR = Path("outputs")
+NUMBERED = re.compile(r"^(\d{5,})")  # outputs/00042.png, 00042-cat.png, ...
+NO_WEIGHTS = (
+    "no weights named: pass --checkpoint FILE (.safetensors/.ckpt) or --model ID_OR_FOLDER "
+    "(e.g. --model stable-diffusion-v1-5/stable-diffusion-v1-5, or a diffusers folder)"
+)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2 (argparse prints the usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress on stderr
+
+
+class Progress:
+    """A one-line progress bar on a terminal: `sampling [#######.......] 12/25 0.31 s/it`. Silent when `stream` is
+    not a terminal (logs and pipes get only the results), unless live=True."""
+
+    def __init__(self, stream=None, live: bool | None = None, width: int = 24):
+        self.stream = stream if stream is not None else sys.stderr
+        self.live = self.stream.isatty() if live is None else live
+        self.width = width
+        self.start = time.perf_counter()
+
+    def write(self, text: str, end: str = "") -> None:
+        if self.live:
+            self.stream.write(f"\r\033[K{text}{end}")
+            self.stream.flush()
+
+    def phase(self, text: str) -> None:
+        """Start a step whose length is unknown (loading, decoding)."""
+        self.start = time.perf_counter()
+        self.write(f"{text} ...")
+
+    def done(self, text: str) -> None:
+        self.write(f"{text} ({time.perf_counter() - self.start:.1f} s)", end="\n")
+
+    def bar(self, label: str, total: int):
+        """A callback(step, timestep, latents) for the pipelines; after the last step it announces decoding."""
+        self.start = time.perf_counter()
+
+        def callback(step, timestep, latents) -> None:
+            n = step + 1
+            filled = round(self.width * n / total)
+            rate = (time.perf_counter() - self.start) / n
+            self.write(f"{label} [{'#' * filled}{'.' * (self.width - filled)}] {n}/{total} {rate:.2f} s/it")
+            if n == total:
+                self.write(f"{label} {total}/{total} done, decoding ...")
+
+        return callback
+
+
+def count_model_calls(sampler: str, steps: int, strength: float) -> int:
+    """How many times the pipeline's callback will be called: the sampler's timesteps for this run."""
+    plan = get_sampler(sampler)
+    plan.set_timesteps(steps, strength=strength)
+    return len(plan.timesteps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Argument checks made before anything is loaded
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def check_args(args) -> None:
+    """The checks that need no weights, so a typo fails in a second rather than after loading."""
+    for name in ("height", "width"):
+        value = getattr(args, name, None)
+        if value is not None and value % 8:
+            raise MinisdError(f"--{name} must be a positive multiple of 8 pixels, got {value}")
+    if args.sampler is not None:
+        get_sampler(args.sampler, eta=args.eta)  # unknown names, eta with a sampler other than DDIM
+    if args.guidance is not None and not args.guidance >= 0:
+        raise MinisdError(f"--guidance must be a number >= 0, got {args.guidance}")
+    if args.seed is not None and not 0 <= args.seed < 2**64 - args.num_images:
+        raise MinisdError(f"--seed must be an integer in [0, 2**64 - num_images), got {args.seed}")
+    if args.clip_skip is not None and args.clip_skip < 0:
+        raise MinisdError(f"--clip-skip must be an integer >= 0, got {args.clip_skip}")
+    strength = getattr(args, "strength", None)
+    if strength is not None and not 0.0 < strength <= 1.0:
+        raise MinisdError(f"--strength must be in (0, 1], got {strength}")
+    if args.dtype is not None and args.dtype not in DTYPE_NAMES:
+        raise MinisdError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {args.dtype!r}")
+    if args.device is not None:
+        check_device(args.device)
+    if args.output is not None:
+        check_output(args.output)
+
+
+def check_output(output: str) -> None:
+    if Path(output).is_dir():
+        return
+    if Path(output).suffix.lower() != ".png":
+        raise MinisdError(f"-o must be a .png file or an existing folder, got {output!r}")
+    if not Path(output).parent.is_dir():
+        raise MinisdError(f"-o: the folder {str(Path(output).parent)!r} does not exist")
+
+
+def check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise MinisdError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {device!r}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MinisdError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise MinisdError(f"--device {device}: MPS is not available on this machine (use --device cpu)")
+
+
+def weights_source(args) -> str:
+    """--checkpoint FILE or --model ID_OR_FOLDER, else the shipped default model, else a one-line hint."""
+    if args.checkpoint is not None:
+        if not Path(args.checkpoint).is_file():
+            what = "a folder (use --model for diffusers folders)" if Path(args.checkpoint).is_dir() else "no such file"
+            raise MinisdError(f"--checkpoint {args.checkpoint!r}: {what}")
+        return args.checkpoint
+    if args.model is not None:
+        if not Path(args.model).is_dir() and not HUB_ID.match(args.model):
+            raise MinisdError(f"--model must be a hub id 'org/name' or a diffusers folder, got {args.model!r}")
+        return args.model
+    model = default_model()
+    if model is None:
+        raise MinisdError(NO_WEIGHTS)
+    return str(model)
+
+
+def load(source: str, dtype: str | None, device: str | None, progress: Progress) -> StableDiffusion:
+    progress.phase(f"loading {source}")
+    pipe = StableDiffusion.from_pretrained(source, dtype=DTYPE_NAMES[dtype] if dtype else None, device=device or "cpu")
+    progress.done(f"loaded {source}")
+    if Path(source).is_file():
+        progress.phase("hashing the weights file (A1111's model hash)")
+        progress.done(f"model hash {pipe.model_hash}")
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output files
+
+
+def next_numbered(folder: Path) -> Path:
+    """folder/00001.png, or one past the highest number there (A1111's numbering)."""
+    numbers = [int(m.group(1)) for p in folder.glob("*.png") if (m := NUMBERED.match(p.name))]
+    return folder / f"{max(numbers, default=0) + 1:05d}.png"
+
+
+def output_paths(output: str | None, n: int) -> list[Path]:
+    """Where n images go: -o FILE (FILE-1.png ... with n > 1), -o FOLDER or outputs/ (numbered)."""
+    if output is None or Path(output).is_dir():
+        folder = OUTPUT_DIR if output is None else Path(output)
+        folder.mkdir(parents=True, exist_ok=True)
+        first = int(NUMBERED.match(next_numbered(folder).name).group(1))
+        return [folder / f"{first + i:05d}.png" for i in range(n)]
+    path = Path(output)
+    return [path] if n == 1 else [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(n)]
+
+
+def write_png(pil, path: Path, text: str, overwrite: bool) -> Path:
+    """Save; an existing path (without overwrite) gets a fresh name path-1.png, path-2.png, ... Returns the path."""
+    candidate, k = path, 0
+    while True:
+        try:
+            save_png(pil, candidate, text, overwrite=overwrite)  # refuses an existing file unless overwrite
+            break
+        except MinisdError:
+            if overwrite or not candidate.exists():
+                raise
+        except OSError as error:  # permissions, a full disk: about the output path, not a bug
+            raise MinisdError(f"cannot write {candidate}: {error.strerror or error}") from None
+        k += 1
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+    if candidate != path:
+        print(f"note: {path} exists, wrote {candidate} instead (--overwrite replaces)", file=sys.stderr)
+    return candidate
+
+
+def save(pil, params: GenerationParameters, path: Path, overwrite: bool) -> None:
+    """Write one image with its parameters and print where it went."""
+    text = params.text()
+    if GenerationParameters.from_text(text) != params:
+        print(
+            "note: the prompt cannot be written exactly in A1111's format (spaces at a line's ends, or a line "
+            "starting 'Negative prompt:'); regenerate will use the recorded text",
+            file=sys.stderr,
+        )
+    written = write_png(pil, path, text, overwrite)
+    print(f"{written}  seed {params.seed}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def command_generate(args, progress: Progress) -> None:
+    source = weights_source(args)
+    if args.command != "generate":
+        image = open_image("--image", args.image)
+        if image.width % 8 or image.height % 8:
+            raise MinisdError(
+                f"--image width and height must be multiples of 8 pixels, got {image.width}x{image.height}"
+            )
+    if args.command == "inpaint":
+        mask = open_image("--mask", args.mask)
+        if image.size != mask.size:
+            raise MinisdError(
+                f"--mask must be the image's size {image.width}x{image.height}, got {mask.width}x{mask.height}"
+            )
+    strength = args.strength if args.command != "generate" else 1.0
+    total = count_model_calls(args.sampler, args.steps, strength)  # also refuses strength too small for the steps
+    seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED)
+    paths = output_paths(args.output, args.num_images)
+    pipe = load(source, args.dtype, args.device, progress)
+    common = {
+        "negative_prompt": args.negative_prompt,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "sampler": args.sampler,
+        "eta": args.eta,
+        "clip_skip": args.clip_skip,
+    }
+    for i, path in enumerate(paths):  # one image at a time, so each is written as soon as it is made
+        callback = progress.bar(f"image {i + 1}/{len(paths)}", total)
+        if args.command == "generate":
+            output = pipe(args.prompt, height=args.height, width=args.width, seed=seed + i, callback=callback, **common)
+        elif args.command == "img2img":
+            output = pipe.img2img(
+                args.prompt, args.image, strength=args.strength, seed=seed + i, callback=callback, **common
+            )
+        else:
+            output = pipe.inpaint(
+                args.prompt, args.image, args.mask, strength=args.strength, seed=seed + i, callback=callback, **common
+            )
+        progress.done(f"image {i + 1}/{len(paths)} sampled and decoded")
+        save(output.images[0], output.parameters[0], path, args.overwrite)
+    if args.seed is None:
+        print(f"seed {seed} was drawn (--seed {seed} repeats this run)", file=sys.stderr)
+
+
+def command_regenerate(args, progress: Progress) -> None:
+    text = read_png_parameters(args.png)
+    if text is None:
+        raise MinisdError(f"{args.png} holds no 'parameters' text: not written by minisd")
+    params = GenerationParameters.from_text(text)
+    if args.checkpoint is not None or args.model is not None:
+        source = weights_source(args)
+    elif params.weights is not None:
+        source = params.weights
+    else:
+        raise MinisdError(f"{args.png} names no weights (no 'Weights:' parameter): pass --checkpoint or --model")
+    dtype = args.dtype or params.dtype
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise MinisdError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    device = args.device or params.device
+    if device is not None:
+        check_device(device)
+    pipe = load(source, dtype, device, progress)
+    if params.model_hash is not None and pipe.model_hash is not None and pipe.model_hash != params.model_hash:
+        raise MinisdError(f"{source} has model hash {pipe.model_hash}, the PNG was made with {params.model_hash}")
+    total = count_model_calls(params.sampler, params.num_inference_steps, params.strength or 1.0)
+    params.model_name, params.weights = pipe.model_name, pipe.weights  # as loaded now (the same unless overridden)
+    params.dtype, params.device = str(pipe.dtype).removeprefix("torch."), pipe.device.type
+    pil = pipe.generate(params, callback=progress.bar("regenerating", total))
+    progress.done("regenerated: sampled and decoded")
+    params.model_hash = pipe.model_hash
+    save(pil, params, output_paths(args.output, 1)[0], args.overwrite)
+
+
+def command_info(args) -> None:
+    from minisd.loading import hub_snapshot
+    from weights_convert.__main__ import command_info as describe
+
+    path = Path(args.source)
+    if not path.exists() and HUB_ID.match(args.source):
+        path = hub_snapshot(args.source, None, local_files_only=False)
+    print(describe(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parser
+
+
+def add_weights_args(command) -> None:
+    weights = command.add_mutually_exclusive_group()
+    weights.add_argument("--checkpoint", metavar="FILE", help="a single weights file (.safetensors, .ckpt)")
+    weights.add_argument("--model", metavar="ID|DIR", help="a Hugging Face hub id or a diffusers folder")
+    command.add_argument("--dtype", help=f"one of {', '.join(DTYPE_NAMES)} (default: the file's)")
+    command.add_argument("--device", help="cpu (default), cuda, cuda:1, mps")
+    command.add_argument("-o", "--output", metavar="OUT", help="a .png path or a folder (default: outputs/, numbered)")
+    command.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="minisd", description=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    for name, help_text in (
+        ("generate", "text to image"),
+        ("img2img", "redraw an image following a prompt"),
+        ("inpaint", "repaint the white part of a mask"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("prompt", help="the prompt (A1111 emphasis: (word:1.2), [word], BREAK)")
+        if name != "generate":
+            command.add_argument("--image", required=True, help="the source image (sides multiples of 8)")
+        if name == "inpaint":
+            command.add_argument("--mask", required=True, help="the mask, the image's size (white = repaint)")
+        command.add_argument("--negative-prompt", default="", help="what to steer away from")
+        command.add_argument("--steps", type=positive_int, default=50, help="sampling steps (default 50)")
+        command.add_argument("--guidance", type=number, default=7.5, help="classifier-free guidance scale (7.5)")
+        command.add_argument("--sampler", default="PLMS", help=f"one of: {', '.join(sampler_names())} (PLMS)")
+        command.add_argument("--eta", type=number, default=0.0, help="DDIM's eta (0)")
+        command.add_argument("--seed", type=int, help="random seed (default: drawn, then printed)")
+        command.add_argument("--clip-skip", type=int, help="CLIP layers skipped at the end (A1111's Clip skip 2 = 1)")
+        if name == "generate":
+            command.add_argument("--height", type=positive_int, default=512, help="pixels, a multiple of 8 (512)")
+            command.add_argument("--width", type=positive_int, default=512, help="pixels, a multiple of 8 (512)")
+        else:
+            default = 0.8 if name == "img2img" else 1.0
+            command.add_argument("--strength", type=number, default=default, help=f"in (0, 1] ({default})")
+        command.add_argument("--num-images", type=positive_int, default=1, help="images, seed, seed+1, ... (1)")
+        add_weights_args(command)
+    regenerate = commands.add_parser("regenerate", help="make a PNG minisd wrote again, from its parameters")
+    regenerate.add_argument("png", help="a PNG written by minisd")
+    add_weights_args(regenerate)
+    info = commands.add_parser("info", help="what a weights file, diffusers folder or hub id holds")
+    info.add_argument("source", metavar="FILE_OR_ID")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = Progress()
+    try:
+        if args.command == "info":
+            command_info(args)
+        elif args.command == "regenerate":
+            if args.output is not None:
+                check_output(args.output)
+            command_regenerate(args, progress)
+        else:
+            check_args(args)
+            command_generate(args, progress)
+    except MinisdError as error:
+        progress.write("")  # clear a half-drawn progress line
+        print(f"minisd: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nminisd: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
