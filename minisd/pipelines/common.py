@@ -14,7 +14,9 @@ Randomness, device and dtype belong to the caller:
   - nothing seeds torch's global generator; generator=None and seed=None draw from it as torch.randn does.
 """
 
+import copy
 import math
+import warnings
 from typing import Protocol
 
 import torch
@@ -28,6 +30,7 @@ from minisd.pipelines.prompts import encode_prompt
 from minisd.samplers import Sampler, get_sampler
 from minisd.samplers.base import img2img_start
 from minisd.samplers.schedule import check_num_inference_steps
+from minisd.tiling import tiled_decode, tiled_encode
 from minisd.tokenizer import MAX_LENGTH, Tokenizer
 from minisd.unet import UNet
 from minisd.vae import LATENT_SCALE, VAE
@@ -307,11 +310,15 @@ def draw_noise(shape: tuple[int, ...], generator: Generator | None, device: torc
     return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu").to(device=device, dtype=dtype)
 
 
-def encode_image(vae: VAE, image: Tensor, generator: Generator | None, dtype: torch.dtype) -> Tensor:
+def encode_image(
+    vae: VAE, image: Tensor, generator: Generator | None, dtype: torch.dtype, tiling: bool = False
+) -> Tensor:
     """image (b, 3, H, W) in [-1, 1] -> UNet latents (b, 4, H/8, W/8) = LATENT_SCALE · z, z ~ q(z | image) sampled
-    with noise from draw_noise (diffusers' `retrieve_latents(vae.encode(image), generator)` draws the same)."""
+    with noise from draw_noise (diffusers' `retrieve_latents(vae.encode(image), generator)` draws the same).
+    tiling: encode in overlapping 512-pixel tiles (minisd.tiling.tiled_encode); images of 512×512 or less whole."""
     vae_device, vae_dtype = vae.post_quant_conv.weight.device, vae.post_quant_conv.weight.dtype
-    posterior = vae.encode(image.to(device=vae_device, dtype=vae_dtype))
+    image = image.to(device=vae_device, dtype=vae_dtype)
+    posterior = tiled_encode(vae, image) if tiling else vae.encode(image)
     eps = draw_noise(tuple(posterior.mean.shape), generator, vae_device, vae_dtype)
     vae_latents = posterior.mean + posterior.std * eps  # z = μ + σ·ε (LDM's DiagonalGaussianDistribution.sample)
     return (LATENT_SCALE * vae_latents).to(dtype)  # latents = scale · vae_latents (vae.LATENT_SCALE)
@@ -337,10 +344,41 @@ def keep_going(callback, step: int, timestep: Tensor, latents: Tensor) -> bool:
     return callback is None or callback(step, timestep, latents) is not False
 
 
-def decode(vae: VAE, latents: Tensor) -> Tensor:
-    """UNet latents (b, 4, h, w) -> image (b, 3, 8h, 8w), roughly [-1, 1], in the VAE's dtype."""
+def decode(vae: VAE, latents: Tensor, tiling: bool = False) -> Tensor:
+    """UNet latents (b, 4, h, w) -> image (b, 3, 8h, 8w), roughly [-1, 1], in the VAE's dtype.
+
+    tiling: decode in overlapping 512-pixel tiles (minisd.tiling.tiled_decode with diffusers' default tile
+    settings): the decoder's memory stops growing with the image; latents of 64×64 or less are decoded whole.
+
+    fp16 fallback: SD's VAE decoder can overflow float16's range (max 65504) in its last, widest layers, which
+    shows as NaN/inf pixels (black or broken images). When a float16 or bfloat16 VAE returns a non-finite value
+    from finite latents, the latents are decoded again by a float32 copy of the VAE, with a warning, and that
+    result is returned (cast to the VAE's dtype: the pixels are in [-1, 1], where that loses nothing visible).
+    The copy (335 MB for SD v1's VAE) is made for this call and freed when it returns: nothing is cached, so a
+    run that always falls back pays one copy per decode; keep the VAE in float32 (vae.float()) to avoid that.
+    Non-finite latents (the UNet overflowed) are not the VAE's fault: they get a warning and no second decode.
+    """
     weight = vae.post_quant_conv.weight
-    return vae.decode((latents / LATENT_SCALE).to(device=weight.device, dtype=weight.dtype))
+    vae_latents = latents / LATENT_SCALE  # unscale: the VAE works on vae_latents = latents / LATENT_SCALE
+    image = decode_vae_latents(vae, vae_latents.to(device=weight.device, dtype=weight.dtype), tiling)
+    if weight.dtype not in (torch.float16, torch.bfloat16) or torch.isfinite(image).all():
+        return image
+    if not torch.isfinite(latents).all():
+        warnings.warn("the latents hold NaN/inf before decoding: the UNet overflowed, not the VAE", stacklevel=2)
+        return image
+    warnings.warn(
+        f"the {weight.dtype} VAE decoded to NaN/inf; decoding again with a float32 copy of the VAE "
+        "(keep the VAE in float32 to skip the first try)",
+        stacklevel=2,
+    )
+    vae_fp32 = copy.deepcopy(vae).to(torch.float32)  # temporary: freed on return
+    image = decode_vae_latents(vae_fp32, vae_latents.to(device=weight.device, dtype=torch.float32), tiling)
+    return image.to(weight.dtype)
+
+
+def decode_vae_latents(vae: VAE, vae_latents: Tensor, tiling: bool) -> Tensor:
+    """vae.decode, or its tiled form (minisd.tiling) when tiling is True. vae_latents: (b, 4, h, w), unscaled."""
+    return tiled_decode(vae, vae_latents) if tiling else vae.decode(vae_latents)
 
 
 def to_output(image: Tensor, output_type: str):

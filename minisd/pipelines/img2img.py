@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch import Generator, Tensor
 
+from minisd.errors import MinisdError
 from minisd.pipelines import common
 from minisd.pipelines.common import Components
 from minisd.samplers import Sampler
@@ -43,6 +44,7 @@ def img2img(
     sampler: str | Sampler = "PLMS",
     callback=None,
     output_type: str = "pil",
+    vae_tiling: bool = False,
 ):
     """Redraw `image` following the prompt; num_images_per_prompt results per prompt, at the image's size.
 
@@ -55,9 +57,14 @@ def img2img(
     batch entry i modulo b (images tiled, prompts repeated in place); here image i goes with prompt i. With
     strength < 1, PLMS starts the shortened run with its own warm-up step and LMS raises its order from 1, where
     diffusers' pipeline mislabels one PLMS step and starts LMS at order 4 (see samplers/pndm.py and lms.py).
+    vae_tiling: decode (and encode) with the VAE in overlapping 512-pixel tiles (minisd.tiling), so images
+    larger than 512×512 decode in bounded memory; smaller ones are unchanged. A float16 VAE that decodes to NaN
+    falls back to float32 by itself (common.decode).
     """
     unet, vae = components.unet, components.vae
     # --- every check before any compute
+    if not isinstance(vae_tiling, bool):
+        raise MinisdError(f"vae_tiling must be a bool, got {vae_tiling!r}")
     common.check_unet_channels(unet, (4,), "img2img")
     common.check_common(
         components, num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, clip_skip,
@@ -80,7 +87,7 @@ def img2img(
 
     # --- the image's latents, noised to the first timestep that runs
     sampler.set_timesteps(num_inference_steps, strength=strength)  # keeps the last ⌊n · strength⌋ steps
-    image_latents = common.encode_image(vae, image, generator, dtype)  # (k, 4, h/8, w/8)
+    image_latents = common.encode_image(vae, image, generator, dtype, vae_tiling)  # (k, 4, h/8, w/8)
     image_latents = image_latents.repeat_interleave(b * num_images_per_prompt // image.shape[0], dim=0)
     noise = common.draw_noise(tuple(image_latents.shape), generator, device, dtype)
     latents = sampler.add_noise(image_latents, noise, sampler.timesteps[:1])  # x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε
@@ -101,4 +108,4 @@ def img2img(
 
     if output_type == "latent":
         return latents
-    return common.to_output(common.decode(vae, latents), output_type)
+    return common.to_output(common.decode(vae, latents, vae_tiling), output_type)

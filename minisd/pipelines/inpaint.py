@@ -52,6 +52,7 @@ def inpaint(
     paste_unmasked: bool = False,
     callback=None,
     output_type: str = "pil",
+    vae_tiling: bool = False,
 ):
     """Repaint the masked part of `image` following the prompt; num_images_per_prompt results per prompt.
 
@@ -67,9 +68,14 @@ def inpaint(
     the noise, the masked image's posterior sample (9-channel UNet only), the sampler's per-step noise: diffusers'
     order. diffusers also encodes (and samples) the masked image for a 4-channel UNet, where it is not used; minisd
     does not, so for Euler a and DDIM with eta > 0 diffusers' per-step noise comes one draw later.
+    vae_tiling: decode (and encode) with the VAE in overlapping 512-pixel tiles (minisd.tiling), so images
+    larger than 512×512 decode in bounded memory; smaller ones are unchanged. A float16 VAE that decodes to NaN
+    falls back to float32 by itself (common.decode).
     """
     unet, vae = components.unet, components.vae
     # --- every check before any compute
+    if not isinstance(vae_tiling, bool):
+        raise MinisdError(f"vae_tiling must be a bool, got {vae_tiling!r}")
     common.check_unet_channels(unet, (4, INPAINT_CHANNELS), "inpaint")
     common.check_common(
         components, num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, clip_skip,
@@ -104,7 +110,7 @@ def inpaint(
     full_strength = strength == 1.0
     image_latents = None
     if not inpainting_unet or not full_strength:
-        image_latents = common.encode_image(vae, image, generator, dtype)  # (k, 4, h/8, w/8)
+        image_latents = common.encode_image(vae, image, generator, dtype, vae_tiling)  # (k, 4, h/8, w/8)
         image_latents = image_latents.repeat_interleave(batch // image.shape[0], dim=0)
     noise = common.draw_noise(shape, generator, device, dtype) if latents is None else latents
     if full_strength:
@@ -117,7 +123,7 @@ def inpaint(
     mask_latents = mask_latents.to(device=device, dtype=dtype).repeat_interleave(batch // mask.shape[0], dim=0)
     if inpainting_unet:
         masked_image = image * (mask < 0.5)  # the hole set to 0, mid grey
-        masked_image_latents = common.encode_image(vae, masked_image, generator, dtype)
+        masked_image_latents = common.encode_image(vae, masked_image, generator, dtype, vae_tiling)
         masked_image_latents = masked_image_latents.repeat_interleave(batch // masked_image.shape[0], dim=0)
         # the same extra channels for both halves of the guidance batch
         mask_model_input = torch.cat([mask_latents] * 2) if do_guidance else mask_latents
@@ -146,7 +152,7 @@ def inpaint(
 
     if output_type == "latent":
         return latents
-    decoded = common.decode(vae, latents)
+    decoded = common.decode(vae, latents, vae_tiling)
     if paste_unmasked:  # the original pixels outside the mask, exactly
         mask = mask.to(decoded.device, decoded.dtype).repeat_interleave(batch // mask.shape[0], dim=0)
         original = image.to(decoded.device, decoded.dtype).repeat_interleave(batch // image.shape[0], dim=0)

@@ -13,6 +13,7 @@ guidance_scale        w: ε = ε_∅ + w · (ε_c − ε_∅)                  g
 import torch
 from torch import Generator, Tensor
 
+from minisd.errors import MinisdError
 from minisd.pipelines import common
 from minisd.pipelines.common import Components
 from minisd.samplers import Sampler
@@ -39,6 +40,7 @@ def txt2img(
     sampler: str | Sampler = "PLMS",
     callback=None,
     output_type: str = "pil",
+    vae_tiling: bool = False,
 ):
     """Generate num_images_per_prompt images for each prompt.
 
@@ -59,9 +61,14 @@ def txt2img(
     latents reached so far, still noisy, are decoded and returned.
     output_type: "pil" (list of PIL images), "np" (float32 (b·n, h, w, 3) in [0, 1]), "pt" (tensor (b·n, 3, h, w)
     in [0, 1]), "latent" (the final latents (b·n, 4, h/8, w/8), not decoded). Images come prompt by prompt.
+    vae_tiling: decode (and encode) with the VAE in overlapping 512-pixel tiles (minisd.tiling), so images
+    larger than 512×512 decode in bounded memory; smaller ones are unchanged. A float16 VAE that decodes to NaN
+    falls back to float32 by itself (common.decode).
     """
     unet, vae = components.unet, components.vae
     # --- every check before any compute
+    if not isinstance(vae_tiling, bool):
+        raise MinisdError(f"vae_tiling must be a bool, got {vae_tiling!r}")
     common.check_unet_channels(unet, (4,), "txt2img")
     common.check_common(
         components, num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, clip_skip,
@@ -106,4 +113,4 @@ def txt2img(
 
     if output_type == "latent":
         return latents
-    return common.to_output(common.decode(vae, latents), output_type)
+    return common.to_output(common.decode(vae, latents, vae_tiling), output_type)

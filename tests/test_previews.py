@@ -1,0 +1,126 @@
+"""Per-step previews: predicted_x0 equals diffusers' `pred_original_sample` (DDIM, Euler, and the other σ/ᾱ
+schedulers SD v1 uses) stepped side by side; x0_preview is the VAE decode of it; the cheap latent -> RGB map is the
+published table, and fit_latent_rgb recovers a known linear map."""
+
+import inspect
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
+
+from minisd.errors import MinisdError
+from minisd.pipelines import common
+from minisd.pipelines.previews import (
+    LATENT_RGB_WEIGHT,
+    fit_latent_rgb,
+    image_to_pixels,
+    latents_to_rgb,
+    predicted_x0,
+    x0_preview,
+)
+from minisd.samplers.ddim import DDIMSampler
+from minisd.samplers.ddpm import DDPMSampler
+from minisd.samplers.euler import EulerSampler
+from minisd.samplers.heun import HeunSampler
+from minisd.vae import VAE, VAEConfig
+from tests.parity import assert_parity
+
+# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json (as tests/test_pipelines.py)
+SD15 = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+}
+PAIRS = {  # minisd sampler -> diffusers twin
+    "DDIM": (DDIMSampler, lambda: DDIMScheduler.from_config(SD15)),
+    "DDPM": (DDPMSampler, lambda: DDPMScheduler.from_config(SD15)),
+    "Euler": (EulerSampler, lambda: EulerDiscreteScheduler.from_config(SD15)),
+    "Heun": (HeunSampler, lambda: HeunDiscreteScheduler.from_config(SD15)),
+}
+# diffusers computes ᾱ and σ in float32, minisd in float64 and casts last: ~1e-7 relative per value (x_t − σ·ε
+# cancels to x̂_0, whose scale is about that of x, so the relative error stays near float32's 6e-8 · σ_max). 1e-5
+# leaves room; using the σ or ᾱ of the wrong step changes x̂_0 by 1e-2 and more.
+REL_TOL = 1e-5
+STEPS = 8
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+@torch.no_grad()
+def test_predicted_x0_matches_diffusers(name):
+    """Step both side by side with the same ε (a fixed function of x) and compare x̂_0 at every model call."""
+    make_ours, make_ref = PAIRS[name]
+    ours, ref = make_ours(), make_ref()
+    ours.set_timesteps(STEPS)
+    ref.set_timesteps(STEPS)
+    assert torch.equal(ours.timesteps.float(), ref.timesteps.float())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((1, 4, 8, 8), generator=g) * ours.init_noise_sigma
+    takes_generator = "generator" in inspect.signature(ref.step).parameters  # DDPM draws noise, Heun takes none
+    x0_ours, x0_ref = [], []
+    for t in ours.timesteps:
+        eps = torch.sin(3 * x) + 0.1 * torch.randn(x.shape, generator=g)  # any ε: the formula is what is tested
+        x0_ours.append(predicted_x0(ours, eps, t, x))
+        extra = {"generator": torch.Generator().manual_seed(1)} if takes_generator else {}
+        out = ref.step(eps, t, x, **extra)
+        x0_ref.append(out.pred_original_sample)
+        ours.step(eps, t, x, generator=torch.Generator().manual_seed(1))  # keeps minisd's sampler in its run
+        x = out.prev_sample  # both go on from diffusers' x
+    test = f"test_predicted_x0_matches_diffusers[{name}]"
+    component = f"{name} x0 predictions, all {len(x0_ref)} calls"
+    assert_parity(test, component, torch.stack(x0_ours), torch.stack(x0_ref), REL_TOL)
+
+
+@torch.no_grad()
+def test_x0_preview_is_the_decode_of_predicted_x0():
+    vae = VAE(VAEConfig(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4)).eval()
+    sampler = EulerSampler()
+    sampler.set_timesteps(4)
+    t = sampler.timesteps[1]
+    g = torch.Generator().manual_seed(2)
+    latents, eps = torch.randn((2, 4, 6, 5), generator=g) * 3, torch.randn((2, 4, 6, 5), generator=g)
+    pixels = x0_preview(sampler, eps, t, latents, vae)
+    assert pixels.shape == (2, 12, 10, 3) and pixels.dtype == torch.uint8
+    expected = common.decode(vae, latents - sampler.sigma_of(t).float().reshape(-1, 1, 1, 1) * eps)
+    assert torch.equal(pixels, image_to_pixels(expected))
+
+
+def test_latents_to_rgb_uses_the_table():
+    """Each latent channel alone at 1 gives that channel's row of the table: (row + 1)/2 · 255, rounded."""
+    latents = torch.eye(4).reshape(4, 4, 1, 1)  # latent pixel k: channel k at 1
+    rgb = latents_to_rgb(latents, as_image=True).reshape(4, 3)
+    torch.testing.assert_close(rgb, torch.tensor(LATENT_RGB_WEIGHT), rtol=0, atol=0)
+    pixels = latents_to_rgb(latents.half()).reshape(4, 3)
+    expected = ((torch.tensor(LATENT_RGB_WEIGHT) + 1) / 2 * 255).round().to(torch.uint8)
+    assert torch.equal(pixels, expected)
+    assert latents_to_rgb(torch.zeros(2, 4, 3, 5)).shape == (2, 3, 5, 3)
+
+
+def test_fit_latent_rgb_recovers_a_known_map():
+    """Images made from latents by a known linear map (one colour per 8×8 block, then a little noise) give the map
+    back. Least squares in float64 over 2·16·16 pixels: exact up to the noise's effect (~1e-3)."""
+    g = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn((4, 3), generator=g) * 0.3, torch.randn(3, generator=g) * 0.1
+    latents = torch.randn((2, 4, 16, 16), generator=g)
+    rgb = torch.einsum("bchw,cr->brhw", latents, weight) + bias.reshape(1, 3, 1, 1)
+    image = torch.nn.functional.interpolate(rgb, scale_factor=8, mode="nearest")
+    image = image + 0.01 * torch.randn(image.shape, generator=g)
+    fitted_weight, fitted_bias = fit_latent_rgb(latents, image)
+    torch.testing.assert_close(fitted_weight, weight.double(), rtol=0, atol=2e-3)
+    torch.testing.assert_close(fitted_bias, bias.double(), rtol=0, atol=2e-3)
+    # and the fitted map drives the preview
+    pixels = latents_to_rgb(latents, fitted_weight, fitted_bias).int()
+    assert (pixels - image_to_pixels(rgb).int()).abs().max() <= 1  # the 2e-3 fit error moves a pixel 1 level at most
+
+
+def test_bad_input():
+    with pytest.raises(MinisdError, match="latents must be a"):
+        latents_to_rgb(torch.zeros(1, 3, 4, 4))
+    with pytest.raises(MinisdError, match="weight must be"):
+        latents_to_rgb(torch.zeros(1, 4, 4, 4), weight=torch.zeros(3, 4))
+    with pytest.raises(MinisdError, match="sampler must be"):
+        predicted_x0(object(), torch.zeros(1, 4, 2, 2), 1, torch.zeros(1, 4, 2, 2))
