@@ -55,4 +55,4 @@ def test_design_layout_is_there():
 def test_vocabulary_ships_with_its_notice():
     data = ROOT / "minisd" / "data"
     assert (data / "bpe_simple_vocab_16e6.txt.gz").stat().st_size > 1_000_000
-    assert "Permission is hereby granted" in (data / "LICENSE-open_clip").read_text()
+    assert "Permission is hereby granted" in (data / "LICENSE-bpe_vocab").read_text()
