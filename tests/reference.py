@@ -34,3 +34,21 @@ def write_reference_tokenizer_folder(folder: Path) -> Path:
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, **special}), encoding="utf-8")
     (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
     return folder
+
+
+# SD v1.5's scheduler/scheduler_config.json (runwayml/stable-diffusion-v1-5): the settings every diffusers twin
+# of a minisd sampler is built from. It has no timestep_spacing key, so each scheduler keeps its own default
+# ("leading" for DDPM/DDIM/PNDM, "linspace" for the σ samplers); steps_offset only matters for "leading".
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+}

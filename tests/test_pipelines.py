@@ -42,7 +42,7 @@ from minisd.tokenizer import Tokenizer
 from minisd.unet import UNet, UNetConfig
 from minisd.vae import VAE, VAEConfig
 from tests.parity import REPORT
-from tests.reference import write_reference_tokenizer_folder
+from tests.reference import SD15_SCHEDULER_CONFIG, write_reference_tokenizer_folder
 
 PIXEL_TOL = 1e-3  # on [0, 1] pixels; see the module docstring
 SIZE = 64  # pixels: 8×8 latents
@@ -55,20 +55,6 @@ UNET_BLOCKS = {
 }
 TINY_VAE = VAEConfig(block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=8)
 TINY_TEXT = TextEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-
-# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
-SD15_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
 
 
 class RunOrderLMS(LMSDiscreteScheduler):

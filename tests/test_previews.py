@@ -24,18 +24,9 @@ from minisd.samplers.euler import EulerSampler
 from minisd.samplers.heun import HeunSampler
 from minisd.vae import VAE, VAEConfig
 from tests.parity import assert_parity
+from tests.reference import SD15_SCHEDULER_CONFIG
 
-# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json (as tests/test_pipelines.py)
-SD15 = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-}
+SD15 = SD15_SCHEDULER_CONFIG
 PAIRS = {  # minisd sampler -> diffusers twin
     "DDIM": (DDIMSampler, lambda: DDIMScheduler.from_config(SD15)),
     "DDPM": (DDPMSampler, lambda: DDPMScheduler.from_config(SD15)),

@@ -28,19 +28,9 @@ from minisd.samplers.ddpm import DDPMSampler
 from minisd.samplers.pndm import PNDMSampler
 from minisd.samplers.schedule import spaced_timesteps
 from tests.parity import assert_parity, relative_error
+from tests.reference import SD15_SCHEDULER_CONFIG
 
-# SD v1.5's scheduler_config.json; each twin takes the keys its constructor knows.
-SD_V1 = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    steps_offset=1,
-    set_alpha_to_one=False,
-    skip_prk_steps=True,
-    clip_sample=False,
-    prediction_type="epsilon",
-)
+SD_V1 = SD15_SCHEDULER_CONFIG  # each twin takes the keys its constructor knows
 PRECISIONS = ["float32", "float64", "float32, f64 table", "float64, f64 table"]
 # max |error| / max |sample| over the whole trajectory:
 #   float32: 1e-5 of the sample scale (float32's 6e-8 rounding of samples and coefficients, over ≤ 51 steps);

@@ -32,21 +32,7 @@ from minisd.samplers.heun import HeunSampler
 from minisd.samplers.lms import LMSSampler, lms_coefficients
 from minisd.samplers.sigmas import karras_sigmas, sd_sigma_table
 from tests.parity import REPORT, assert_parity, relative_error
-
-# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json: no timestep_spacing key, so every scheduler keeps
-# its own default ("linspace" for all five); steps_offset only matters for "leading".
-SD15_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
+from tests.reference import SD15_SCHEDULER_CONFIG
 
 PAIRS = {  # name: (minisd sampler, diffusers scheduler)
     "lms": (LMSSampler, lambda: LMSDiscreteScheduler.from_config(SD15_SCHEDULER_CONFIG)),
