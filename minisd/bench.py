@@ -41,89 +41,24 @@ from pathlib import Path
 
 import torch
 
-# SD v1.5's diffusers configs (stable-diffusion-v1-5/stable-diffusion-v1-5 on the Hub), enough for
-# from_single_file to build the pipeline offline. Keys left out take diffusers' / transformers' defaults.
-MODEL_INDEX = {
-    "_class_name": "StableDiffusionPipeline",
-    "feature_extractor": [None, None],
-    "safety_checker": [None, None],
-    "requires_safety_checker": False,
-    "scheduler": ["diffusers", "PNDMScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
-CONFIGS = {
-    "scheduler/scheduler_config.json": {
-        "_class_name": "PNDMScheduler",
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "num_train_timesteps": 1000,
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "clip_sample": False,
-    },
-    "unet/config.json": {
-        "_class_name": "UNet2DConditionModel",
-        "sample_size": 64,
-        "in_channels": 4,
-        "out_channels": 4,
-        "block_out_channels": [320, 640, 1280, 1280],
-        "layers_per_block": 2,
-        "attention_head_dim": 8,
-        "cross_attention_dim": 768,
-        "norm_num_groups": 32,
-        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    },
-    "vae/config.json": {
-        "_class_name": "AutoencoderKL",
-        "sample_size": 512,
-        "in_channels": 3,
-        "out_channels": 3,
-        "latent_channels": 4,
-        "block_out_channels": [128, 256, 512, 512],
-        "layers_per_block": 2,
-        "norm_num_groups": 32,
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "scaling_factor": 0.18215,
-    },
-    "text_encoder/config.json": {
-        "architectures": ["CLIPTextModel"],
-        "model_type": "clip_text_model",
-        "vocab_size": 49408,
-        "hidden_size": 768,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "max_position_embeddings": 77,
-        "hidden_act": "quick_gelu",
-        "layer_norm_eps": 1e-5,
-        "projection_dim": 768,
-        "bos_token_id": 0,
-        "eos_token_id": 2,
-        "pad_token_id": 1,
-    },
-}
-
 
 def write_sd_v1_config_folder(folder: str | os.PathLike) -> Path:
-    """A diffusers-style SD v1 folder without weights: model_index.json, the component configs and the tokenizer
-    files (from minisd's packaged vocabulary). What `from_single_file(config=folder)` needs offline."""
-    from minisd.tokenizer import Tokenizer
+    """A diffusers-style SD v1 folder without weights (model_index.json, the component configs, the tokenizer
+    files): what `from_single_file(config=folder)` needs offline. The same configs `python -m weights_convert
+    convert` writes, read off SD v1's shapes on the meta device."""
+    from minisd.clip import TextEncoder, TextEncoderConfig
+    from minisd.unet import UNet, UNetConfig
+    from minisd.vae import VAE, VAEConfig
+    from weights_convert.__main__ import write_configs
 
-    folder = Path(folder)
-    (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
-    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
-    for name, config in CONFIGS.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(json.dumps(config, indent=2))
-    Tokenizer.from_default().backend.model.save(str(folder / "tokenizer"))  # vocab.json, merges.txt
-    return folder
+    with torch.device("meta"):
+        components = {
+            "unet": UNet(UNetConfig()).state_dict(),
+            "vae": VAE(VAEConfig()).state_dict(),
+            "text_encoder": TextEncoder(TextEncoderConfig()).state_dict(),
+        }
+    write_configs(components, Path(folder))
+    return Path(folder)
 
 
 def _read_every_page(modules) -> None:

@@ -188,7 +188,7 @@ def text_encoder_config(text_encoder: dict[str, Tensor], dtype: torch.dtype) -> 
 
 def write_tokenizer(folder: Path) -> None:
     """tokenizer/vocab.json + merges.txt (+ tokenizer_config.json) from minisd's packaged CLIP vocabulary."""
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     Tokenizer.from_default().backend.model.save(str(folder))  # tokenizers' BPE writes vocab.json and merges.txt
     config = {
         "tokenizer_class": "CLIPTokenizer",
@@ -232,31 +232,39 @@ SCHEDULER_CONFIG = {
 }
 
 
-def write_folder(components: dict[str, dict[str, Tensor]], out: Path) -> list[str]:
-    """A diffusers-style folder: unet/, vae/, text_encoder/ (weights + config.json), tokenizer/, scheduler/ and
-    model_index.json."""
-    out.mkdir(parents=True)
+def write_configs(components: dict[str, dict[str, Tensor]], out: Path) -> None:
+    """Everything of a diffusers-style folder but the weights: unet/, vae/, text_encoder/ config.json,
+    tokenizer/, scheduler/ and model_index.json. Only names and shapes of `components` are read (meta tensors do)."""
+    out.mkdir(parents=True, exist_ok=True)
     float_dtype = next(t.dtype for t in components["unet"].values() if t.is_floating_point())
     configs = {
         "unet": unet_config(components["unet"]),
         "vae": vae_config(components["vae"]),
         "text_encoder": text_encoder_config(components["text_encoder"], float_dtype),
     }
-    written = []
-    for component, (subfolder, names) in FOLDER_FILES.items():
-        (out / subfolder).mkdir()
-        state_dict = minisd_to_diffusers(component, components[component])
-        save_safetensors(state_dict, out / subfolder / names[0], {"format": "pt"})
+    for component, (subfolder, _) in FOLDER_FILES.items():
+        (out / subfolder).mkdir(exist_ok=True)
         (out / subfolder / "config.json").write_text(json.dumps(configs[component], indent=2) + "\n")
-        written.append(f"{subfolder}/{names[0]}")
     write_tokenizer(out / "tokenizer")
-    written.append("tokenizer/vocab.json, tokenizer/merges.txt")
-    (out / "scheduler").mkdir()
+    (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n")
     inpainting = components["unet"]["conv_in.weight"].shape[1] == 9
     pipeline = "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline"
     model_index = {**MODEL_INDEX, "_class_name": pipeline}
     (out / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+
+
+def write_folder(components: dict[str, dict[str, Tensor]], out: Path) -> list[str]:
+    """A diffusers-style folder: unet/, vae/, text_encoder/ (weights + config.json), tokenizer/, scheduler/ and
+    model_index.json."""
+    out.mkdir(parents=True)
+    write_configs(components, out)
+    written = []
+    for component, (subfolder, names) in FOLDER_FILES.items():
+        state_dict = minisd_to_diffusers(component, components[component])
+        save_safetensors(state_dict, out / subfolder / names[0], {"format": "pt"})
+        written.append(f"{subfolder}/{names[0]}")
+    written.append("tokenizer/vocab.json, tokenizer/merges.txt")
     written.append("scheduler/scheduler_config.json, model_index.json")
     return written
 
