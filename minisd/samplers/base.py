@@ -15,6 +15,7 @@ import torch
 from torch import Generator, Tensor
 
 from minisd.errors import MinisdError
+from minisd.samplers import schedule
 from minisd.samplers.schedule import check_timesteps, spaced_timesteps
 
 
@@ -119,3 +120,29 @@ class Sampler:
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
         """Noise clean latents x0 to the level of timestep t, in this sampler's space."""
         raise NotImplementedError
+
+
+class AlphaBarSampler(Sampler):
+    """What the ᾱ samplers (DDPM, DDIM, PLMS) share: SD v1's ᾱ table, a timestep spacing, a plan of integer
+    timesteps (one model call each; PLMS adds its warm-up call), and the forward process in x_t space."""
+
+    def __init__(self, timestep_spacing: str = "leading") -> None:
+        if timestep_spacing not in schedule.SPACINGS:
+            raise MinisdError(f"timestep_spacing must be one of {schedule.SPACINGS}, got {timestep_spacing!r}")
+        self.timestep_spacing = timestep_spacing
+        self.alphas_cumprod = schedule.alphas_cumprod_from_betas(schedule.scaled_linear_betas())  # float64 (T,)
+        self.set_timesteps(50)
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        strength: float = 1.0,
+        *,
+        timesteps: Sequence[int] | Tensor | None = None,
+    ) -> None:
+        """One model call per timestep: n of them, or ⌊n · strength⌋ for image-to-image."""
+        self.timesteps = inference_timesteps(num_inference_steps, strength, timesteps, self.timestep_spacing)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
+        """x_t = √ᾱ_t · x0 + √(1 − ᾱ_t) · noise (DDPM eq. 4); x0, noise: (b, c, h, w)."""
+        return schedule.add_noise(x0, noise, t, self.alphas_cumprod)

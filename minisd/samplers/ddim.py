@@ -13,16 +13,13 @@ One step (eq. 12): predict x_0 from x_t, then re-noise it to the level of t_prev
 fresh noise of size σ_t when η > 0.
 """
 
-from collections.abc import Sequence
-
 from torch import Generator, Tensor
 
 from minisd.errors import MinisdError
-from minisd.samplers import schedule
-from minisd.samplers.base import Sampler, draw_noise, inference_timesteps, next_timestep
+from minisd.samplers.base import AlphaBarSampler, draw_noise, next_timestep
 
 
-class DDIMSampler(Sampler):
+class DDIMSampler(AlphaBarSampler):
     """DDIM with SD v1's settings. eta in [0, 1]. With eta > 0 each step draws one noise tensor from the caller's
     generator (eps's shape and dtype, on the generator's device: base.draw_noise), exactly as diffusers'
     DDIMScheduler.step does, so one generator gives diffusers' numbers.
@@ -37,24 +34,10 @@ class DDIMSampler(Sampler):
     def __init__(self, eta: float = 0.0, timestep_spacing: str = "leading") -> None:
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:  # NaN fails too
             raise MinisdError(f"eta must be in [0, 1], got {eta!r}")
-        if timestep_spacing not in schedule.SPACINGS:
-            raise MinisdError(f"timestep_spacing must be one of {schedule.SPACINGS}, got {timestep_spacing!r}")
         self.eta = float(eta)
-        self.timestep_spacing = timestep_spacing
-        self.alphas_cumprod = schedule.alphas_cumprod_from_betas(schedule.scaled_linear_betas())  # float64 (T,)
+        super().__init__(timestep_spacing)
         # set_alpha_to_one=False (SD v1): past the last step, ᾱ_prev = ᾱ_0, not 1 (LDM's ddim.py does the same)
         self.final_alpha_bar = self.alphas_cumprod[0].item()
-        self.timesteps = schedule.spaced_timesteps(50, timestep_spacing)
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        strength: float = 1.0,
-        *,
-        timesteps: Sequence[int] | Tensor | None = None,
-    ) -> None:
-        """One model call per timestep: n of them, or ⌊n · strength⌋ for image-to-image."""
-        self.timesteps = inference_timesteps(num_inference_steps, strength, timesteps, self.timestep_spacing)
 
     def step(self, eps: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
         """x_t -> x_{t_prev} by eq. 12. eps, x: (b, c, h, w). Coefficients in float64, cast last."""
@@ -69,7 +52,3 @@ class DDIMSampler(Sampler):
         if self.eta > 0:
             x_prev = x_prev + sigma_t * draw_noise(eps, generator)  # eq. 12, "random noise" σ_t ε_t
         return x_prev
-
-    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
-        """x_t = √ᾱ_t · x0 + √(1 − ᾱ_t) · noise (DDPM eq. 4); x0, noise: (b, c, h, w)."""
-        return schedule.add_noise(x0, noise, t, self.alphas_cumprod)

@@ -14,16 +14,12 @@ One step samples p(x_{t_prev} | x_t) = q(x_{t_prev} | x_t, x0_pred) (eqs. 6-7): 
 Written through x0_pred it equals eq. 11's μ_θ = (x_t − β_t / √(1 − ᾱ_t) · ε) / √α_t.
 """
 
-from collections.abc import Sequence
-
 from torch import Generator, Tensor
 
-from minisd.errors import MinisdError
-from minisd.samplers import schedule
-from minisd.samplers.base import Sampler, draw_noise, inference_timesteps, next_timestep
+from minisd.samplers.base import AlphaBarSampler, draw_noise, next_timestep
 
 
-class DDPMSampler(Sampler):
+class DDPMSampler(AlphaBarSampler):
     """DDPM with SD v1's β (variance_type "fixed_small", clip_sample False, epsilon prediction).
 
     Noise: every step with t > 0 draws one noise tensor from the caller's generator (eps's shape and dtype, on the
@@ -36,23 +32,6 @@ class DDPMSampler(Sampler):
     """
 
     name = "DDPM"
-
-    def __init__(self, timestep_spacing: str = "leading") -> None:
-        if timestep_spacing not in schedule.SPACINGS:
-            raise MinisdError(f"timestep_spacing must be one of {schedule.SPACINGS}, got {timestep_spacing!r}")
-        self.timestep_spacing = timestep_spacing
-        self.alphas_cumprod = schedule.alphas_cumprod_from_betas(schedule.scaled_linear_betas())  # float64 (T,)
-        self.timesteps = schedule.spaced_timesteps(50, timestep_spacing)
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        strength: float = 1.0,
-        *,
-        timesteps: Sequence[int] | Tensor | None = None,
-    ) -> None:
-        """One model call per timestep: n of them, or ⌊n · strength⌋ for image-to-image."""
-        self.timesteps = inference_timesteps(num_inference_steps, strength, timesteps, self.timestep_spacing)
 
     def step(self, eps: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
         """x_t -> x_{t_prev} ~ q(x_{t_prev} | x_t, x0_pred). eps, x: (b, c, h, w). Coefficients in float64."""
@@ -69,7 +48,3 @@ class DDPMSampler(Sampler):
             return mean
         variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t  # eq. 7, β̃_t
         return mean + variance**0.5 * draw_noise(eps, generator)  # Algorithm 2, line 4: + σ_t z
-
-    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
-        """x_t = √ᾱ_t · x0 + √(1 − ᾱ_t) · noise (eq. 4); x0, noise: (b, c, h, w)."""
-        return schedule.add_noise(x0, noise, t, self.alphas_cumprod)

@@ -22,11 +22,10 @@ import torch
 from torch import Generator, Tensor
 
 from minisd.errors import MinisdError
-from minisd.samplers import schedule
-from minisd.samplers.base import Sampler, inference_timesteps
+from minisd.samplers.base import AlphaBarSampler, inference_timesteps
 
 
-class PNDMSampler(Sampler):
+class PNDMSampler(AlphaBarSampler):
     """PLMS with SD v1's settings. Deterministic: the generator is not used.
 
     Image-to-image: set_timesteps(n, strength) keeps the last ⌊n · strength⌋ distinct steps, as every sampler
@@ -40,13 +39,9 @@ class PNDMSampler(Sampler):
     name = "PLMS"
 
     def __init__(self, timestep_spacing: str = "leading") -> None:
-        if timestep_spacing not in schedule.SPACINGS:
-            raise MinisdError(f"timestep_spacing must be one of {schedule.SPACINGS}, got {timestep_spacing!r}")
-        self.timestep_spacing = timestep_spacing
-        self.alphas_cumprod = schedule.alphas_cumprod_from_betas(schedule.scaled_linear_betas())  # float64 (T,)
+        super().__init__(timestep_spacing)
         # set_alpha_to_one=False (SD v1): past the last step, ᾱ_prev = ᾱ_0, not 1 (CompVis plms.py does the same)
         self.final_alpha_bar = self.alphas_cumprod[0].item()
-        self.set_timesteps(50)
 
     def set_timesteps(
         self,
@@ -99,7 +94,3 @@ class PNDMSampler(Sampler):
         else:
             eps_prime = (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3]) / 24  # eq. 12, 4th order
         return self.transfer(x, eps_prime, t, t_prev)
-
-    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
-        """x_t = √ᾱ_t · x0 + √(1 − ᾱ_t) · noise (DDPM eq. 4); x0, noise: (b, c, h, w)."""
-        return schedule.add_noise(x0, noise, t, self.alphas_cumprod)
