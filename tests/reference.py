@@ -5,7 +5,12 @@ import json
 from importlib import resources
 from pathlib import Path
 
+import torch
+from diffusers import AutoencoderKL
 from tokenizers import pre_tokenizers
+from torch import nn
+
+from minisd.vae import VAEConfig
 
 
 def write_reference_tokenizer_folder(folder: Path) -> Path:
@@ -52,3 +57,33 @@ SD15_SCHEDULER_CONFIG = {
     "clip_sample": False,
     "prediction_type": "epsilon",
 }
+
+
+def reference_vae(config: VAEConfig, seed: int) -> AutoencoderKL:
+    """diffusers' AutoencoderKL at `config`, every parameter re-drawn so that every weight matters.
+
+    The default init leaves GroupNorm at weight 1, bias 0; here every conv/linear weight is N(0, 1/fan_in)
+    (keeps activations O(1) through the depth), every norm weight 1 + N(0, 0.2²), every bias N(0, 0.1²).
+    """
+    n = len(config.block_out_channels)
+    ref = AutoencoderKL(
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=config.block_out_channels,
+        layers_per_block=config.layers_per_block,
+        latent_channels=config.latent_channels,
+        norm_num_groups=config.norm_num_groups,
+    ).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in ref.modules():
+            if isinstance(module, nn.GroupNorm):
+                module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=g))
+                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
+            elif isinstance(module, (nn.Conv2d, nn.Linear)):
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=g) / fan_in**0.5)
+                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
+    return ref

@@ -9,7 +9,6 @@ import warnings
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from torch import nn
 
 from minisd.clip import TextEncoder
 from minisd.errors import MinisdError
@@ -22,6 +21,7 @@ from minisd.unet import UNet
 from minisd.vae import LATENT_SCALE, VAE, VAEConfig
 from tests.fakes import TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE
 from tests.parity import REPORT, assert_parity
+from tests.reference import reference_vae
 
 TINY = VAEConfig(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=4)  # SD v1, small numbers
 TILE, OVERLAP = 8, 2  # latent pixels: diffusers tile_latent_min_size 8, tile_sample_min_size 64, overlap factor 0.25
@@ -35,23 +35,7 @@ REL_TOL = 1e-5
 def twins(seed: int = 0) -> tuple[VAE, AutoencoderKL]:
     """minisd's VAE and diffusers' AutoencoderKL at TINY with the same random weights (every weight matters:
     conv/linear N(0, 1/fan_in), norms 1 + N(0, 0.2²), biases N(0, 0.1²))."""
-    n = len(TINY.block_out_channels)
-    ref = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=TINY.block_out_channels,
-        layers_per_block=TINY.layers_per_block,
-        norm_num_groups=TINY.norm_num_groups,
-    ).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in ref.modules():
-            if isinstance(module, nn.GroupNorm):
-                module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=g))
-                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
-            elif isinstance(module, (nn.Conv2d, nn.Linear)):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=g) / module.weight[0].numel() ** 0.5)
-                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
+    ref = reference_vae(TINY, seed)
     ours = VAE(TINY).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     ref.enable_tiling()

@@ -3,11 +3,11 @@
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from torch import nn
 
 from minisd.errors import MinisdError
 from minisd.vae import LATENT_SCALE, VAE, Downsample, VAEConfig
 from tests.parity import assert_parity, relative_error
+from tests.reference import reference_vae
 
 TINY = VAEConfig(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=4)  # SD v1, smaller numbers
 FULL = VAEConfig()  # SD v1: 83.7M parameters
@@ -18,36 +18,6 @@ FULL = VAEConfig()  # SD v1: 83.7M parameters
 # measured 4e-6, so 1e-5 (10× under the 1e-4 bar) leaves room for rounding while a wrong weight, a missing
 # residual or a shifted pad gives errors of order 1e-1 (see test_symmetric_pad_would_not_match).
 REL_TOL = 1e-5
-
-
-def reference(config: VAEConfig, seed: int) -> AutoencoderKL:
-    """diffusers' AutoencoderKL at `config`, every parameter re-drawn so that every weight matters.
-
-    The default init leaves GroupNorm at weight 1, bias 0; here every conv/linear weight is N(0, 1/fan_in)
-    (keeps activations O(1) through the depth), every norm weight 1 + N(0, 0.2²), every bias N(0, 0.1²).
-    """
-    n = len(config.block_out_channels)
-    ref = AutoencoderKL(
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=config.block_out_channels,
-        layers_per_block=config.layers_per_block,
-        latent_channels=config.latent_channels,
-        norm_num_groups=config.norm_num_groups,
-    ).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in ref.modules():
-            if isinstance(module, nn.GroupNorm):
-                module.weight.copy_(1 + 0.2 * torch.randn(module.weight.shape, generator=g))
-                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
-            elif isinstance(module, (nn.Conv2d, nn.Linear)):
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(torch.randn(module.weight.shape, generator=g) / fan_in**0.5)
-                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
-    return ref
 
 
 def ours_on_meta(config: VAEConfig, state_dict: dict) -> VAE:
@@ -97,7 +67,7 @@ def check_parity(test: str, config: VAEConfig, ours: VAE, ref: AutoencoderKL, im
 
 
 def test_tiny_parity():
-    ref = reference(TINY, seed=0)
+    ref = reference_vae(TINY, seed=0)
     ours = VAE(TINY).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     image = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -111,7 +81,7 @@ def test_tiny_parity():
 
 def test_full_sd_v1_parity_meta_construction():
     """The full SD v1 size, random weights, built on meta and loaded with assign=True."""
-    ref = reference(FULL, seed=0)
+    ref = reference_vae(FULL, seed=0)
     ours = ours_on_meta(FULL, ref.state_dict())
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
     image = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -119,7 +89,7 @@ def test_full_sd_v1_parity_meta_construction():
 
 
 def test_state_dict_keys_equal_diffusers():
-    ours, ref = VAE(TINY), reference(TINY, seed=0)
+    ours, ref = VAE(TINY), reference_vae(TINY, seed=0)
     assert set(ours.state_dict()) == set(ref.state_dict())
     for key in ("encoder.down_blocks.0.downsamplers.0.conv.weight", "decoder.up_blocks.0.upsamplers.0.conv.weight"):
         assert key in ours.state_dict()
@@ -140,7 +110,7 @@ def test_downsample_pads_bottom_right():
 
 def test_symmetric_pad_would_not_match():
     """A port with the symmetric pad (the classic bug) fails parity by orders of magnitude over REL_TOL."""
-    ref = reference(TINY, seed=0)
+    ref = reference_vae(TINY, seed=0)
     ours = VAE(TINY).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
