@@ -40,14 +40,14 @@ from minisd.loading import HUB_ID, Components, load_components
 from minisd.pipelines import img2img, inpaint, txt2img
 from minisd.samplers import get_sampler
 
-NANO_MODEL = Path(__file__).parent / "data" / "nano.safetensors"  # the small model minisd will ship (a later issue)
+NANO_MODEL = Path(__file__).parent / "data" / "nano.safetensors"  # minisd's own small model (minisd/train)
 MODES = ("txt2img", "img2img", "inpaint")
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_SEED = 2**32  # A1111 draws seeds below 2**32; any seed < 2**64 works
 
 
 def default_model() -> Path | None:
-    """The weights used when none are named: minisd's own small model once it ships in minisd/data/, else None."""
+    """The weights used when none are named: minisd's own nano model in minisd/data/ (None if it was removed)."""
     return NANO_MODEL if NANO_MODEL.is_file() else None
 
 
@@ -235,7 +235,10 @@ class StableDiffusion:
         local_files_only: bool = False,
     ) -> "StableDiffusion":
         """Load SD v1 from a single file (.safetensors / .ckpt), a diffusers folder or a hub id ("org/name", through
-        the Hugging Face cache). The arguments are minisd.loading.load_components'."""
+        the Hugging Face cache). The arguments are minisd.loading.load_components', except that dtype None on the CPU
+        means float32 (CPUs compute float16 slowly and some ops not at all); on a GPU it keeps the file's dtype."""
+        if dtype is None and str(device).startswith("cpu"):
+            dtype = torch.float32
         components = load_components(
             source, dtype=dtype, device=device, use_ema=use_ema, variant=variant, local_files_only=local_files_only
         )
@@ -266,8 +269,8 @@ class StableDiffusion:
         self,
         prompt: str,
         negative_prompt: str = "",
-        height: int = 512,
-        width: int = 512,
+        height: int | None = None,
+        width: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
         sampler: str = "PLMS",
@@ -281,7 +284,10 @@ class StableDiffusion:
 
         sampler: a name from minisd.samplers.sampler_names() (A1111's) or a diffusers scheduler class name.
         callback(step, timestep, latents): as the pipelines' (False stops early). clip_skip: diffusers' numbering.
+        height, width: pixels; None is the model's own size (512 for SD v1, 64 for the nano model).
         """
+        height = self.components.sample_size if height is None else height
+        width = self.components.sample_size if width is None else width
         params = self._parameters(
             "txt2img", prompt, negative_prompt, num_inference_steps, sampler, guidance_scale, width, height, eta,
             clip_skip,

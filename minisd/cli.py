@@ -371,8 +371,9 @@ def build_parser() -> ArgumentParser:
         command.add_argument("--seed", type=int, help="random seed (default: drawn, then printed)")
         command.add_argument("--clip-skip", type=int, help="CLIP layers skipped at the end (A1111's Clip skip 2 = 1)")
         if name == "generate":
-            command.add_argument("--height", type=positive_int, default=512, help="pixels, a multiple of 8 (512)")
-            command.add_argument("--width", type=positive_int, default=512, help="pixels, a multiple of 8 (512)")
+            size = "pixels, a multiple of 8 (default: the model's size, 512 for SD v1, 64 for the nano model)"
+            command.add_argument("--height", type=positive_int, help=size)
+            command.add_argument("--width", type=positive_int, help=size)
         else:
             default = 0.8 if name == "img2img" else 1.0
             command.add_argument("--strength", type=number, default=default, help=f"in (0, 1] ({default})")

@@ -56,6 +56,7 @@ class Components:
     vae: VAE
     unet: UNet
     info: CheckpointInfo
+    sample_size: int = 512  # pixels per side the model was trained at: 512 for SD v1, 64 for minisd's nano model
 
 
 def load_components(
@@ -89,6 +90,7 @@ def load_components(
             )
         state_dicts, info = _read_single_file(path, use_ema)
         configs = _configs_from_metadata(path) or _configs_from_shapes(state_dicts)
+        sample_size = _sample_size_from_metadata(path)
         tokenizer = Tokenizer.from_default()
     else:
         if path.is_dir():
@@ -101,12 +103,14 @@ def load_components(
                 "none of these (no such file or folder)"
             )
         state_dicts, configs, info = _read_folder(folder, variant)
+        latent_size = _read_config(folder / "unet" / "config.json").get("sample_size", 64)
+        sample_size = int(latent_size) * configs["vae"].downscale_factor if isinstance(latent_size, int) else 512
         tokenizer = _folder_tokenizer(folder)
     modules = {
         component: _build(component, module_class, configs[component], state_dicts[component], dtype, device)
         for component, module_class in (("unet", UNet), ("vae", VAE), ("text_encoder", TextEncoder))
     }
-    return Components(tokenizer, modules["text_encoder"], modules["vae"], modules["unet"], info)
+    return Components(tokenizer, modules["text_encoder"], modules["vae"], modules["unet"], info, sample_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,6 +149,17 @@ def _configs_from_metadata(path: Path) -> dict[str, object] | None:
         return {name: _fields_from(cls, configs[name]) for name, cls in classes.items()}
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise MinisdError(f"{path}: its minisd.config metadata is not valid ({error!r:.80})") from None
+
+
+def _sample_size_from_metadata(path: Path) -> int:
+    """The picture size a minisd-trained file records ("minisd.sample_size"); SD v1's 512 for every other file."""
+    if path.suffix not in SAFETENSORS_SUFFIXES:
+        return 512
+    with safetensors.safe_open(str(path), framework="pt") as file:
+        text = (file.metadata() or {}).get("minisd.sample_size", "512")
+    if not text.isdigit() or int(text) % 8 or not 8 <= int(text) <= 4096:
+        raise MinisdError(f"{path}: its minisd.sample_size metadata must be a multiple of 8 pixels, got {text!r:.20}")
+    return int(text)
 
 
 def _count(state_dict: dict[str, Tensor], prefix: str) -> int:

@@ -453,3 +453,25 @@ def test_minisd_file_with_config_metadata_keeps_heads_and_groups(tmp_path):
     torch.testing.assert_close(
         loaded.text_encoder(ids).last_hidden_state, models["text_encoder"](ids).last_hidden_state
     )
+
+
+def test_sample_size_is_the_models_own_picture_size(tmp_path, tiny, tiny_folder):
+    """The default height and width of the API and CLI: 512 for SD v1 files, the unet config's sample_size × the
+    VAE's factor for folders, "minisd.sample_size" for minisd's trained files; bad metadata is one line."""
+    assert load_components(make_source("official.safetensors", tmp_path, tiny)).sample_size == 512
+    folder = shutil.copytree(tiny_folder, tmp_path / "sd")
+    config_path = folder / "unet" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "sample_size": 12}))
+    loaded = load_components(folder)
+    assert loaded.sample_size == 12 * loaded.vae.config.downscale_factor
+    source = make_source("minisd.safetensors", tmp_path, tiny)
+    state_dict = safetensors.torch.load_file(str(source))
+    for text, expected in (("64", 64), ("60", None), ("big", None)):
+        path = tmp_path / f"sized-{text}.safetensors"
+        safetensors.torch.save_file(state_dict, str(path), metadata={**MINISD_METADATA, "minisd.sample_size": text})
+        if expected is not None:
+            assert load_components(path).sample_size == expected
+        else:
+            with pytest.raises(MinisdError) as info:
+                load_components(path)
+            assert_one_line(info, "minisd.sample_size", repr(text))

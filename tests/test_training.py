@@ -257,3 +257,46 @@ def test_loss_log_resume_drops_later_lines(tmp_path):
         log.write(step, loss=float(step))
     LossLog(tmp_path / "log.jsonl", resume_step=2).write(3, loss=9.0)
     assert [r["loss"] for r in read_log(tmp_path / "log.jsonl")] == [1.0, 2.0, 9.0]
+
+
+def test_exported_file_records_its_picture_size(tmp_path, vae_path):
+    run = train_diffusion(tmp_path, vae_path, tiny_diffusion_config(steps=1), progress=False)
+    assert load_components(run.path).sample_size == shapes.SIZE  # 64: the API's and CLI's default size for it
+    from minisd.api import StableDiffusion
+
+    pipe = StableDiffusion.from_pretrained(run.path)
+    assert pipe.dtype == torch.float32  # a float16 file computes in float32 on the CPU
+    output = pipe("a red circle", num_inference_steps=1, seed=0)
+    assert output.images[0].size == (shapes.SIZE, shapes.SIZE)
+
+
+def test_adherence_counts_what_the_checker_accepts(monkeypatch):
+    from minisd.train import evaluate
+
+    captions = shapes.heldout_captions()[:6]
+    swapped = {c: c.replace("red", "@").replace("blue", "red").replace("@", "blue") for c in captions}
+
+    def rendered(components, captions, seed, wrong=False, **sampling):
+        return torch.stack([shapes.render(swapped[c] if wrong else c, seed + i) for i, c in enumerate(captions)]) / 255
+
+    monkeypatch.setattr(evaluate, "generate", rendered)
+    result = evaluate.adherence(None, captions, seeds=2)
+    assert (result.accepted, result.total, result.failures) == (12, 12, {})
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: rendered(*a, wrong=True, **k))
+    result = evaluate.adherence(None, captions, seeds=1)
+    changed = sum(swapped[c] != c for c in captions)
+    assert changed >= 3 and result.accepted == 6 - changed and sum(result.failures.values()) == changed
+
+
+def test_evaluate_command_writes_numbers_and_a_grid(tmp_path, vae_path, capsys):
+    from PIL import Image
+
+    from minisd.train.__main__ import main
+
+    run = train_diffusion(tmp_path, vae_path, tiny_diffusion_config(steps=1), progress=False)
+    grid = tmp_path / "grid.png"
+    assert main(["evaluate", "--model", str(run.path), "--seeds", "1", "--steps", "2", "--grid", str(grid)]) == 0
+    out = capsys.readouterr().out
+    assert "held-out captions: 0/56 = 0.0% adherence" in out  # an untrained model draws no shapes
+    assert "VAE reconstruction PSNR" in out
+    assert Image.open(grid).size == (4 * (3 * 64 + 16), 3 * (3 * 64 + 30 + 8))

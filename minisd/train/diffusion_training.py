@@ -338,6 +338,7 @@ def export_model(
                 "vae": json.loads(config_to_json(vae.config)),
             }
         ),
+        "minisd.sample_size": str(shapes.SIZE),  # pixels: the size the model was trained at, its default
         "minisd.latent_scale": str(LATENT_SCALE),  # after folding: the file is used with SD v1's constant
         "minisd.trained_latent_scale": repr(scale),  # 1 / std of the VAE's own latents, before folding
         "minisd.train_steps": str(step),

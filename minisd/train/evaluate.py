@@ -1,0 +1,112 @@
+"""How good is a trained nano model? Prompt adherence on captions it never saw, and the VAE's reconstruction.
+
+    adherence  for every held-out caption (shapes.heldout_captions(): 28 scenes, 56 captions, none trained on),
+               draw `seeds` pictures with the ordinary txt2img pipeline and ask checker.check whether each shows its
+               caption (count, colour, shape, relation). The same on as many training captions, for comparison.
+    PSNR       the VAE's deterministic reconstruction D(μ) of held-out pictures (vae_training.evaluate_vae).
+    grid       one picture per caption, in rows, with the captions printed under them (images.make_grid).
+
+`python -m minisd.train evaluate --model minisd/data/nano.safetensors --seeds 4 --grid samples.png`.
+"""
+
+import textwrap
+import time
+from typing import NamedTuple
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+from minisd.images import image_to_pil
+from minisd.loading import Components
+from minisd.pipelines import txt2img
+from minisd.train import checker, shapes
+from minisd.train.vae_training import evaluate_vae
+
+
+class Adherence(NamedTuple):
+    """accepted / total pictures; failures: part that failed ("count", "colour", "shape", "relation") -> count;
+    seconds: the wall time per picture."""
+
+    accepted: int
+    total: int
+    failures: dict[str, int]
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.total
+
+
+@torch.no_grad()
+def generate(
+    components: Components,
+    captions: list[str],
+    seed: int,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    sampler: str = "DPM++ 2M",
+    batch_size: int = 16,
+) -> Tensor:
+    """One picture per caption, (n, 3, 64, 64) in [0, 1]; batch k draws its noise from seed + k."""
+    size = shapes.SIZE
+    pictures = []
+    for k, start in enumerate(range(0, len(captions), batch_size)):
+        batch = captions[start : start + batch_size]
+        picture = txt2img(
+            components, batch, height=size, width=size, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, sampler=sampler, seed=seed + k, output_type="pt",
+        )  # fmt: skip
+        pictures.append(picture)
+    return torch.cat(pictures)
+
+
+def adherence(components: Components, captions: list[str], seeds: int = 4, **sampling) -> Adherence:
+    """Draw `seeds` pictures of every caption (seeds 0, 1000, 2000, …) and judge each with checker.check."""
+    accepted, total, failures = 0, 0, {}
+    start = time.perf_counter()
+    for s in range(seeds):
+        pictures = generate(components, captions, seed=1000 * s, **sampling)
+        for picture, caption in zip(pictures, captions, strict=True):
+            verdict = checker.check_details(picture * 2 - 1, caption)  # the checker reads [-1, 1]
+            accepted += verdict.ok
+            total += 1
+            if not verdict.ok:
+                failures[verdict.part] = failures.get(verdict.part, 0) + 1
+    return Adherence(accepted, total, failures, (time.perf_counter() - start) / total)
+
+
+def vae_psnr(components: Components, num_pictures: int = 512, seed: int = 1) -> float:
+    """PSNR (dB) of the VAE's reconstruction of `num_pictures` held-out pictures (drawn from held-out captions).
+
+    The shipped VAE has the latent scale folded into it (diffusion_training.fold_latent_scale), which changes
+    μ and D by reciprocal factors only: D(μ) is the trained VAE's.
+    """
+    pixels, _ = shapes.dataset(num_pictures, seed=seed, split="heldout")
+    return evaluate_vae(components.vae.float(), pixels)  # (already float32 when loaded so: .float() is a no-op)
+
+
+def sample_captions_for_grid() -> list[str]:
+    """Eight held-out captions (every relation, colour and shape appears) and four seen in training."""
+    heldout = shapes.heldout_captions()
+    train = shapes.train_captions()
+    return heldout[::7][:8] + train[::97][:4]
+
+
+def labelled_grid(pictures: Tensor, captions: list[str], columns: int = 4, scale: int = 3) -> Image.Image:
+    """Pictures (n, 3, h, w) in [0, 1], each enlarged `scale` times (nearest pixel: nothing is invented) with its
+    caption written under it, `columns` to a row; white background."""
+    n, _, h, w = pictures.shape
+    rows = -(-n // columns)
+    cell_w, text_h = w * scale + 16, 30
+    cell_h = h * scale + text_h + 8
+    grid = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    for i, (picture, caption) in enumerate(zip(pictures, captions, strict=True)):
+        x, y = (i % columns) * cell_w + 8, (i // columns) * cell_h + 4
+        pil = image_to_pil(picture.unsqueeze(0) * 2 - 1)[0].resize((w * scale, h * scale), Image.Resampling.NEAREST)
+        grid.paste(pil, (x, y))
+        lines = textwrap.wrap(caption, width=cell_w // 6)
+        draw.multiline_text((x, y + h * scale + 3), "\n".join(lines[:2]), fill="black", font=font, spacing=2)
+    return grid
