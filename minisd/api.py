@@ -35,6 +35,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from minisd.errors import MinisdError
+from minisd.fast import make_fast
 from minisd.images import format_parameters, parse_parameters
 from minisd.loading import HUB_ID, Components, load_components
 from minisd.pipelines import img2img, inpaint, txt2img
@@ -135,6 +136,7 @@ class GenerationParameters:
     weights: str | None = None  # what from_pretrained was given (absolute path or hub id)
     dtype: str | None = None
     device: str | None = None
+    fast: bool = False  # minisd.fast.make_fast applied: the same image up to float rounding, not to the byte
 
     def text(self) -> str:
         """A1111's "parameters" text (images.format_parameters) with minisd's extra keys."""
@@ -149,6 +151,7 @@ class GenerationParameters:
             "Weights": self.weights,
             "Dtype": self.dtype,
             "Device": self.device,
+            "Fast": "True" if self.fast else None,
         }
         return format_parameters(
             self.prompt, self.negative_prompt, self.num_inference_steps, self.sampler, self.guidance_scale,
@@ -190,6 +193,7 @@ class GenerationParameters:
                 weights=fields.get("Weights"),
                 dtype=fields.get("Dtype"),
                 device=fields.get("Device"),
+                fast=fields.get("Fast") == "True",
             )
         except ValueError as error:
             raise MinisdError(f"parameters hold a value that is not a number: {error}") from None
@@ -214,7 +218,9 @@ class StableDiffusion:
     .inpaint for the others. Each call returns a GenerationOutput. Device and dtype are the UNet's.
     """
 
-    def __init__(self, components: Components, weights: str | None = None, model_name: str | None = None):
+    def __init__(
+        self, components: Components, weights: str | None = None, model_name: str | None = None, fast: bool = False
+    ):
         self.components = components
         self.tokenizer = components.tokenizer
         self.text_encoder = components.text_encoder
@@ -222,6 +228,7 @@ class StableDiffusion:
         self.unet = components.unet
         self.weights = weights
         self.model_name = model_name
+        self.fast = fast
         self._model_hash: str | None = None
 
     @classmethod
@@ -233,10 +240,13 @@ class StableDiffusion:
         use_ema: bool = True,
         variant: str | None = None,
         local_files_only: bool = False,
+        fast: bool = False,
     ) -> "StableDiffusion":
         """Load SD v1 from a single file (.safetensors / .ckpt), a diffusers folder or a hub id ("org/name", through
         the Hugging Face cache). The arguments are minisd.loading.load_components', except that dtype None on the CPU
-        means float32 (CPUs compute float16 slowly and some ops not at all); on a GPU it keeps the file's dtype."""
+        means float32 (CPUs compute float16 slowly and some ops not at all); on a GPU it keeps the file's dtype.
+        fast: apply minisd.fast.make_fast to the three networks (fused QKV, channels_last, prepacked CPU convs):
+        faster, equal to the eager networks up to float rounding; recorded in each image's parameters."""
         if dtype is None and str(device).startswith("cpu"):
             dtype = torch.float32
         components = load_components(
@@ -248,7 +258,12 @@ class StableDiffusion:
         else:
             weights, name = str(source), str(source)
         assert path.exists() or HUB_ID.match(str(source)), "load_components accepts only paths and hub ids"
-        return cls(components, weights, name)
+        if not isinstance(fast, bool):
+            raise MinisdError(f"fast must be True or False, got {fast!r}")
+        if fast:
+            for model in (components.unet, components.vae, components.text_encoder):
+                make_fast(model)
+        return cls(components, weights, name, fast)
 
     @property
     def model_hash(self) -> str | None:
@@ -388,6 +403,7 @@ class StableDiffusion:
             weights=self.weights,
             dtype=str(self.dtype).removeprefix("torch."),
             device=self.device.type,
+            fast=self.fast,
         )
 
     def _run(self, params, seed, num_images, callback, image=None, mask_image=None) -> GenerationOutput:

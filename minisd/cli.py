@@ -182,9 +182,10 @@ def weights_source(args) -> str:
     return str(model)
 
 
-def load(source: str, dtype: str | None, device: str | None, progress: Progress) -> StableDiffusion:
+def load(source: str, dtype: str | None, device: str | None, fast: bool, progress: Progress) -> StableDiffusion:
     progress.phase(f"loading {source}")
-    pipe = StableDiffusion.from_pretrained(source, dtype=DTYPE_NAMES[dtype] if dtype else None, device=device or "cpu")
+    dtype = DTYPE_NAMES[dtype] if dtype else None
+    pipe = StableDiffusion.from_pretrained(source, dtype=dtype, device=device or "cpu", fast=fast)
     progress.done(f"loaded {source}")
     if Path(source).is_file():
         progress.phase("hashing the weights file (A1111's model hash)")
@@ -267,7 +268,7 @@ def command_generate(args, progress: Progress) -> None:
     total = count_model_calls(args.sampler, args.steps, strength)  # also refuses strength too small for the steps
     seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED)
     paths = output_paths(args.output, args.num_images)
-    pipe = load(source, args.dtype, args.device, progress)
+    pipe = load(source, args.dtype, args.device, args.fast, progress)
     common = {
         "negative_prompt": args.negative_prompt,
         "num_inference_steps": args.steps,
@@ -311,7 +312,7 @@ def command_regenerate(args, progress: Progress) -> None:
     device = args.device or params.device
     if device is not None:
         check_device(device)
-    pipe = load(source, dtype, device, progress)
+    pipe = load(source, dtype, device, args.fast or params.fast, progress)
     if params.model_hash is not None and pipe.model_hash is not None and pipe.model_hash != params.model_hash:
         raise MinisdError(f"{source} has model hash {pipe.model_hash}, the PNG was made with {params.model_hash}")
     total = count_model_calls(params.sampler, params.num_inference_steps, params.strength or 1.0)
@@ -343,6 +344,7 @@ def add_weights_args(command) -> None:
     weights.add_argument("--model", metavar="ID|DIR", help="a Hugging Face hub id or a diffusers folder")
     command.add_argument("--dtype", help=f"one of {', '.join(DTYPE_NAMES)} (default: the file's)")
     command.add_argument("--device", help="cpu (default), cuda, cuda:1, mps")
+    command.add_argument("--fast", action="store_true", help="minisd.fast: fused QKV, channels_last, prepacked convs")
     command.add_argument("-o", "--output", metavar="OUT", help="a .png path or a folder (default: outputs/, numbered)")
     command.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 

@@ -121,3 +121,24 @@ def test_bad_calls(pipe, work):
 def test_default_model_hook():
     model = default_model()
     assert model is None or model.is_file()  # None until the nano model ships in minisd/data/
+
+
+def test_fast_is_the_same_image_and_is_recorded(pipe, work):
+    """fast=True (minisd.fast.make_fast on all three networks) changes only float rounding: the pixels agree to one
+    8-bit level; the parameters say so, and generate() from them runs fast again."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fast = minisd.StableDiffusion.from_pretrained(work / "tiny.safetensors", fast=True)
+        out = fast("a cat", sampler="DDIM", seed=3, **SMALL)
+        eager = pipe("a cat", sampler="DDIM", seed=3, **SMALL)
+    finally:
+        torch.set_num_threads(threads)
+    a = torch.tensor(list(out.images[0].getdata()), dtype=torch.int16)
+    b = torch.tensor(list(eager.images[0].getdata()), dtype=torch.int16)
+    assert (a - b).abs().max() <= 1
+    params = out.parameters[0]
+    assert params.fast and "Fast: True" in params.text() and "Fast" not in eager.parameters[0].text()
+    assert GenerationParameters.from_text(params.text()) == params
+    with pytest.raises(MinisdError, match="fast must be True or False"):
+        minisd.StableDiffusion.from_pretrained(work / "tiny.safetensors", fast="yes")

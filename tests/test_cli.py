@@ -100,6 +100,14 @@ def test_generate_same_seed_same_bytes_and_regenerate(work):
     assert (work / "r.png").read_bytes() == (work / "a.png").read_bytes()
 
 
+def test_fast_is_recorded_and_regenerated_fast(work):
+    args = ["generate", "a cat", "--checkpoint", "tiny.safetensors", *SMALL, "--seed", "3", "--fast", "-o", "f.png"]
+    assert_ok(run_cli(work, *args))
+    assert GenerationParameters.from_text(read_png_parameters(work / "f.png")).fast
+    assert_ok(run_cli(work, "regenerate", "f.png", "-o", "f2.png"))  # runs fast again: the same bytes
+    assert (work / "f2.png").read_bytes() == (work / "f.png").read_bytes()
+
+
 def test_num_images_numbered_files_drawn_seed(work):
     result = run_cli(work, "generate", "a blue ball", "--model", "folder", *SMALL, "--num-images", "2")
     assert_ok(result)
