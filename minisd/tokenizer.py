@@ -118,6 +118,27 @@ class Tokenizer:
             raise MinisdError(f"text must be a str, got {type(text).__name__}")
         return self.backend.encode(text, add_special_tokens=False).ids
 
+    def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        """ids -> text, as transformers' CLIPTokenizer.decode: the tokens' bytes joined, each "</w>" (end of a word)
+        a space, start/end/padding dropped (skip_special_tokens). Lower case and CLIP's spacing: not the original.
+
+        >>> tokenizer = Tokenizer.from_default()
+        >>> tokenizer.decode(tokenizer("A photo of an astronaut, riding a horse!")[0])
+        'a photo of an astronaut , riding a horse !'
+        """
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < VOCAB_SIZE for i in ids):
+            raise MinisdError(f"ids must be a list or 1-d tensor of ints in [0, {VOCAB_SIZE}), got {ids!r:.80}")
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in (BOS, EOS)]
+        text = "".join(self.backend.id_to_token(i) for i in ids)
+        chars = byte_chars()  # a visible byte stands for itself; the others, in byte order, for U+0100 onwards
+        hidden = [b for b in range(256) if chr(b) not in chars]
+        byte_of = {c: ord(c) if ord(c) < 256 else hidden[ord(c) - 256] for c in chars}
+        pieces = [bytes(byte_of[c] for c in part) for part in text.split("</w>")]  # specials are kept as text
+        return b" ".join(pieces).decode("utf-8", errors="replace").strip()
+
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         """prompts: one str or a list of b strs. Returns (b, 77) int64: BOS, ≤ 75 prompt ids, EOS, EOS padding."""
         if isinstance(prompts, str):

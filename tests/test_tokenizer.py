@@ -376,3 +376,16 @@ def test_bad_files_raise(tmp_path, diffusers_folder):
     tiny_merges.write_text("#version: 0.2\na b\n")
     with pytest.raises(MinisdError, match="49406"):
         Tokenizer.from_files(not_clip, tiny_merges)
+
+
+def test_decode_equals_reference(ours, reference):
+    """decode: transformers' CLIPTokenizer.decode on every prompt's ids, with and without the special tokens."""
+    bad = []
+    for prompt in ALL_PROMPTS:
+        ids = ours(prompt)[0]
+        for skip in (True, False):
+            if ours.decode(ids, skip_special_tokens=skip) != reference.decode(ids, skip_special_tokens=skip):
+                bad.append((prompt, skip, ours.decode(ids, skip), reference.decode(ids, skip_special_tokens=skip)))
+    assert not bad, f"{len(bad)} differ, e.g. {bad[:2]}"
+    with pytest.raises(MinisdError, match="ids must be"):
+        ours.decode([49408])
