@@ -23,12 +23,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
-def attention_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
-    """The same function as `attention`, written out. Shapes as in `attention`."""
+def attention_weights(q: Tensor, k: Tensor, causal: bool = False) -> Tensor:
+    """softmax(q kᵀ / √hd): (b, nh, s, s_kv), row i = how query i spreads its attention over the keys (rows sum
+    to 1). What the fused kernel never materialises; notebooks/03 draws these as cross-attention maps."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (b, nh, s, s_kv): how much each query likes each key
     if causal:
         s, s_kv = scores.shape[-2:]
         future = torch.ones(s, s_kv, dtype=torch.bool, device=q.device).triu(1)  # j > i
         scores = scores.masked_fill(future, float("-inf"))
-    weights = scores.softmax(dim=-1)  # each row sums to 1
-    return weights @ v
+    return scores.softmax(dim=-1)
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
+    """The same function as `attention`, written out. Shapes as in `attention`."""
+    return attention_weights(q, k, causal) @ v
