@@ -24,8 +24,8 @@ def txt2img(
     components: Components,
     prompt: str | list[str] | None = None,
     negative_prompt: str | list[str] | None = None,
-    height: int = 512,
-    width: int = 512,
+    height: int | None = None,
+    width: int | None = None,
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
     guidance_rescale: float = 0.0,
@@ -47,11 +47,12 @@ def txt2img(
     components: anything with .tokenizer .text_encoder .vae .unet (minisd.loading.load_components gives one); the
     run happens on the UNet's device and dtype. prompt: a str or a list of b str (A1111 emphasis and long prompts
     work, see pipelines/prompts.py), or prompt_embeds (b, s, 768) instead. negative_prompt: one str for all, or b.
-    height, width: pixels, multiples of 8. guidance_scale: w >= 0; w <= 1 turns guidance off (one UNet
-    batch, no negative prompt). guidance_rescale: φ in [0, 1] (common.rescale_guidance). sampler: a name from
-    minisd.samplers (A1111's "Euler a", "DPM++ 2M Karras", or diffusers' class names) or a Sampler object. eta: the
-    DDIM sampler's η. clip_skip: as TextEncoder.prompt_embeds (A1111's "Clip skip: 2" is 1); like A1111 it applies
-    to the negative prompt too (diffusers skips layers for the positive prompt only).
+    height, width: pixels, multiples of 8 (None: components.sample_size, the model's own size). guidance_scale:
+    w >= 0; w <= 1 turns guidance off (one UNet batch, no negative prompt). guidance_rescale: φ in [0, 1]
+    (common.rescale_guidance). sampler: a name from minisd.samplers (A1111's "Euler a", "DPM++ 2M Karras", or
+    diffusers' class names) or a Sampler object. eta: the DDIM sampler's η. clip_skip: as
+    TextEncoder.prompt_embeds (A1111's "Clip skip: 2" is 1); like A1111 it applies to the negative prompt too
+    (diffusers skips layers for the positive prompt only).
     generator / seed: a CPU torch.Generator, or a seed that makes one: the starting noise is drawn in float32 on
     the CPU and moved, so a seed gives the same image on CPU and CUDA (up to the networks' arithmetic). latents:
     your own starting noise (b·n, 4, h/8, w/8), on the UNet's device and dtype, unscaled (the sampler's
@@ -74,6 +75,8 @@ def txt2img(
         components, num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, clip_skip,
         output_type, callback,
     )  # fmt: skip
+    default = getattr(components, "sample_size", 512)  # the model's own size: 512 for SD v1, 64 for the nano model
+    height, width = default if height is None else height, default if width is None else width
     common.check_size(components, height, width)
     b = common.check_prompts(unet, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
     sampler = common.make_sampler(sampler, eta)
