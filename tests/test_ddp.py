@@ -7,11 +7,14 @@ over 8 samples becomes two means over 4, averaged by the all-reduce.
 
 import os
 import socket
+import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from minisd.loading import load_components
 from minisd.train.common import Distributed, init_distributed, read_log
 from minisd.train.diffusion_training import train_diffusion
 from minisd.train.vae_training import train_vae
@@ -83,3 +86,19 @@ def test_ddp_equals_single_process(tmp_path):
     assert [s for s, _ in logged] == [s for s, _ in expected_log]
     for (_, loss), (_, expected_loss) in zip(logged, expected_log, strict=True):
         assert abs(loss - expected_loss) <= 1e-5 * expected_loss  # float32 sums of 256-value means: ~1e-7
+
+
+def test_torchrun_all_trains_the_vae_on_rank_0_then_diffusion_on_both(tmp_path):
+    """The one command for 2 cores: `torchrun --nproc_per_node=2 -m minisd.train all` (here with tiny step counts
+    and the nano sizes): rank 0 trains the VAE while rank 1 waits, then both train the diffusion stage."""
+    out = tmp_path / "model.safetensors"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port())]
+    command += ["-m", "minisd.train", "all", "--run-dir", str(tmp_path / "run"), "--out", str(out)]
+    command += ["--vae-steps", "2", "--vae-batch-size", "2", "--vae-num-pictures", "8"]
+    command += ["--steps", "2", "--batch-size", "4", "--num-pictures", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("vae: ") == 1 and f"model: {out}" in result.stdout  # one voice: rank 0
+    assert [r["step"] for r in read_log(tmp_path / "run" / "diffusion" / "log.jsonl")][-1] == 2
+    assert load_components(out).sample_size == 64

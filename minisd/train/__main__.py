@@ -5,6 +5,7 @@
         --vae runs/nano/vae/vae.safetensors                              stage 2: UNet + text encoder
     python -m minisd.train all --run-dir runs/nano --out nano.safetensors   both, then copy the model file
     torchrun --nproc_per_node=2 -m minisd.train diffusion ...             stage 2 under DDP (gloo CPU / nccl GPU)
+    torchrun --nproc_per_node=2 -m minisd.train all ...                   the VAE on rank 0, then stage 2 under DDP
     python -m minisd.train evaluate --model nano.safetensors --grid g.png  adherence, PSNR, a sample grid
 
 Every run resumes from its run directory's checkpoint.safetensors when there is one (run the same command again). The
@@ -87,16 +88,17 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
 
-    if args.command in ("vae", "all"):
-        if distributed.world_size > 1:
-            print("the vae stage runs in one process; start it without torchrun", file=sys.stderr)
-            return 2
+    if args.command == "vae" and distributed.world_size > 1:
+        print("the vae stage runs in one process; start it without torchrun", file=sys.stderr)
+        return 2
+    if args.command in ("vae", "all") and distributed.is_main:  # under torchrun `all`: rank 0, the others wait
         prefix = "vae_" if args.command == "all" else ""
         config = replace(VAETrainingConfig(), **_overrides(args, prefix, FIELDS))
         run_dir = args.run_dir / "vae" if args.command == "all" else args.run_dir
         vae_path = train_vae(run_dir, config, device=device).path
         last = read_log(run_dir / "log.jsonl")[-1]
         say(f"vae: {vae_path} (step {last['step']}, l1 {last['l1']:.4f}, psnr {last['psnr']:.2f} dB)")
+    distributed.barrier()  # (init_distributed's timeout outlasts the VAE stage)
     if args.command in ("diffusion", "all"):
         vae_path = args.vae if args.command == "diffusion" else args.run_dir / "vae" / "vae.safetensors"
         config = replace(DiffusionTrainingConfig(), **_overrides(args, "", FIELDS))

@@ -5,6 +5,7 @@ Nothing here seeds anything: randomness comes from the torch.Generator the calle
 that generator's state so a resumed run draws exactly the numbers the uninterrupted run would have drawn.
 """
 
+import datetime
 import json
 import math
 import os
@@ -314,7 +315,9 @@ def init_distributed() -> Distributed:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        # 3 hours, not the default 30 minutes: under `all` the other ranks wait while rank 0 trains the VAE
+        timeout = datetime.timedelta(hours=3)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
     return Distributed(rank=rank, world_size=world_size, local_rank=local_rank)
 
 
