@@ -287,7 +287,7 @@ class StableDiffusion:
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         sampler: str = "PLMS",
         seed: int | None = None,
         num_images_per_prompt: int = 1,
@@ -299,7 +299,8 @@ class StableDiffusion:
 
         sampler: a name from minisd.samplers.sampler_names() (A1111's) or a diffusers scheduler class name.
         callback(step, timestep, latents): as the pipelines' (False stops early). clip_skip: diffusers' numbering.
-        height, width: pixels; None is the model's own size (512 for SD v1, 64 for the nano model).
+        height, width: pixels; None is the model's own size (512 for SD v1, 64 for the nano model). guidance_scale:
+        None is the model's default (components.guidance_scale: 7.5 for SD v1, the measured best for nano).
         """
         height = self.components.sample_size if height is None else height
         width = self.components.sample_size if width is None else width
@@ -316,7 +317,7 @@ class StableDiffusion:
         strength: float = 0.8,
         negative_prompt: str = "",
         num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         sampler: str = "PLMS",
         seed: int | None = None,
         num_images_per_prompt: int = 1,
@@ -342,7 +343,7 @@ class StableDiffusion:
         strength: float = 1.0,
         negative_prompt: str = "",
         num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         sampler: str = "PLMS",
         seed: int | None = None,
         num_images_per_prompt: int = 1,
@@ -385,6 +386,7 @@ class StableDiffusion:
     ) -> GenerationParameters:
         if not isinstance(prompt, str):
             raise MinisdError(f"prompt must be a str (one prompt per call), got {type(prompt).__name__}")
+        guidance_scale = self.components.guidance_scale if guidance_scale is None else guidance_scale
         if not isinstance(negative_prompt, str):
             raise MinisdError(f"negative_prompt must be a str, got {type(negative_prompt).__name__}")
         return GenerationParameters(

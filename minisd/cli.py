@@ -367,7 +367,8 @@ def build_parser() -> ArgumentParser:
             command.add_argument("--mask", required=True, help="the mask, the image's size (white = repaint)")
         command.add_argument("--negative-prompt", default="", help="what to steer away from")
         command.add_argument("--steps", type=positive_int, default=50, help="sampling steps (default 50)")
-        command.add_argument("--guidance", type=number, default=7.5, help="classifier-free guidance scale (7.5)")
+        command.add_argument("--guidance", type=number, help="classifier-free guidance scale (default: the model's, "
+                             "7.5 for SD v1)")  # fmt: skip
         command.add_argument("--sampler", default="PLMS", help=f"one of: {', '.join(sampler_names())} (PLMS)")
         command.add_argument("--eta", type=number, default=0.0, help="DDIM's eta (0)")
         command.add_argument("--seed", type=int, help="random seed (default: drawn, then printed)")

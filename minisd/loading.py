@@ -57,6 +57,7 @@ class Components:
     unet: UNet
     info: CheckpointInfo
     sample_size: int = 512  # pixels per side the model was trained at: 512 for SD v1, 64 for minisd's nano model
+    guidance_scale: float = 7.5  # the default guidance: SD v1's 7.5, or what a minisd-trained file recommends
 
 
 def load_components(
@@ -90,7 +91,7 @@ def load_components(
             )
         state_dicts, info = _read_single_file(path, use_ema)
         configs = _configs_from_metadata(path) or _configs_from_shapes(state_dicts)
-        sample_size = _sample_size_from_metadata(path)
+        sample_size, guidance_scale = _defaults_from_metadata(path)
         tokenizer = Tokenizer.from_default()
     else:
         if path.is_dir():
@@ -105,12 +106,14 @@ def load_components(
         state_dicts, configs, info = _read_folder(folder, variant)
         latent_size = _read_config(folder / "unet" / "config.json").get("sample_size", 64)
         sample_size = int(latent_size) * configs["vae"].downscale_factor if isinstance(latent_size, int) else 512
+        guidance_scale = 7.5
         tokenizer = _folder_tokenizer(folder)
     modules = {
         component: _build(component, module_class, configs[component], state_dicts[component], dtype, device)
         for component, module_class in (("unet", UNet), ("vae", VAE), ("text_encoder", TextEncoder))
     }
-    return Components(tokenizer, modules["text_encoder"], modules["vae"], modules["unet"], info, sample_size)
+    networks = (modules["text_encoder"], modules["vae"], modules["unet"])
+    return Components(tokenizer, *networks, info, sample_size, guidance_scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,15 +154,20 @@ def _configs_from_metadata(path: Path) -> dict[str, object] | None:
         raise MinisdError(f"{path}: its minisd.config metadata is not valid ({error!r:.80})") from None
 
 
-def _sample_size_from_metadata(path: Path) -> int:
-    """The picture size a minisd-trained file records ("minisd.sample_size"); SD v1's 512 for every other file."""
-    if path.suffix not in SAFETENSORS_SUFFIXES:
-        return 512
-    with safetensors.safe_open(str(path), framework="pt") as file:
-        text = (file.metadata() or {}).get("minisd.sample_size", "512")
+def _defaults_from_metadata(path: Path) -> tuple[int, float]:
+    """The picture size and guidance scale a minisd-trained file records ("minisd.sample_size", measured
+    "minisd.guidance_scale"); SD v1's 512 and 7.5 for every other file."""
+    metadata = {}
+    if path.suffix in SAFETENSORS_SUFFIXES:
+        with safetensors.safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+    text = metadata.get("minisd.sample_size", "512")
     if not text.isdigit() or int(text) % 8 or not 8 <= int(text) <= 4096:
         raise MinisdError(f"{path}: its minisd.sample_size metadata must be a multiple of 8 pixels, got {text!r:.20}")
-    return int(text)
+    guidance = metadata.get("minisd.guidance_scale", "7.5")[:20]
+    if not re.fullmatch(r"\d{1,3}(\.\d+)?", guidance) or float(guidance) > 100:
+        raise MinisdError(f"{path}: its minisd.guidance_scale metadata must be a number in [0, 100], got {guidance!r}")
+    return int(text), float(guidance)
 
 
 def _count(state_dict: dict[str, Tensor], prefix: str) -> int:
