@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from minisd import cli
 from minisd.api import GenerationParameters, default_model
 from minisd.images import read_png_parameters
+from minisd.loading import load_components
 from tests.fakes import tiny_official_state_dict
 from weights_convert.__main__ import main as weights_convert
 
@@ -139,7 +140,7 @@ def test_img2img_and_regenerate(work):
     assert (work / "i2.png").read_bytes() == (work / "i.png").read_bytes()
 
 
-def test_inpaint_and_no_weights(work):
+def test_inpaint(work):
     result = run_cli(
         work, "inpaint", "a hat", "--image", "in.png", "--mask", "mask.png", "--steps", "2",
         "--checkpoint", "inpainting.safetensors", "--seed", "1", "-o", "p.png",
@@ -148,12 +149,18 @@ def test_inpaint_and_no_weights(work):
     params = GenerationParameters.from_text(read_png_parameters(work / "p.png"))
     assert params.mode == "inpaint" and params.mask_image == str(work / "mask.png") and params.strength == 1.0
 
-    bare = run_cli(work, "generate", "a cat", *SMALL)
-    if default_model() is None:  # until the nano model ships: the one-line hint
-        assert bare.returncode == 2 and bare.stderr.count("\n") == 1, bare.stderr
-        assert "--checkpoint FILE" in bare.stderr and "--model" in bare.stderr
-    else:
-        assert_ok(bare)
+
+def test_no_weights_named_uses_the_nano_model(work, capsys, monkeypatch):
+    """README's first command: the shipped nano model, at its own size; without it, a one-line hint."""
+    bare = run_cli(work, "generate", "a red circle above a blue square", "--steps", "5", "--seed", "1", "-o", "n.png")
+    assert_ok(bare)
+    params = GenerationParameters.from_text(read_png_parameters(work / "n.png"))
+    assert params.weights == str(default_model().resolve()) and (params.width, params.height) == (64, 64)
+    assert params.guidance_scale == load_components(default_model()).guidance_scale  # the model's own default
+    monkeypatch.setattr(cli, "default_model", lambda: None)  # as if minisd/data/nano.safetensors were removed
+    assert cli.main(["generate", "a cat", "-o", str(work / "none.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--checkpoint FILE" in err and "--model" in err
 
 
 def test_overwrite_replaces_and_unrecordable_prompt_is_noted(work, capsys):

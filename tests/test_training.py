@@ -300,3 +300,26 @@ def test_evaluate_command_writes_numbers_and_a_grid(tmp_path, vae_path, capsys):
     assert "held-out captions: 0/56 = 0.0% adherence" in out  # an untrained model draws no shapes
     assert "VAE reconstruction PSNR" in out
     assert Image.open(grid).size == (4 * (3 * 64 + 16), 3 * (3 * 64 + 30 + 8))
+
+
+def test_choose_guidance_picks_the_best_on_training_captions_and_records_it(monkeypatch, tmp_path, vae_path):
+    from minisd.train import evaluate
+
+    seen = []
+
+    def fake_adherence(components, captions, seeds, guidance_scale):
+        seen.append(captions)
+        rate = {1.5: 0.2, 2.0: 0.6, 3.0: 0.6, 5.0: 0.4, 7.5: 0.1}[guidance_scale]  # a tie: the smaller wins
+        return evaluate.Adherence(round(rate * 10), 10, {}, 0.0)
+
+    monkeypatch.setattr(evaluate, "adherence", fake_adherence)
+    best, rates = evaluate.choose_guidance(None)
+    assert best == 2.0 and rates[7.5] == 0.1
+    assert all(not shapes.is_heldout(c) for captions in seen for c in captions)  # never the held-out captions
+    run = train_diffusion(tmp_path, vae_path, tiny_diffusion_config(steps=1), progress=False)
+    before = load_components(run.path)
+    evaluate.record_guidance(run.path, best)
+    after = load_components(run.path)
+    assert (before.guidance_scale, after.guidance_scale) == (7.5, 2.0)
+    same = zip(before.unet.state_dict().values(), after.unet.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in same)

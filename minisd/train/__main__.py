@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     both.add_argument("--out", type=Path, required=True, help="where the finished .safetensors goes")
     _add_fields(both)
     _add_fields(both, prefix="vae_")
+    both.add_argument("--guidance-seeds", type=int, default=2, help="pictures per caption when choosing the "
+                      "default guidance scale (2; 0 keeps SD's 7.5)")  # fmt: skip
     evaluate = commands.add_parser("evaluate", help="held-out prompt adherence, VAE PSNR and a sample grid")
     evaluate.add_argument("--model", type=Path, help="a trained model file (default: the shipped nano model)")
     evaluate.add_argument("--seeds", type=int, default=4, help="pictures per caption (4)")
@@ -106,8 +108,17 @@ def main(argv: list[str] | None = None) -> int:
         model_path = train_diffusion(run_dir, vae_path, config, device=device, distributed=distributed).path
         last = read_log(run_dir / "log.jsonl")[-1] if distributed.is_main else {}
         say(f"diffusion: {model_path} (step {last.get('step')}, loss {last.get('loss', float('nan')):.4f})")
-        if args.command == "all":
+        if args.command == "all" and distributed.is_main:
             shutil.copyfile(model_path, args.out)
+        if args.command == "all" and distributed.is_main and args.guidance_seeds > 0:
+            from minisd.loading import load_components
+            from minisd.train.evaluate import choose_guidance, record_guidance
+
+            best, rates = choose_guidance(load_components(args.out, dtype=torch.float32), seeds=args.guidance_seeds)
+            record_guidance(args.out, best)
+            table = ", ".join(f"{w:g}: {100 * r:.0f}%" for w, r in rates.items())
+            say(f"guidance scale {best:g} (adherence on training captions by scale: {table})")
+        if args.command == "all":
             say(f"model: {args.out}")
     say(f"done in {time.perf_counter() - start:.0f} s")
     if distributed.world_size > 1:
