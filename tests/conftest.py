@@ -15,7 +15,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Print every parity measurement: the numbers the closing notes quote."""
+    """Print every parity measurement (the numbers the closing notes quote) and each notebook's wall time."""
+    from tests.test_notebooks import TIMES
+
+    if TIMES:
+        terminalreporter.section("notebooks: wall time, top to bottom (budget 180 s each)")
+        for name, seconds in TIMES:
+            terminalreporter.write_line(f"{seconds:7.1f} s  {name}")
     if not REPORT:
         return
     terminalreporter.section("parity: max |minisd − reference| / max |reference|")
