@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--seeds", type=int, default=4, help="pictures per caption (4)")
     evaluate.add_argument("--steps", type=int, default=25, help="sampling steps (25)")
     evaluate.add_argument("--sampler", default="DPM++ 2M", help="sampler name (DPM++ 2M)")
-    evaluate.add_argument("--guidance", type=float, default=7.5, help="guidance scale (7.5)")
+    evaluate.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     evaluate.add_argument("--grid", type=Path, help="write a labelled sample grid here (PNG)")
     args = parser.parse_args(argv)
     if args.command == "evaluate":
@@ -136,8 +136,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"no model file {model}; pass --model", file=sys.stderr)
         return 2
     components = load_components(model, dtype=torch.float32)
-    sampling = {"num_inference_steps": args.steps, "sampler": args.sampler, "guidance_scale": args.guidance}
-    print(f"{model}: {args.seeds} pictures per caption, {args.sampler}, {args.steps} steps, guidance {args.guidance}")
+    guidance = components.guidance_scale if args.guidance is None else args.guidance
+    sampling = {"num_inference_steps": args.steps, "sampler": args.sampler, "guidance_scale": guidance}
+    print(f"{model}: {args.seeds} pictures per caption, {args.sampler}, {args.steps} steps, guidance {guidance:g}")
     for split, captions in (("held-out", shapes.heldout_captions()), ("training", shapes.train_captions()[::8])):
         result = evaluate.adherence(components, captions, seeds=args.seeds, **sampling)
         print(
