@@ -105,15 +105,14 @@ def load_components(
             )
         state_dicts, configs, info = _read_folder(folder, variant)
         latent_size = _read_config(folder / "unet" / "config.json").get("sample_size", 64)
-        sample_size = int(latent_size) * configs["vae"].downscale_factor if isinstance(latent_size, int) else 512
-        guidance_scale = 7.5
+        factor = configs["vae"].downscale_factor
+        sample_size, guidance_scale = latent_size * factor if isinstance(latent_size, int) else 512, 7.5
         tokenizer = _folder_tokenizer(folder)
-    modules = {
-        component: _build(component, module_class, configs[component], state_dicts[component], dtype, device)
+    unet, vae, text_encoder = (
+        _build(component, module_class, configs[component], state_dicts[component], dtype, device)
         for component, module_class in (("unet", UNet), ("vae", VAE), ("text_encoder", TextEncoder))
-    }
-    networks = (modules["text_encoder"], modules["vae"], modules["unet"])
-    return Components(tokenizer, *networks, info, sample_size, guidance_scale)
+    )
+    return Components(tokenizer, text_encoder, vae, unet, info, sample_size, guidance_scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,8 +154,7 @@ def _configs_from_metadata(path: Path) -> dict[str, object] | None:
 
 
 def _defaults_from_metadata(path: Path) -> tuple[int, float]:
-    """The picture size and guidance scale a minisd-trained file records ("minisd.sample_size", measured
-    "minisd.guidance_scale"); SD v1's 512 and 7.5 for every other file."""
+    """The picture size and guidance scale a minisd-trained file records; SD v1's 512 and 7.5 for other files."""
     metadata = {}
     if path.suffix in SAFETENSORS_SUFFIXES:
         with safetensors.safe_open(str(path), framework="pt") as file:
@@ -442,11 +440,8 @@ def _build(component: str, module_class, config, state_dict: dict[str, Tensor], 
             if items
         ]
         raise MinisdError(f"{component}: the weights do not fit SD v1's {component}: {'; '.join(problems)}")
-    moved = {}
-    for name, tensor in state_dict.items():
-        # one step from the memory map to the target; .to() copies only when the dtype or device differs
-        target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-        moved[name] = tensor.to(device=device, dtype=target_dtype)
+    # one step from the memory map to the target; .to() copies only when the dtype or device differs (None: keep)
+    moved = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else None) for k, t in state_dict.items()}
     with torch.no_grad():
         module.load_state_dict(moved, strict=True, assign=True)
     assert not any(t.is_meta for t in module.state_dict().values()), "every tensor must come from the file"
