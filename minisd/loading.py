@@ -90,8 +90,9 @@ def load_components(
                 f"variant applies to diffusers folders and hub ids, not to a single file; got {variant!r}"
             )
         state_dicts, info = _read_single_file(path, use_ema)
-        configs = _configs_from_metadata(path) or _configs_from_shapes(state_dicts)
-        sample_size, guidance_scale = _defaults_from_metadata(path)
+        metadata = _metadata(path)
+        configs = _configs_from_metadata(path, metadata) or _configs_from_shapes(state_dicts)
+        sample_size, guidance_scale = _defaults_from_metadata(path, metadata)
         tokenizer = Tokenizer.from_default()
     else:
         if path.is_dir():
@@ -136,13 +137,18 @@ def _read_single_file(path: Path, use_ema: bool) -> tuple[dict[str, dict[str, Te
     )
 
 
-def _configs_from_metadata(path: Path) -> dict[str, object] | None:
+def _metadata(path: Path) -> dict[str, str]:
+    """A .safetensors file's metadata ({} for .ckpt files)."""
+    if path.suffix not in SAFETENSORS_SUFFIXES:
+        return {}
+    with safetensors.safe_open(str(path), framework="pt") as file:
+        return file.metadata() or {}
+
+
+def _configs_from_metadata(path: Path, metadata: dict[str, str]) -> dict[str, object] | None:
     """The configs minisd's trainer writes into its files' metadata ("minisd.config": JSON of the three dataclass
     configs), which hold what shapes cannot tell: head counts and GroupNorm groups. None for other files."""
-    if path.suffix not in SAFETENSORS_SUFFIXES:
-        return None
-    with safetensors.safe_open(str(path), framework="pt") as file:
-        text = (file.metadata() or {}).get("minisd.config")
+    text = metadata.get("minisd.config")
     if text is None:
         return None
     try:
@@ -153,12 +159,8 @@ def _configs_from_metadata(path: Path) -> dict[str, object] | None:
         raise MinisdError(f"{path}: its minisd.config metadata is not valid ({error!r:.80})") from None
 
 
-def _defaults_from_metadata(path: Path) -> tuple[int, float]:
+def _defaults_from_metadata(path: Path, metadata: dict[str, str]) -> tuple[int, float]:
     """The picture size and guidance scale a minisd-trained file records; SD v1's 512 and 7.5 for other files."""
-    metadata = {}
-    if path.suffix in SAFETENSORS_SUFFIXES:
-        with safetensors.safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
     text = metadata.get("minisd.sample_size", "512")
     if not text.isdigit() or int(text) % 8 or not 8 <= int(text) <= 4096:
         raise MinisdError(f"{path}: its minisd.sample_size metadata must be a multiple of 8 pixels, got {text!r:.20}")
