@@ -247,6 +247,8 @@ class StableDiffusion:
         means float32 (CPUs compute float16 slowly and some ops not at all); on a GPU it keeps the file's dtype.
         fast: apply minisd.fast.make_fast to the three networks (fused QKV, channels_last, prepacked CPU convs):
         faster, equal to the eager networks up to float rounding; recorded in each image's parameters."""
+        if not isinstance(fast, bool):  # before loading: a typo should not cost a multi-GB load
+            raise MinisdError(f"fast must be True or False, got {fast!r}")
         if dtype is None and str(device).startswith("cpu"):
             dtype = torch.float32
         components = load_components(
@@ -258,8 +260,6 @@ class StableDiffusion:
         else:
             weights, name = str(source), str(source)
         assert path.exists() or HUB_ID.match(str(source)), "load_components accepts only paths and hub ids"
-        if not isinstance(fast, bool):
-            raise MinisdError(f"fast must be True or False, got {fast!r}")
         if fast:
             for model in (components.unet, components.vae, components.text_encoder):
                 make_fast(model)
