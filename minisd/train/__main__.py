@@ -110,15 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         say(f"diffusion: {model_path} (step {last.get('step')}, loss {last.get('loss', float('nan')):.4f})")
         if args.command == "all" and distributed.is_main:
             shutil.copyfile(model_path, args.out)
-        if args.command == "all" and distributed.is_main and args.guidance_seeds > 0:
-            from minisd.loading import load_components
-            from minisd.train.evaluate import choose_guidance, record_guidance
+            if args.guidance_seeds > 0:
+                from minisd.loading import load_components
+                from minisd.train.evaluate import choose_guidance, record_guidance
 
-            best, rates = choose_guidance(load_components(args.out, dtype=torch.float32), seeds=args.guidance_seeds)
-            record_guidance(args.out, best)
-            table = ", ".join(f"{w:g}: {100 * r:.0f}%" for w, r in rates.items())
-            say(f"guidance scale {best:g} (adherence on training captions by scale: {table})")
-        if args.command == "all":
+                components = load_components(args.out, dtype=torch.float32)
+                best, rates = choose_guidance(components, seeds=args.guidance_seeds)
+                record_guidance(args.out, best)
+                table = ", ".join(f"{w:g}: {100 * r:.0f}%" for w, r in rates.items())
+                say(f"guidance scale {best:g} (adherence on training captions by scale: {table})")
             say(f"model: {args.out}")
     say(f"done in {time.perf_counter() - start:.0f} s")
     if distributed.world_size > 1:
@@ -139,7 +139,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     guidance = components.guidance_scale if args.guidance is None else args.guidance
     sampling = {"num_inference_steps": args.steps, "sampler": args.sampler, "guidance_scale": guidance}
     print(f"{model}: {args.seeds} pictures per caption, {args.sampler}, {args.steps} steps, guidance {guidance:g}")
-    for split, captions in (("held-out", shapes.heldout_captions()), ("training", shapes.train_captions()[::8])):
+    for split, captions in (("held-out", shapes.heldout_captions()), ("training", evaluate.training_sample())):
         result = evaluate.adherence(components, captions, seeds=args.seeds, **sampling)
         print(
             f"{split} captions: {result.accepted}/{result.total} = {100 * result.rate:.1f}% adherence "

@@ -121,12 +121,17 @@ def labelled_grid(pictures: Tensor, captions: list[str], columns: int = 4, scale
 GUIDANCE_CANDIDATES = (1.5, 2.0, 3.0, 5.0, 7.5)
 
 
+def training_sample() -> list[str]:
+    """Every 8th training caption (49 of 388): the training-side comparison and the guidance choice."""
+    return shapes.train_captions()[::8]
+
+
 def choose_guidance(
     components: Components, scales: tuple[float, ...] = GUIDANCE_CANDIDATES, seeds: int = 2
 ) -> tuple[float, dict[float, float]]:
     """The guidance scale with the best adherence on training captions (every 8th, `seeds` pictures each): the
     model's default, chosen without looking at the held-out captions. Returns (best, {scale: adherence})."""
-    captions = shapes.train_captions()[::8]
+    captions = training_sample()
     rates = {w: adherence(components, captions, seeds=seeds, guidance_scale=w).rate for w in scales}
     return max(rates, key=lambda w: (rates[w], -w)), rates  # ties: the smaller scale
 
