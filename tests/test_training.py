@@ -29,6 +29,7 @@ from minisd.train.diffusion_training import (
     fold_latent_scale,
     train_diffusion,
 )
+from minisd.train.text_pretraining import TextPretrainingConfig
 from minisd.train.vae_training import NANO_VAE, VAETrainingConfig, kl_divergence, load_vae, train_vae, vae_loss
 from minisd.unet import UNet, UNetConfig
 from minisd.vae import LATENT_SCALE, VAE, VAEConfig
@@ -54,6 +55,7 @@ def tiny_diffusion_config(**changes) -> DiffusionTrainingConfig:
         "log_every": 1,
         "warmup_steps": 2,
         "lr": 1e-3,
+        "text_pretraining": TextPretrainingConfig(steps=3, batch_size=8, warmup_steps=1),
     }
     return DiffusionTrainingConfig(**{**values, **changes})
 

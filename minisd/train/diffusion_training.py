@@ -56,6 +56,7 @@ from minisd.train.common import (
     save_checkpoint,
     save_minisd_file,
 )
+from minisd.train.text_pretraining import TextPretrainingConfig, pretrain_text_encoder
 from minisd.train.vae_training import load_vae
 from minisd.unet import UNet, UNetConfig
 from minisd.vae import LATENT_SCALE, VAE
@@ -88,6 +89,8 @@ class DiffusionTrainingConfig:
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 10
+    text_pretraining: TextPretrainingConfig = field(default_factory=TextPretrainingConfig)  # steps 0: none
+    freeze_text_encoder: bool = True  # SD v1: the pretrained text encoder stays as it is
 
 
 class DiffusionRun(NamedTuple):
@@ -212,6 +215,28 @@ def prepare_latents(run_dir: Path, vae_path: str | os.PathLike, config: Diffusio
     return path
 
 
+def pretrain(path: Path, run_dir: Path, config: DiffusionTrainingConfig, progress: bool = True) -> Path:
+    """Stage 2a (text_pretraining.py): a fresh text encoder trained contrastively on the run's latents, saved as
+    run_dir/text_encoder.safetensors; a file already there from the same configs is reused."""
+    source = {"latents": load_checkpoint(run_dir / "latents.safetensors")["source"]}
+    source["config"] = json.loads(config_to_json(config.text_pretraining))
+    source["text_encoder"] = json.loads(config_to_json(config.text_encoder))
+    if path.exists():
+        cached = load_checkpoint(path)["source"]
+        if cached != source:
+            raise MinisdError(f"{path} was made with other settings ({cached}); use a new run_dir")
+        return path
+    data = load_checkpoint(run_dir / "latents.safetensors")
+    generator = torch.Generator().manual_seed(config.text_pretraining.seed)
+    text_encoder = build(TextEncoder, config.text_encoder, generator)
+    pretrain_text_encoder(
+        text_encoder, data["mean"], data["std"], data["caption_ids"], data["scale"], config.text_pretraining,
+        log_path=run_dir / "text_log.jsonl", progress=progress,
+    )  # fmt: skip
+    save_checkpoint(path, {"text_encoder": text_encoder.state_dict(), "source": source})
+    return path
+
+
 def train_diffusion(
     run_dir: str | os.PathLike,
     vae_path: str | os.PathLike,
@@ -251,10 +276,19 @@ def train_diffusion(
     empty_ids = Tokenizer.from_default()("")  # (1, 77): start, end, padding
     alphas_cumprod = alphas_cumprod_from_betas(scaled_linear_betas()).to(device)
 
+    pretrained_path = run_dir / "text_encoder.safetensors"
+    if config.text_pretraining.steps > 0 and dist_.is_main and not checkpoint_path.exists():
+        pretrain(pretrained_path, run_dir, config, progress)
+    dist_.barrier()  # the other ranks wait for text_encoder.safetensors
+
     generator = torch.Generator().manual_seed(config.seed)  # every random draw of this run comes from here
     denoiser = Denoiser(build(UNet, config.unet, generator), build(TextEncoder, config.text_encoder, generator))
+    if config.text_pretraining.steps > 0 and not checkpoint_path.exists():
+        denoiser.text_encoder.load_state_dict(load_checkpoint(pretrained_path)["text_encoder"])
+    denoiser.text_encoder.requires_grad_(not config.freeze_text_encoder)
     denoiser = denoiser.to(device).train()
-    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trainable = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     ema = EMA(denoiser, config.ema_decay)
     step = 0
     if checkpoint_path.exists():

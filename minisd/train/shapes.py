@@ -110,6 +110,16 @@ def _layout(scene: Scene) -> tuple[Thing, Thing, int]:
     ]
 
 
+def scene_key(scene: Scene) -> tuple:
+    """What the picture shows, the same for both phrasings of a pair: (thing,) or (top/left, bottom/right, axis).
+
+    >>> scene_key(parse_caption("a red circle above a blue square")) == scene_key(
+    ...     parse_caption("a blue square below a red circle"))
+    True
+    """
+    return (scene.first,) if scene.relation is None else _layout(scene)
+
+
 def _object_index(thing: Thing) -> int:
     return 3 * list(COLOURS).index(thing.colour) + SHAPES.index(thing.shape)
 
