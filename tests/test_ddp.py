@@ -96,9 +96,11 @@ def test_torchrun_all_trains_the_vae_on_rank_0_then_diffusion_on_both(tmp_path):
     command += ["-m", "minisd.train", "all", "--run-dir", str(tmp_path / "run"), "--out", str(out)]
     command += ["--vae-steps", "2", "--vae-batch-size", "2", "--vae-num-pictures", "8"]
     command += ["--steps", "2", "--batch-size", "4", "--num-pictures", "8", "--guidance-seeds", "0"]
+    command += ["--text-steps", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("vae: ") == 1 and f"model: {out}" in result.stdout  # one voice: rank 0
     assert [r["step"] for r in read_log(tmp_path / "run" / "diffusion" / "log.jsonl")][-1] == 2
+    assert (tmp_path / "run" / "diffusion" / "text_encoder.safetensors").is_file()  # pretrained on rank 0
     assert load_components(out).sample_size == 64

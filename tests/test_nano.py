@@ -47,13 +47,11 @@ def test_no_weights_named_means_the_nano_model(nano):
 
 def test_held_out_captions_are_drawn(nano):
     """Captions never seen in training (28 scenes, 56 captions), 2 seeds each, judged by train/checker.py, at the
-    model's own guidance scale. The shipped model draws the right objects (count, colour, shape) on the right axis
-    almost always; the order of the two objects it has not learned (about half the pairs come out mirrored), so the
-    issue's 90% is not reached: the bars below guard what it does, with room for another CPU's rounding."""
+    model's own guidance scale: the issue's bar, 90% (measured with 4 seeds: 99.1%). The order of the two objects
+    has its own bar: a model that ignores it draws the mirror image of half the pairs (the earlier recipe: 40%)."""
     result = evaluate.adherence(nano, shapes.heldout_captions(), seeds=2, guidance_scale=nano.guidance_scale)
-    not_order = result.total - result.accepted - result.failures.get("relation", 0)
-    assert not_order <= 0.1 * result.total, result  # count, colour and shape
-    assert result.rate >= 0.3, result
+    assert result.rate >= 0.9, result
+    assert result.failures.get("relation", 0) <= 0.05 * result.total, result
 
 
 def test_vae_reconstructs_held_out_pictures(nano):

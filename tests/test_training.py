@@ -216,6 +216,31 @@ def test_diffusion_resume_is_bit_identical(tmp_path, vae_path):
     assert read_log(tmp_path / "whole" / "log.jsonl") == read_log(tmp_path / "resumed" / "log.jsonl")
 
 
+def test_the_pretrained_text_encoder_stays_frozen(tmp_path, vae_path):
+    """Stage 2a writes text_encoder.safetensors; the diffusion steps leave it as it is (SD v1 froze CLIP), and
+    it is not the fresh initialisation (the contrastive steps moved it)."""
+    run = train_diffusion(tmp_path, vae_path, tiny_diffusion_config(), progress=False)
+    pretrained = load_checkpoint(tmp_path / "text_encoder.safetensors")["text_encoder"]
+    fresh = build(TextEncoder, TINY_TEXT_ENCODER, torch.Generator().manual_seed(0)).state_dict()
+    trained = run.denoiser.text_encoder.state_dict()
+    assert all(torch.equal(trained[name], tensor) for name, tensor in pretrained.items())
+    assert not all(torch.equal(fresh[name], tensor) for name, tensor in pretrained.items())
+    assert all(torch.equal(run.ema.shadow["text_encoder." + name], t) for name, t in pretrained.items())
+
+
+def test_joint_text_encoder_training_and_a_frozen_random_one(tmp_path, vae_path):
+    """freeze_text_encoder=False with no pretraining: LDM's joint training, the encoder moves. Frozen with no
+    pretraining would condition on noise: refused before any work."""
+    config = tiny_diffusion_config(freeze_text_encoder=False, text_pretraining=TextPretrainingConfig(steps=0))
+    run = train_diffusion(tmp_path / "joint", vae_path, config, progress=False)
+    fresh = build(TextEncoder, TINY_TEXT_ENCODER, torch.Generator().manual_seed(0))
+    assert not (tmp_path / "joint" / "text_encoder.safetensors").exists()
+    assert not torch.equal(run.denoiser.text_encoder.final_layer_norm.weight, fresh.final_layer_norm.weight)
+    config = tiny_diffusion_config(text_pretraining=TextPretrainingConfig(steps=0))
+    with pytest.raises(MinisdError, match=r"freeze_text_encoder needs text_pretraining\.steps"):
+        train_diffusion(tmp_path / "frozen", vae_path, config, progress=False)
+
+
 def test_resume_refuses_another_network(tmp_path, vae_path):
     train_diffusion(tmp_path, vae_path, tiny_diffusion_config(), progress=False, stop_at=1)
     other = UNetConfig(**{**TINY_UNET.__dict__, "norm_num_groups": 8})  # same shapes, another network

@@ -3,7 +3,8 @@
 shapes.py   the data: 64×64 pictures of one or two coloured shapes with captions, a fixed held-out caption set
 checker.py  the judge: does a picture show its caption? (colour, shape, count, relation by image analysis)
 vae_training.py        the autoencoder: L1 reconstruction + a small KL to N(0, I)
-diffusion_training.py  the lesson's loop: add noise at a random t, predict it, L_simple; the text encoder jointly
+text_pretraining.py    a nano CLIP: the text encoder learns captions against pictures, contrastively; then frozen
+diffusion_training.py  the lesson's loop: add noise at a random t, predict it, L_simple
 common.py   EMA, resumable safetensors checkpoints, the loss log, DDP set-up
 __main__.py `python -m minisd.train all --run-dir D --out F` reproduces the nano model (torchrun for DDP)
 

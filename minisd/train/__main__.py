@@ -2,7 +2,7 @@
 
     python -m minisd.train vae --run-dir runs/nano/vae                    stage 1: the VAE
     python -m minisd.train diffusion --run-dir runs/nano/diffusion \\
-        --vae runs/nano/vae/vae.safetensors                              stage 2: UNet + text encoder
+        --vae runs/nano/vae/vae.safetensors                              stage 2: text encoder, then UNet
     python -m minisd.train all --run-dir runs/nano --out nano.safetensors   both, then copy the model file
     torchrun --nproc_per_node=2 -m minisd.train diffusion ...             stage 2 under DDP (gloo CPU / nccl GPU)
     torchrun --nproc_per_node=2 -m minisd.train all ...                   the VAE on rank 0, then stage 2 under DDP
@@ -55,17 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     vae = commands.add_parser("vae", help="train the VAE")
     vae.add_argument("--run-dir", type=Path, required=True)
     _add_fields(vae)
-    diffusion = commands.add_parser("diffusion", help="train the UNet and text encoder on a trained VAE's latents")
+    diffusion = commands.add_parser("diffusion", help="pretrain the text encoder, then train the UNet (VAE latents)")
     diffusion.add_argument("--run-dir", type=Path, required=True)
     diffusion.add_argument("--vae", type=Path, required=True, help="vae.safetensors from the vae stage")
     _add_fields(diffusion)
+    diffusion.add_argument("--text-steps", type=int, help="steps of the text encoder's contrastive pretraining")
     both = commands.add_parser("all", help="vae, then diffusion, then copy the model file to --out")
     both.add_argument("--run-dir", type=Path, required=True, help="gets vae/ and diffusion/")
     both.add_argument("--out", type=Path, required=True, help="where the finished .safetensors goes")
     _add_fields(both)
     _add_fields(both, prefix="vae_")
-    both.add_argument("--guidance-seeds", type=int, default=2, help="pictures per caption when choosing the "
-                      "default guidance scale (2; 0 keeps SD's 7.5)")  # fmt: skip
+    both.add_argument("--text-steps", type=int, help="steps of the text encoder's contrastive pretraining")
+    both.add_argument("--guidance-seeds", type=int, default=4, help="pictures per caption when choosing the "
+                      "default guidance scale (4; 0 keeps SD's 7.5)")  # fmt: skip
     evaluate = commands.add_parser("evaluate", help="held-out prompt adherence, VAE PSNR and a sample grid")
     evaluate.add_argument("--model", type=Path, help="a trained model file (default: the shipped nano model)")
     evaluate.add_argument("--seeds", type=int, default=4, help="pictures per caption (4)")
@@ -104,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("diffusion", "all"):
         vae_path = args.vae if args.command == "diffusion" else args.run_dir / "vae" / "vae.safetensors"
         config = replace(DiffusionTrainingConfig(), **_overrides(args, "", FIELDS))
+        if args.text_steps is not None:
+            config.text_pretraining = replace(config.text_pretraining, steps=args.text_steps)
         run_dir = args.run_dir / "diffusion" if args.command == "all" else args.run_dir
         model_path = train_diffusion(run_dir, vae_path, config, device=device, distributed=distributed).path
         last = read_log(run_dir / "log.jsonl")[-1] if distributed.is_main else {}

@@ -127,7 +127,7 @@ def training_sample() -> list[str]:
 
 
 def choose_guidance(
-    components: Components, scales: tuple[float, ...] = GUIDANCE_CANDIDATES, seeds: int = 2
+    components: Components, scales: tuple[float, ...] = GUIDANCE_CANDIDATES, seeds: int = 4
 ) -> tuple[float, dict[float, float]]:
     """The guidance scale with the best adherence on training captions (every 8th, `seeds` pictures each): the
     model's default, chosen without looking at the held-out captions. Returns (best, {scale: adherence})."""

@@ -54,7 +54,7 @@ class VAETrainingConfig:
     """Everything that fixes a VAE training run (with the seed, the run is reproducible bit for bit)."""
 
     vae: VAEConfig = field(default_factory=lambda: NANO_VAE)
-    steps: int = 2000
+    steps: int = 1250  # the shipped run: held-out PSNR 32.1 dB (2,000 steps gave 33.4 dB, 12 min more)
     batch_size: int = 16
     lr: float = 5e-4  # AdamW; constant after the warm-up
     warmup_steps: int = 100
