@@ -241,6 +241,14 @@ def test_joint_text_encoder_training_and_a_frozen_random_one(tmp_path, vae_path)
         train_diffusion(tmp_path / "frozen", vae_path, config, progress=False)
 
 
+def test_a_text_encoder_pretrained_with_other_settings_is_refused(tmp_path, vae_path):
+    train_diffusion(tmp_path, vae_path, tiny_diffusion_config(), progress=False)
+    (tmp_path / "checkpoint.safetensors").unlink()  # a fresh start in the same run_dir
+    config = tiny_diffusion_config(text_pretraining=TextPretrainingConfig(steps=4, batch_size=8, warmup_steps=1))
+    with pytest.raises(MinisdError, match="other latents or settings"):
+        train_diffusion(tmp_path, vae_path, config, progress=False)
+
+
 def test_resume_refuses_another_network(tmp_path, vae_path):
     train_diffusion(tmp_path, vae_path, tiny_diffusion_config(), progress=False, stop_at=1)
     other = UNetConfig(**{**TINY_UNET.__dict__, "norm_num_groups": 8})  # same shapes, another network

@@ -196,16 +196,24 @@ def draw_batch(
     return x0, input_ids, t, noise
 
 
+def reusable(path: Path, source: dict, what: str) -> bool:
+    """True when a stage's output `path` exists and was made from the same `source` (inputs and settings): later
+    runs and resumes reuse it. One made from other inputs is an error, never silently mixed in."""
+    if not path.exists():
+        return False
+    cached = load_checkpoint(path)["source"]
+    if cached != source:
+        raise MinisdError(f"{path} was made from {what} ({cached}); use a new run_dir")
+    return True
+
+
 def prepare_latents(run_dir: Path, vae_path: str | os.PathLike, config: DiffusionTrainingConfig) -> Path:
     """Draw the training pictures, encode them with the frozen VAE and tokenize their captions, once; saved as
     run_dir/latents.safetensors (mean, std, caption_ids, scale), which later runs and resumes reuse."""
     path = run_dir / "latents.safetensors"
     source = {"vae_sha256": hashlib.sha256(Path(vae_path).read_bytes()).hexdigest(), "seed": config.seed}
     source["num_pictures"] = config.num_pictures
-    if path.exists():
-        cached = load_checkpoint(path)["source"]
-        if cached != source:
-            raise MinisdError(f"{path} was made from another VAE or data set ({cached}); use a new run_dir")
+    if reusable(path, source, "another VAE or data set"):
         return path
     vae = load_vae(vae_path)
     pixels, captions = shapes.dataset(config.num_pictures, seed=config.seed)
@@ -219,15 +227,11 @@ def prepare_latents(run_dir: Path, vae_path: str | os.PathLike, config: Diffusio
 def pretrain(path: Path, run_dir: Path, config: DiffusionTrainingConfig, progress: bool = True) -> Path:
     """Stage 2a (text_pretraining.py): a fresh text encoder trained contrastively on the run's latents, saved as
     run_dir/text_encoder.safetensors; a file already there from the same configs is reused."""
-    source = {"latents": load_checkpoint(run_dir / "latents.safetensors")["source"]}
-    source["config"] = json.loads(config_to_json(config.text_pretraining))
-    source["text_encoder"] = json.loads(config_to_json(config.text_encoder))
-    if path.exists():
-        cached = load_checkpoint(path)["source"]
-        if cached != source:
-            raise MinisdError(f"{path} was made with other settings ({cached}); use a new run_dir")
-        return path
     data = load_checkpoint(run_dir / "latents.safetensors")
+    source = {"latents": data["source"], "config": json.loads(config_to_json(config.text_pretraining))}
+    source["text_encoder"] = json.loads(config_to_json(config.text_encoder))
+    if reusable(path, source, "other latents or settings"):
+        return path
     generator = torch.Generator().manual_seed(config.text_pretraining.seed)
     text_encoder = build(TextEncoder, config.text_encoder, generator)
     pretrain_text_encoder(
