@@ -182,6 +182,29 @@ def weights_source(args) -> str:
     return str(model)
 
 
+def shapes_prompt_note(source: str, prompt: str) -> str | None:
+    """A warning when weights trained by `python -m minisd.train` (the nano model) get a prompt outside the one
+    grammar they were trained on: such a model draws *something* for any prompt, so say so rather than stay silent."""
+    if not source.endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    from minisd.train.shapes import parse_caption
+
+    try:
+        with safe_open(source, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # not a readable safetensors file: the loader names what is wrong with it
+        return None
+    if "minisd.train_config" not in metadata:
+        return None
+    try:
+        parse_caption(prompt)
+    except MinisdError as error:
+        return f"note: {Path(source).name} knows only its training captions: {error}"
+    return None
+
+
 def load(source: str, dtype: str | None, device: str | None, fast: bool, progress: Progress) -> StableDiffusion:
     progress.phase(f"loading {source}")
     dtype = DTYPE_NAMES[dtype] if dtype else None
@@ -268,6 +291,9 @@ def command_generate(args, progress: Progress) -> None:
     total = count_model_calls(args.sampler, args.steps, strength)  # also refuses strength too small for the steps
     seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED)
     paths = output_paths(args.output, args.num_images)
+    note = shapes_prompt_note(source, args.prompt)
+    if note is not None:
+        print(note, file=sys.stderr)
     pipe = load(source, args.dtype, args.device, args.fast, progress)
     common = {
         "negative_prompt": args.negative_prompt,

@@ -163,6 +163,19 @@ def test_no_weights_named_uses_the_nano_model(work, capsys, monkeypatch):
     assert err.count("\n") == 1 and "--checkpoint FILE" in err and "--model" in err
 
 
+def test_nano_model_notes_a_prompt_outside_its_captions(work, capsys):
+    """The nano model draws something for any prompt; outside its caption grammar it says so, and still draws."""
+    tiny = ["--checkpoint", str(work / "tiny.safetensors"), *SMALL]
+    assert cli.main(["generate", "a red circle above a blue square", "--steps", "2", "-o", str(work / "ok.png")]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert cli.main(["generate", "a cat", "--steps", "2", "--seed", "1", "-o", str(work / "cat.png")]) == 0
+    err = capsys.readouterr().err
+    assert "nano.safetensors knows only its training captions" in err and "'a cat'" in err
+    assert (work / "cat.png").is_file()
+    assert cli.main(["generate", "a cat", *tiny, "--seed", "1", "-o", str(work / "cat-tiny.png")]) == 0
+    assert "knows only" not in capsys.readouterr().err  # weights not made by minisd.train: no grammar to hold to
+
+
 def test_overwrite_replaces_and_unrecordable_prompt_is_noted(work, capsys):
     path = work / "over.png"
     path.write_bytes(b"old")
