@@ -33,6 +33,7 @@ from minisd.api import (
 from minisd.errors import MinisdError
 from minisd.images import read_png_parameters, save_png
 from minisd.loading import HUB_ID
+from minisd.pipelines.common import MAX_SIDE
 from minisd.samplers import get_sampler, sampler_names
 
 OUTPUT_DIR = Path("outputs")
@@ -124,8 +125,8 @@ def check_args(args) -> None:
     """The checks that need no weights, so a typo fails in a second rather than after loading."""
     for name in ("height", "width"):
         value = getattr(args, name, None)
-        if value is not None and value % 8:
-            raise MinisdError(f"--{name} must be a positive multiple of 8 pixels, got {value}")
+        if value is not None and (value % 8 or value > MAX_SIDE):
+            raise MinisdError(f"--{name} must be a multiple of 8 pixels in [8, {MAX_SIDE}], got {value}")
     if args.sampler is not None:
         get_sampler(args.sampler, eta=args.eta)  # unknown names, eta with a sampler other than DDIM
     if args.guidance is not None and not args.guidance >= 0:

@@ -211,6 +211,7 @@ def bad_cases(work: Path) -> dict[str, list[str]]:
         "output folder missing": ["generate", "x", *tiny, "-o", str(work / "nowhere" / "out.png")],
         "missing image": ["img2img", "x", *tiny, "--image", str(work / "missing.png")],
         "image not an image": ["img2img", "x", *tiny, "--image", str(work / "tiny.safetensors")],
+        "width too large": ["generate", "x", *tiny, "--width", "100000"],
         "image size not multiple of 8": ["img2img", "x", *tiny, "--image", str(work / "odd.png")],
         "strength 1.5": ["img2img", "x", *tiny, *image, "--strength", "1.5"],
         "strength too small for steps": ["img2img", "x", *tiny, *image, "--strength", "0.1", "--steps", "2"],

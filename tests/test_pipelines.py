@@ -426,6 +426,7 @@ BAD_INPUTS = [  # (pipeline, changed arguments, text the message must hold)
     ("txt2img", dict(height=60), "height"),
     ("txt2img", dict(width=0), "width"),
     ("txt2img", dict(height=64.0), "height"),
+    ("txt2img", dict(width=8200), "width"),  # past MAX_SIDE: an error, not hours of sampling or an OOM
     ("txt2img", dict(num_inference_steps=0), "num_inference_steps"),
     ("txt2img", dict(guidance_scale=float("nan")), "guidance_scale"),
     ("txt2img", dict(guidance_scale=-1.0), "guidance_scale"),

@@ -107,11 +107,15 @@ def size_multiple(components: Components) -> int:
     return components.vae.config.downscale_factor
 
 
+MAX_SIDE = 8192  # pixels: 1024×1024 latents, a million self-attention tokens; far past what SD v1 was trained for
+
+
 def check_size(components: Components, height: object, width: object) -> None:
     multiple = size_multiple(components)
     for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
-            raise MinisdError(f"{name} must be a positive multiple of {multiple} pixels, got {value!r}")
+        ok = isinstance(value, int) and not isinstance(value, bool) and multiple <= value <= MAX_SIDE
+        if not ok or value % multiple:
+            raise MinisdError(f"{name} must be {multiple} to {MAX_SIDE} px, a multiple of {multiple}: got {value!r}")
 
 
 def make_sampler(sampler: str | Sampler, eta: float) -> Sampler:
