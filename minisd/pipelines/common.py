@@ -115,7 +115,9 @@ def check_size(components: Components, height: object, width: object) -> None:
     for name, value in (("height", height), ("width", width)):
         ok = isinstance(value, int) and not isinstance(value, bool) and multiple <= value <= MAX_SIDE
         if not ok or value % multiple:
-            raise MinisdError(f"{name} must be {multiple} to {MAX_SIDE} px, a multiple of {multiple}: got {value!r}")
+            raise MinisdError(
+                f"{name} must be a multiple of {multiple} pixels from {multiple} to {MAX_SIDE}, got {value!r}"
+            )
 
 
 def make_sampler(sampler: str | Sampler, eta: float) -> Sampler:
