@@ -358,3 +358,34 @@ def test_choose_guidance_picks_the_best_on_training_captions_and_records_it(monk
     assert (before.guidance_scale, after.guidance_scale) == (7.5, 2.0)
     same = zip(before.unet.state_dict().values(), after.unet.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in same)
+
+
+def test_train_command_refuses_bad_settings_in_one_line(tmp_path, vae_path, capsys):
+    """Every bad setting or file: one line on stderr, exit status 2, before any stage starts (nothing written)."""
+    from minisd.api import default_model
+    from minisd.train.__main__ import main
+
+    (tmp_path / "done.safetensors").write_bytes(b"a finished model")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    run, out = str(tmp_path / "run"), str(tmp_path / "new.safetensors")
+    cases = {
+        "vae lr": (["vae", "--run-dir", run, "--lr", "-1"], "lr must be > 0"),
+        "vae pictures": (["vae", "--run-dir", run, "--num-pictures", "0"], "num_pictures must be > 0"),
+        "checkpoint every": (["vae", "--run-dir", run, "--checkpoint-every", "0"], "checkpoint_every must be > 0"),
+        "missing vae": (["diffusion", "--run-dir", run, "--vae", str(tmp_path / "no.safetensors")], "no such file"),
+        "corrupt vae": (["diffusion", "--run-dir", run, "--vae", str(tmp_path / "junk.safetensors")], "not a readable"),
+        "text as vae": (["diffusion", "--run-dir", run, "--vae", str(tmp_path / "done.safetensors")], "not a readable"),
+        "model as vae": (["diffusion", "--run-dir", run, "--vae", str(default_model())], "not a minisd VAE"),
+        "batch size": (["diffusion", "--run-dir", run, "--vae", str(vae_path), "--batch-size", "0"], "batch_size"),
+        "frozen random": (["diffusion", "--run-dir", run, "--vae", str(vae_path), "--text-steps", "0"], "frozen"),
+        "all, diffusion lr": (["all", "--run-dir", run, "--out", out, "--lr", "0"], "lr must be > 0"),
+        "all, out exists": (["all", "--run-dir", run, "--out", str(tmp_path / "done.safetensors")], "--overwrite"),
+        "all, out folder": (["all", "--run-dir", run, "--out", str(tmp_path / "no" / "m.safetensors")], "--out must"),
+        "evaluate junk": (["evaluate", "--model", str(tmp_path / "junk.safetensors"), "--seeds", "1"], "junk"),
+    }
+    for name, (argv, expected) in cases.items():
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err and "Traceback" not in err, (name, err)
+    assert not (tmp_path / "run").exists()  # refused before a run directory was made
+    assert (tmp_path / "done.safetensors").read_bytes() == b"a finished model"  # never overwritten

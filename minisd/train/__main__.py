@@ -14,6 +14,7 @@ and thread count gives the same weights.
 """
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from minisd.errors import MinisdError
 from minisd.train.common import init_distributed, read_log
 from minisd.train.diffusion_training import DiffusionTrainingConfig, train_diffusion
 from minisd.train.vae_training import VAETrainingConfig, train_vae
@@ -47,8 +49,31 @@ def _add_fields(parser: argparse.ArgumentParser, prefix: str = "") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad settings and files: one line on stderr and exit status 2, as in `minisd`'s own command line."""
+    try:
+        return _main(argv)
+    except (MinisdError, FloatingPointError) as error:
+        print(f"python -m minisd.train: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+
+
+def diffusion_config(args: argparse.Namespace) -> DiffusionTrainingConfig:
+    """The nano recipe with the command line's changes."""
+    config = replace(DiffusionTrainingConfig(), **_overrides(args, "", FIELDS))
+    if args.text_steps is not None:
+        config.text_pretraining = replace(config.text_pretraining, steps=args.text_steps)
+    return config
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minisd.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: reproducible, and faster "
+    parser.add_argument("--threads", type=_positive, default=1, help="CPU threads (default 1: reproducible, and faster "
                         "than 2 on a shared 2-core machine)")  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     both = commands.add_parser("all", help="vae, then diffusion, then copy the model file to --out")
     both.add_argument("--run-dir", type=Path, required=True, help="gets vae/ and diffusion/")
     both.add_argument("--out", type=Path, required=True, help="where the finished .safetensors goes")
+    both.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_fields(both)
     _add_fields(both, prefix="vae_")
     both.add_argument("--text-steps", type=int, help="steps of the text encoder's contrastive pretraining")
@@ -70,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                       "default guidance scale (4; 0 keeps SD's 7.5)")  # fmt: skip
     evaluate = commands.add_parser("evaluate", help="held-out prompt adherence, VAE PSNR and a sample grid")
     evaluate.add_argument("--model", type=Path, help="a trained model file (default: the shipped nano model)")
-    evaluate.add_argument("--seeds", type=int, default=4, help="pictures per caption (4)")
-    evaluate.add_argument("--steps", type=int, default=25, help="sampling steps (25)")
+    evaluate.add_argument("--seeds", type=_positive, default=4, help="pictures per caption (4)")
+    evaluate.add_argument("--steps", type=_positive, default=25, help="sampling steps (25)")
     evaluate.add_argument("--sampler", default="DPM++ 2M", help="sampler name (DPM++ 2M)")
     evaluate.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     evaluate.add_argument("--grid", type=Path, help="write a labelled sample grid here (PNG)")
@@ -90,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.is_main:  # one voice under torchrun
             print(message)
 
+    if args.command == "all":  # every setting checked before the first stage starts, not after it
+        replace(VAETrainingConfig(), **_overrides(args, "vae_", FIELDS)).check()
+        diffusion_config(args).check(distributed.world_size)
+        if args.out.exists() and not args.overwrite:
+            raise MinisdError(f"--out {args.out} exists (--overwrite replaces it)")
+        if args.out.suffix != ".safetensors" or not args.out.parent.is_dir():
+            raise MinisdError(f"--out must be a .safetensors path in an existing folder, got {args.out}")
     start = time.perf_counter()
 
     if args.command == "vae" and distributed.world_size > 1:
@@ -105,24 +138,24 @@ def main(argv: list[str] | None = None) -> int:
     distributed.barrier()  # (init_distributed's timeout outlasts the VAE stage)
     if args.command in ("diffusion", "all"):
         vae_path = args.vae if args.command == "diffusion" else args.run_dir / "vae" / "vae.safetensors"
-        config = replace(DiffusionTrainingConfig(), **_overrides(args, "", FIELDS))
-        if args.text_steps is not None:
-            config.text_pretraining = replace(config.text_pretraining, steps=args.text_steps)
+        config = diffusion_config(args)
         run_dir = args.run_dir / "diffusion" if args.command == "all" else args.run_dir
         model_path = train_diffusion(run_dir, vae_path, config, device=device, distributed=distributed).path
         last = read_log(run_dir / "log.jsonl")[-1] if distributed.is_main else {}
         say(f"diffusion: {model_path} (step {last.get('step')}, loss {last.get('loss', float('nan')):.4f})")
         if args.command == "all" and distributed.is_main:
-            shutil.copyfile(model_path, args.out)
+            partial = args.out.with_name(args.out.stem + ".partial.safetensors")  # --out appears only when done
+            shutil.copyfile(model_path, partial)
             if args.guidance_seeds > 0:
                 from minisd.loading import load_components
                 from minisd.train.evaluate import choose_guidance, record_guidance
 
-                components = load_components(args.out, dtype=torch.float32)
+                components = load_components(partial, dtype=torch.float32)
                 best, rates = choose_guidance(components, seeds=args.guidance_seeds)
-                record_guidance(args.out, best)
+                record_guidance(partial, best)
                 table = ", ".join(f"{w:g}: {100 * r:.0f}%" for w, r in rates.items())
                 say(f"guidance scale {best:g} (adherence on training captions by scale: {table})")
+            os.replace(partial, args.out)
             say(f"model: {args.out}")
     say(f"done in {time.perf_counter() - start:.0f} s")
     if distributed.world_size > 1:

@@ -126,6 +126,25 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def check_positive(config, *names: str) -> None:
+    """Refuse a training config whose named fields are not > 0 (steps, batch_size, lr, ...), naming the first."""
+    for name in names:
+        value = getattr(config, name)
+        if not value > 0:
+            raise MinisdError(f"{name} must be > 0, got {value}")
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A .safetensors file's tensors and metadata; a missing, truncated or foreign file is a one-line MinisdError."""
+    if not Path(path).is_file():
+        raise MinisdError(f"{path}: no such file")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as file:
+            return {name: file.get_tensor(name) for name in file.keys()}, file.metadata() or {}
+    except Exception as error:  # safetensors' own error types differ between versions
+        raise MinisdError(f"{path}: not a readable .safetensors file ({error})") from None
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint written by save_checkpoint back into the same nested dict (tensors on the CPU).
 
@@ -137,9 +156,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     >>> back["step"], back["opt"]["state"][0]["m"].tolist(), back["opt"]["betas"], back["name"]
     (3, [1.0, 1.0], [0.9, 0.999], 'x')
     """
-    tensors = safetensors.torch.load_file(str(path))
-    with safetensors.safe_open(str(path), framework="pt") as file:
-        metadata = file.metadata() or {}
+    tensors, metadata = read_safetensors(path)
     if "minisd.checkpoint" not in metadata:
         raise MinisdError(f"{path}: not a minisd training checkpoint (no minisd.checkpoint metadata)")
     return _from_json_tree(json.loads(metadata["minisd.checkpoint"]), tensors)

@@ -51,6 +51,7 @@ from minisd.train.common import (
     LossLog,
     Progress,
     build,
+    check_positive,
     config_to_json,
     linear_warmup,
     load_checkpoint,
@@ -92,6 +93,17 @@ class DiffusionTrainingConfig:
     log_every: int = 10
     text_pretraining: TextPretrainingConfig = field(default_factory=TextPretrainingConfig)  # steps 0: none
     freeze_text_encoder: bool = True  # SD v1: the pretrained text encoder stays as it is
+
+    def check(self, world_size: int = 1) -> None:
+        """Refuse settings that cannot train, before any work is done: one line naming the setting."""
+        check_positive(self, "steps", "batch_size", "lr", "num_pictures", "checkpoint_every")
+        check_positive(self.text_pretraining, "batch_size", "lr")
+        if self.batch_size % world_size != 0:
+            raise MinisdError(f"batch_size must be a multiple of world_size {world_size}, got {self.batch_size}")
+        if not 0.0 <= self.p_uncond <= 1.0:
+            raise MinisdError(f"p_uncond must be in [0, 1], got {self.p_uncond}")
+        if self.freeze_text_encoder and self.text_pretraining.steps < 1:
+            raise MinisdError("freeze_text_encoder needs text_pretraining.steps >= 1 (frozen random weights are noise)")
 
 
 class DiffusionRun(NamedTuple):
@@ -261,15 +273,8 @@ def train_diffusion(
     stop_at: stop (with a checkpoint) before that step, as if killed; for tests of resuming.
     """
     dist_ = distributed or Distributed()
-    if config.steps < 1 or config.batch_size % dist_.world_size != 0:
-        raise MinisdError(
-            f"steps must be >= 1 and batch_size a multiple of world_size {dist_.world_size}, "
-            f"got {config.steps} and {config.batch_size}"
-        )
-    if not 0.0 <= config.p_uncond <= 1.0:
-        raise MinisdError(f"p_uncond must be in [0, 1], got {config.p_uncond}")
-    if config.freeze_text_encoder and config.text_pretraining.steps < 1:
-        raise MinisdError("freeze_text_encoder needs text_pretraining.steps >= 1 (a frozen random encoder is noise)")
+    config.check(dist_.world_size)
+    load_vae(vae_path)  # a missing or wrong file fails now, before the run directory is made
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)

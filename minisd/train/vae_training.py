@@ -38,9 +38,11 @@ from minisd.train.common import (
     LossLog,
     Progress,
     build,
+    check_positive,
     config_to_json,
     linear_warmup,
     load_checkpoint,
+    read_safetensors,
     save_checkpoint,
 )
 from minisd.vae import VAE, VAEConfig
@@ -65,6 +67,10 @@ class VAETrainingConfig:
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 10
+
+    def check(self) -> None:
+        """Refuse settings that cannot train, before any work is done: one line naming the setting."""
+        check_positive(self, "steps", "batch_size", "lr", "num_pictures", "checkpoint_every")
 
 
 class VAERun(NamedTuple):
@@ -144,8 +150,7 @@ def train_vae(
     log.jsonl (the loss curve), vae.safetensors (the weights, float32, config in the metadata). stop_at: stop
     (with a checkpoint) before that step, as if killed; for tests of resuming.
     """
-    if config.steps < 1 or config.batch_size < 1:
-        raise MinisdError(f"steps and batch_size must be >= 1, got {config.steps} and {config.batch_size}")
+    config.check()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = run_dir / "checkpoint.safetensors"
@@ -204,12 +209,10 @@ def train_vae(
 
 def load_vae(path: str | os.PathLike) -> VAE:
     """Read a vae.safetensors written by train_vae: the VAE (CPU, float32, eval mode) of the config it names."""
-    with safetensors.safe_open(str(path), framework="pt") as file:
-        metadata = file.metadata() or {}
-        if "minisd.vae_config" not in metadata:
-            raise MinisdError(f"{path}: not a minisd VAE training output (no minisd.vae_config metadata)")
-        fields = json.loads(metadata["minisd.vae_config"])
-        state_dict = {name: file.get_tensor(name) for name in file.keys()}
+    state_dict, metadata = read_safetensors(path)
+    if "minisd.vae_config" not in metadata:
+        raise MinisdError(f"{path}: not a minisd VAE training output (no minisd.vae_config metadata)")
+    fields = json.loads(metadata["minisd.vae_config"])
     config = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     with torch.device("meta"):
         vae = VAE(config)
