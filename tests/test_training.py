@@ -389,3 +389,23 @@ def test_train_command_refuses_bad_settings_in_one_line(tmp_path, vae_path, caps
         assert err.count("\n") == 1 and expected in err and "Traceback" not in err, (name, err)
     assert not (tmp_path / "run").exists()  # refused before a run directory was made
     assert (tmp_path / "done.safetensors").read_bytes() == b"a finished model"  # never overwritten
+
+
+def test_train_command_passes_the_text_encoder_options(monkeypatch, tmp_path, vae_path):
+    """--text-steps and --train-text-encoder reach the config train_diffusion gets (the nano recipe otherwise)."""
+    from minisd.train import __main__ as command
+
+    seen = []
+
+    def fake_train(run_dir, vae, config, device, distributed):
+        seen.append(config)
+        raise MinisdError("stop here")
+
+    monkeypatch.setattr(command, "train_diffusion", fake_train)
+    base = ["diffusion", "--run-dir", str(tmp_path / "run"), "--vae", str(vae_path)]
+    for extra in ([], ["--train-text-encoder"], ["--train-text-encoder", "--text-steps", "0"]):
+        assert command.main([*base, *extra]) == 2
+    frozen, joint, scratch = seen
+    assert frozen == DiffusionTrainingConfig()  # the shipped recipe: pretrained, then frozen
+    assert not joint.freeze_text_encoder and joint.text_pretraining.steps == frozen.text_pretraining.steps
+    assert not scratch.freeze_text_encoder and scratch.text_pretraining.steps == 0

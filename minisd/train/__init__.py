@@ -49,4 +49,6 @@ for byte (the run was made twice: once stage by stage, once with the one command
   encoder's end-token state named the top/left object of 50% of training captions (41% held-out; 12 classes).
   The contrastive stage asks the end token for the whole scene directly: the same probe on the shipped encoder
   names it for 100% of training captions and 96% of held-out ones (98% / 86% from a padding token's state).
+  Both recipes stay runnable: `--train-text-encoder` trains the pretrained encoder on with the UNet, and with
+  `--text-steps 0` from random weights, as the earlier recipe did.
 """

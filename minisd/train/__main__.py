@@ -57,11 +57,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _add_text_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text-steps", type=int, help="steps of the text encoder's contrastive pretraining")
+    parser.add_argument(
+        "--train-text-encoder",
+        action="store_true",
+        help="train the text encoder on with the UNet (default: frozen after its pretraining, as SD v1's CLIP; "
+        "with --text-steps 0, trained from scratch with the UNet)",
+    )
+
+
 def diffusion_config(args: argparse.Namespace) -> DiffusionTrainingConfig:
     """The nano recipe with the command line's changes."""
     config = replace(DiffusionTrainingConfig(), **_overrides(args, "", FIELDS))
     if args.text_steps is not None:
         config.text_pretraining = replace(config.text_pretraining, steps=args.text_steps)
+    if args.train_text_encoder:
+        config.freeze_text_encoder = False
     return config
 
 
@@ -84,14 +96,14 @@ def _main(argv: list[str] | None) -> int:
     diffusion.add_argument("--run-dir", type=Path, required=True)
     diffusion.add_argument("--vae", type=Path, required=True, help="vae.safetensors from the vae stage")
     _add_fields(diffusion)
-    diffusion.add_argument("--text-steps", type=int, help="steps of the text encoder's contrastive pretraining")
+    _add_text_options(diffusion)
     both = commands.add_parser("all", help="vae, then diffusion, then copy the model file to --out")
     both.add_argument("--run-dir", type=Path, required=True, help="gets vae/ and diffusion/")
     both.add_argument("--out", type=Path, required=True, help="where the finished .safetensors goes")
     both.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_fields(both)
     _add_fields(both, prefix="vae_")
-    both.add_argument("--text-steps", type=int, help="steps of the text encoder's contrastive pretraining")
+    _add_text_options(both)
     both.add_argument("--guidance-seeds", type=int, default=4, help="pictures per caption when choosing the "
                       "default guidance scale (4; 0 keeps SD's 7.5)")  # fmt: skip
     evaluate = commands.add_parser("evaluate", help="held-out prompt adherence, VAE PSNR and a sample grid")
