@@ -190,6 +190,7 @@ def shapes_prompt_note(source: str, prompt: str) -> str | None:
         return None
     from safetensors import safe_open
 
+    from minisd.pipelines.prompts import parse_emphasis
     from minisd.train.shapes import parse_caption
 
     try:
@@ -200,7 +201,7 @@ def shapes_prompt_note(source: str, prompt: str) -> str | None:
     if "minisd.train_config" not in metadata:
         return None
     try:
-        parse_caption(prompt)
+        parse_caption("".join(text for text, _ in parse_emphasis(prompt)))  # "(red:1.2)" is still "red"
     except MinisdError as error:
         return f"note: {Path(source).name} knows only its training captions: {error}"
     return None

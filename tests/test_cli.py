@@ -174,6 +174,7 @@ def test_nano_model_notes_a_prompt_outside_its_captions(work, capsys):
     assert (work / "cat.png").is_file()
     assert cli.main(["generate", "a cat", *tiny, "--seed", "1", "-o", str(work / "cat-tiny.png")]) == 0
     assert "knows only" not in capsys.readouterr().err  # weights not made by minisd.train: no grammar to hold to
+    assert cli.shapes_prompt_note(str(default_model()), "(a red circle:1.2) above a [blue] square") is None
 
 
 def test_overwrite_replaces_and_unrecordable_prompt_is_noted(work, capsys):
