@@ -91,6 +91,9 @@ SCHEDULERS = {  # minisd sampler name -> diffusers twin from SD v1.5's config
     "LMS": lambda: RunOrderLMS.from_config(SD15_SCHEDULER_CONFIG),
     "Euler a": lambda: EulerAncestralDiscreteScheduler.from_config(SD15_SCHEDULER_CONFIG),
     "DPM++ 2M Karras": lambda: DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER_CONFIG, use_karras_sigmas=True),
+    "DPM++ 2M SDE": lambda: DPMSolverMultistepScheduler.from_config(
+        SD15_SCHEDULER_CONFIG, algorithm_type="sde-dpmsolver++"
+    ),
 }
 SAMPLERS = list(SCHEDULERS)
 

@@ -30,6 +30,8 @@ def test_display_names_round_trip(name):
         ("PNDMScheduler", PNDMSampler),
         ("ddim", DDIMSampler),
         ("DPM++ 2M Karras", DPMSolverPP2MSampler),
+        ("DPM++ 2M SDE Karras", DPMSolverPP2MSampler),
+        ("k_dpmpp_2m_sde", DPMSolverPP2MSampler),
     ],
 )
 def test_spellings(name, cls):
@@ -39,6 +41,14 @@ def test_spellings(name, cls):
 def test_karras_variant_uses_karras_sigmas():
     assert get_sampler("DPM++ 2M Karras").use_karras_sigmas
     assert not get_sampler("DPM++ 2M").use_karras_sigmas
+
+
+def test_sde_variants():
+    for name in ("DPM++ 2M SDE", "DPM++ 2M SDE Karras", "dpmpp_2m_sde_karras"):
+        sampler = get_sampler(name)
+        assert sampler.sde and sampler.use_karras_sigmas == name.lower().endswith("karras")
+        assert sampler.name == get_sampler(sampler.name).name  # the name written into PNGs reads back
+    assert not get_sampler("DPM++ 2M Karras").sde
 
 
 def test_every_diffusers_alias_is_a_real_diffusers_class():

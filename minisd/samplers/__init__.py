@@ -24,6 +24,14 @@ def _dpmpp_2m_karras() -> Sampler:
     return DPMSolverPP2MSampler(use_karras_sigmas=True)
 
 
+def _dpmpp_2m_sde() -> Sampler:
+    return DPMSolverPP2MSampler(sde=True)
+
+
+def _dpmpp_2m_sde_karras() -> Sampler:
+    return DPMSolverPP2MSampler(use_karras_sigmas=True, sde=True)
+
+
 # A1111's display name -> how to build it, set up for SD v1 (each class's defaults are SD v1's).
 SAMPLERS: dict[str, Callable[[], Sampler]] = {
     "DDPM": DDPMSampler,
@@ -35,6 +43,8 @@ SAMPLERS: dict[str, Callable[[], Sampler]] = {
     "Heun": HeunSampler,
     "DPM++ 2M": DPMSolverPP2MSampler,
     "DPM++ 2M Karras": _dpmpp_2m_karras,
+    "DPM++ 2M SDE": _dpmpp_2m_sde,
+    "DPM++ 2M SDE Karras": _dpmpp_2m_sde_karras,
 }
 
 # Other spellings -> the display name: diffusers' class names and A1111's internal ids (k_euler_a, ...).
@@ -56,6 +66,9 @@ ALIASES = {
     "k_dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "k_dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
 }
 
 

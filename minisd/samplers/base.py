@@ -78,13 +78,13 @@ def next_timestep(timesteps: Tensor, t: Tensor | int) -> tuple[int, int]:
     return t, int(timesteps[i + 1]) if i + 1 < len(timesteps) else -1
 
 
-def draw_noise(like: Tensor, generator: Generator | None) -> Tensor:
-    """Standard normal noise of `like`'s shape and dtype, drawn the way diffusers' `randn_tensor` draws a step's
-    noise, so one generator gives diffusers' exact numbers: one torch.randn call, in like's dtype (a float16 draw
-    is not a float32 draw rounded), on the generator's device (a CPU generator draws on CPU), then moved to
-    like's device."""
+def draw_noise(like: Tensor, generator: Generator | None, dtype: torch.dtype | None = None) -> Tensor:
+    """Standard normal noise of `like`'s shape and dtype (or `dtype`), drawn the way diffusers' `randn_tensor`
+    draws a step's noise, so one generator gives diffusers' exact numbers: one torch.randn call, in that dtype (a
+    float16 draw is not a float32 draw rounded), on the generator's device (a CPU generator draws on CPU), then
+    moved to like's device."""
     device = generator.device if generator is not None else like.device
-    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+    return torch.randn(like.shape, generator=generator, device=device, dtype=dtype or like.dtype).to(like.device)
 
 
 class Sampler:

@@ -1,6 +1,7 @@
 """DPM-Solver++(2M): a second-order multistep solver of the diffusion ODE written for the data prediction x_0
 (Lu et al. 2022, arXiv:2211.01095, Alg. 2; k-diffusion `sample_dpmpp_2m`; A1111 "DPM++ 2M" and, with
-use_karras_sigmas, "DPM++ 2M Karras").
+use_karras_sigmas, "DPM++ 2M Karras"); with sde=True the same multistep form for the reverse SDE ("DPM++ 2M SDE",
+diffusers' algorithm_type "sde-dpmsolver++"), which forgets part of x_t each step and draws fresh noise for it.
 
 Unlike the other σ samplers it moves x_t itself (diffusers does the same): x_t = α_t·x_0 + σ_t·ε, so the UNet
 input needs no scaling and pure noise starts at std 1. The σ of the other samplers is σ_t / α_t = e^(−λ).
@@ -14,6 +15,7 @@ h             h_i = λ_{t_i} − λ_{t_{i−1}}                   h
 r             r_i = h_{i−1} / h_i                           r0
 x0_pred       x_θ(x̃_t, t) = (x_t − σ_t·ε) / α_t           model_output after convert_model_output
 x0_prev       x_θ at the previous step                      model_outputs[-2]
+z             z ~ N(0, I), fresh each step (SDE only)       noise
 """
 
 import math
@@ -23,6 +25,7 @@ import torch
 from torch import Generator, Tensor
 
 from minisd.errors import MinisdError
+from minisd.samplers.base import draw_noise
 from minisd.samplers.schedule import NUM_TRAIN_TIMESTEPS
 from minisd.samplers.sigmas import SigmaSampler, karras_sigmas, linspace_exact, sigma_at, t_at, upcast
 
@@ -55,6 +58,37 @@ def dpmpp_2m_step(
     return (sigma_t_next / sigma_t) * x - (alpha_next * math.expm1(-h)) * D  # Alg. 2: x̃_{t_i}
 
 
+def dpmpp_2m_sde_step(
+    x: Tensor,
+    x0_pred: Tensor,
+    x0_prev: Tensor | None,
+    sigma: float,
+    sigma_next: float,
+    sigma_prev: float | None,
+    noise: Tensor,
+) -> Tensor:
+    """One step of DPM-Solver++(2M) for the reverse SDE (Lu et al. 2022, §4 and App. B; diffusers'
+    "sde-dpmsolver++" with the midpoint solver):
+
+        x̃_{t_i} = (σ_{t_i}/σ_{t_{i−1}})·e^(−h)·x̃_{t_{i−1}} + α_{t_i}·(1 − e^(−2h))·D_i + σ_{t_i}·√(1 − e^(−2h))·z
+
+    with D_i as in the ODE step (x_θ alone on the first step). Where the ODE keeps the fraction σ_{t_i}/σ_{t_{i−1}}
+    of x_t, this keeps e^(−h) less of it and adds back, as fresh noise z, exactly the variance it removed.
+    σ_next = 0 returns x0_pred (e^(−h) = 0 and σ_{t_i} = 0: no noise)."""
+    if sigma_next == 0:
+        return x0_pred
+    alpha_next, sigma_t_next = vp_coefficients(sigma_next)
+    _, sigma_t = vp_coefficients(sigma)
+    h = math.log(sigma / sigma_next)
+    if x0_prev is None:
+        D = x0_pred
+    else:
+        r = math.log(sigma_prev / sigma) / h
+        D = (1 + 1 / (2 * r)) * x0_pred - (1 / (2 * r)) * x0_prev
+    kept = (sigma_t_next / sigma_t) * math.exp(-h)
+    return kept * x - (alpha_next * math.expm1(-2 * h)) * D + sigma_t_next * math.sqrt(-math.expm1(-2 * h)) * noise
+
+
 class DPMSolverPP2MSampler(SigmaSampler):
     """DPM-Solver++(2M); step-equal to diffusers' DPMSolverMultistepScheduler with SD v1.5's scheduler config
     (algorithm_type "dpmsolver++", solver_order 2, solver_type "midpoint", linspace spacing, lower_order_final, final
@@ -64,15 +98,20 @@ class DPMSolverPP2MSampler(SigmaSampler):
     rounded t of each Karras σ (eq. 5 of Karras et al. 2022, ρ = 7); near σ_min several Karras σ round to the
     same t (from n = 50), so `timesteps` may repeat there, exactly as in diffusers. n = 1000 without Karras repeats
     a timestep and so a σ (h = 0, a division by zero; diffusers returns NaN): minisd refuses it.
+
+    sde=True is diffusers' algorithm_type "sde-dpmsolver++": every step draws one float32 standard normal tensor
+    shaped like eps from `generator` (diffusers' randn_tensor), so the same generator gives diffusers' picture.
+    A1111's "DPM++ 2M SDE" takes its noise from k-diffusion's Brownian tree instead: same method, other pictures.
     """
 
-    name = "DPM++ 2M"  # "DPM++ 2M Karras" with use_karras_sigmas
+    name = "DPM++ 2M"  # "DPM++ 2M [SDE][ Karras]" with sde and use_karras_sigmas
     timestep_dtype = torch.int64
 
-    def __init__(self, use_karras_sigmas: bool = False) -> None:
+    def __init__(self, use_karras_sigmas: bool = False, sde: bool = False) -> None:
         super().__init__()
         self.use_karras_sigmas = use_karras_sigmas
-        self.name = "DPM++ 2M Karras" if use_karras_sigmas else "DPM++ 2M"
+        self.sde = sde
+        self.name = "DPM++ 2M" + (" SDE" if sde else "") + (" Karras" if use_karras_sigmas else "")
 
     def schedule(self, num_inference_steps: int) -> tuple[Tensor, Tensor]:
         """(timesteps (n,) int64, sigmas (n,) float64) of the full run."""
@@ -124,6 +163,11 @@ class DPMSolverPP2MSampler(SigmaSampler):
         x_t = upcast(x)
         x0_pred = (x_t - sigma_t * upcast(eps)) / alpha_t  # the data prediction x_θ from ε
         sigma_prev = self.sigmas[i - 1].item() if i > 0 else None
-        x_next = dpmpp_2m_step(x_t, x0_pred, self.x0_prev, sigma, self.sigmas[i + 1].item(), sigma_prev)
+        sigma_next = self.sigmas[i + 1].item()
+        if self.sde:  # every step draws, the last (σ_next = 0, no noise added) included, as diffusers does
+            noise = draw_noise(eps, generator, dtype=torch.float32).to(x_t.dtype)
+            x_next = dpmpp_2m_sde_step(x_t, x0_pred, self.x0_prev, sigma, sigma_next, sigma_prev, noise)
+        else:
+            x_next = dpmpp_2m_step(x_t, x0_pred, self.x0_prev, sigma, sigma_next, sigma_prev)
         self.x0_prev = x0_pred
         return x_next.to(x.dtype)
