@@ -41,10 +41,24 @@ def vp_coefficients(sigma: float) -> tuple[float, float]:
 
 
 def dpmpp_2m_step(
-    x: Tensor, x0_pred: Tensor, x0_prev: Tensor | None, sigma: float, sigma_next: float, sigma_prev: float | None
+    x: Tensor,
+    x0_pred: Tensor,
+    x0_prev: Tensor | None,
+    sigma: float,
+    sigma_next: float,
+    sigma_prev: float | None,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """One DPM-Solver++ step from σ to σ_next in x_t space: first order (= DDIM) without a previous x_0 prediction,
-    else the 2M update (Alg. 2). σ_next = 0 returns x0_pred itself (the update with e^(−h) = 0)."""
+    else the 2M update (Alg. 2). σ_next = 0 returns x0_pred itself (the update with e^(−h) = 0).
+
+    With `noise` (z ~ N(0, I)), the step of the reverse SDE instead (Lu et al. 2022, App. B; diffusers'
+    "sde-dpmsolver++", midpoint solver), with the same D_i:
+
+        ODE:  x̃_{t_i} = (σ_{t_i}/σ_{t_{i−1}})·x̃_{t_{i−1}} + α_{t_i}·(1 − e^(−h))·D_i
+        SDE:  x̃_{t_i} = (σ_{t_i}/σ_{t_{i−1}})·e^(−h)·x̃_{t_{i−1}} + α_{t_i}·(1 − e^(−2h))·D_i + σ_{t_i}·√(1 − e^(−2h))·z
+
+    The SDE keeps e^(−h) less of x_t and adds back, as fresh noise, exactly the variance it removed."""
     if sigma_next == 0:
         return x0_pred
     alpha_next, sigma_t_next = vp_coefficients(sigma_next)
@@ -55,36 +69,8 @@ def dpmpp_2m_step(
     else:
         r = math.log(sigma_prev / sigma) / h  # r_i = h_{i−1} / h_i
         D = (1 + 1 / (2 * r)) * x0_pred - (1 / (2 * r)) * x0_prev  # Alg. 2: D_i
-    return (sigma_t_next / sigma_t) * x - (alpha_next * math.expm1(-h)) * D  # Alg. 2: x̃_{t_i}
-
-
-def dpmpp_2m_sde_step(
-    x: Tensor,
-    x0_pred: Tensor,
-    x0_prev: Tensor | None,
-    sigma: float,
-    sigma_next: float,
-    sigma_prev: float | None,
-    noise: Tensor,
-) -> Tensor:
-    """One step of DPM-Solver++(2M) for the reverse SDE (Lu et al. 2022, §4 and App. B; diffusers'
-    "sde-dpmsolver++" with the midpoint solver):
-
-        x̃_{t_i} = (σ_{t_i}/σ_{t_{i−1}})·e^(−h)·x̃_{t_{i−1}} + α_{t_i}·(1 − e^(−2h))·D_i + σ_{t_i}·√(1 − e^(−2h))·z
-
-    with D_i as in the ODE step (x_θ alone on the first step). Where the ODE keeps the fraction σ_{t_i}/σ_{t_{i−1}}
-    of x_t, this keeps e^(−h) less of it and adds back, as fresh noise z, exactly the variance it removed.
-    σ_next = 0 returns x0_pred (e^(−h) = 0 and σ_{t_i} = 0: no noise)."""
-    if sigma_next == 0:
-        return x0_pred
-    alpha_next, sigma_t_next = vp_coefficients(sigma_next)
-    _, sigma_t = vp_coefficients(sigma)
-    h = math.log(sigma / sigma_next)
-    if x0_prev is None:
-        D = x0_pred
-    else:
-        r = math.log(sigma_prev / sigma) / h
-        D = (1 + 1 / (2 * r)) * x0_pred - (1 / (2 * r)) * x0_prev
+    if noise is None:
+        return (sigma_t_next / sigma_t) * x - (alpha_next * math.expm1(-h)) * D  # Alg. 2: x̃_{t_i}
     kept = (sigma_t_next / sigma_t) * math.exp(-h)
     return kept * x - (alpha_next * math.expm1(-2 * h)) * D + sigma_t_next * math.sqrt(-math.expm1(-2 * h)) * noise
 
@@ -164,10 +150,9 @@ class DPMSolverPP2MSampler(SigmaSampler):
         x0_pred = (x_t - sigma_t * upcast(eps)) / alpha_t  # the data prediction x_θ from ε
         sigma_prev = self.sigmas[i - 1].item() if i > 0 else None
         sigma_next = self.sigmas[i + 1].item()
+        noise = None
         if self.sde:  # every step draws, the last (σ_next = 0, no noise added) included, as diffusers does
             noise = draw_noise(eps, generator, dtype=torch.float32).to(x_t.dtype)
-            x_next = dpmpp_2m_sde_step(x_t, x0_pred, self.x0_prev, sigma, sigma_next, sigma_prev, noise)
-        else:
-            x_next = dpmpp_2m_step(x_t, x0_pred, self.x0_prev, sigma, sigma_next, sigma_prev)
+        x_next = dpmpp_2m_step(x_t, x0_pred, self.x0_prev, sigma, sigma_next, sigma_prev, noise)
         self.x0_prev = x0_pred
         return x_next.to(x.dtype)
