@@ -368,13 +368,14 @@ def test_train_command_refuses_bad_settings_in_one_line(tmp_path, vae_path, caps
     (tmp_path / "done.safetensors").write_bytes(b"a finished model")
     (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
     run, out = str(tmp_path / "run"), str(tmp_path / "new.safetensors")
+    invalid = "not a valid safetensors file"
     cases = {
         "vae lr": (["vae", "--run-dir", run, "--lr", "-1"], "lr must be > 0"),
         "vae pictures": (["vae", "--run-dir", run, "--num-pictures", "0"], "num_pictures must be > 0"),
         "checkpoint every": (["vae", "--run-dir", run, "--checkpoint-every", "0"], "checkpoint_every must be > 0"),
         "missing vae": (["diffusion", "--run-dir", run, "--vae", str(tmp_path / "no.safetensors")], "no such file"),
-        "corrupt vae": (["diffusion", "--run-dir", run, "--vae", str(tmp_path / "junk.safetensors")], "not a readable"),
-        "text as vae": (["diffusion", "--run-dir", run, "--vae", str(tmp_path / "done.safetensors")], "not a readable"),
+        "corrupt vae": (["diffusion", "--run-dir", run, "--vae", str(tmp_path / "junk.safetensors")], invalid),
+        "text as vae": (["diffusion", "--run-dir", run, "--vae", str(tmp_path / "done.safetensors")], invalid),
         "model as vae": (["diffusion", "--run-dir", run, "--vae", str(default_model())], "not a minisd VAE"),
         "batch size": (["diffusion", "--run-dir", run, "--vae", str(vae_path), "--batch-size", "0"], "batch_size"),
         "frozen random": (["diffusion", "--run-dir", run, "--vae", str(vae_path), "--text-steps", "0"], "frozen"),

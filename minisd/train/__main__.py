@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from minisd.cli import positive_int  # the same integer check as `minisd`
 from minisd.errors import MinisdError
 from minisd.train.common import init_distributed, read_log
 from minisd.train.diffusion_training import DiffusionTrainingConfig, train_diffusion
@@ -77,16 +78,10 @@ def diffusion_config(args: argparse.Namespace) -> DiffusionTrainingConfig:
     return config
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
-
-
 def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minisd.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=_positive, default=1, help="CPU threads (default 1: reproducible, and faster "
-                        "than 2 on a shared 2-core machine)")  # fmt: skip
+    parser.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1: reproducible, and "
+                        "faster than 2 on a shared 2-core machine)")  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     commands = parser.add_subparsers(dest="command", required=True)
     vae = commands.add_parser("vae", help="train the VAE")
@@ -108,8 +103,8 @@ def _main(argv: list[str] | None) -> int:
                       "default guidance scale (4; 0 keeps SD's 7.5)")  # fmt: skip
     evaluate = commands.add_parser("evaluate", help="held-out prompt adherence, VAE PSNR and a sample grid")
     evaluate.add_argument("--model", type=Path, help="a trained model file (default: the shipped nano model)")
-    evaluate.add_argument("--seeds", type=_positive, default=4, help="pictures per caption (4)")
-    evaluate.add_argument("--steps", type=_positive, default=25, help="sampling steps (25)")
+    evaluate.add_argument("--seeds", type=positive_int, default=4, help="pictures per caption (4)")
+    evaluate.add_argument("--steps", type=positive_int, default=25, help="sampling steps (25)")
     evaluate.add_argument("--sampler", default="DPM++ 2M", help="sampler name (DPM++ 2M)")
     evaluate.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     evaluate.add_argument("--grid", type=Path, help="write a labelled sample grid here (PNG)")

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from minisd.errors import MinisdError
 from weights_convert.detect import MINISD_METADATA, join_minisd_file
+from weights_convert.files import read_state_dict
 
 # ---------------------------------------------------------------------------------------------------------------
 # Initialisation from an explicit generator
@@ -135,14 +136,13 @@ def check_positive(config, *names: str) -> None:
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """A .safetensors file's tensors and metadata; a missing, truncated or foreign file is a one-line MinisdError."""
-    if not Path(path).is_file():
-        raise MinisdError(f"{path}: no such file")
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as file:
-            return {name: file.get_tensor(name) for name in file.keys()}, file.metadata() or {}
-    except Exception as error:  # safetensors' own error types differ between versions
-        raise MinisdError(f"{path}: not a readable .safetensors file ({error})") from None
+    """A .safetensors file's tensors and metadata. The tensors come through weights_convert's read_state_dict,
+    so a missing, empty, truncated or foreign file is its one-line MinisdError."""
+    if Path(path).suffix != ".safetensors":
+        raise MinisdError(f"{path}: not a .safetensors file")
+    tensors = read_state_dict(path)
+    with safetensors.safe_open(str(path), framework="pt") as file:
+        return tensors, file.metadata() or {}
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -219,15 +219,15 @@ def reusable(path: Path, source: dict, what: str) -> bool:
     return True
 
 
-def prepare_latents(run_dir: Path, vae_path: str | os.PathLike, config: DiffusionTrainingConfig) -> Path:
-    """Draw the training pictures, encode them with the frozen VAE and tokenize their captions, once; saved as
-    run_dir/latents.safetensors (mean, std, caption_ids, scale), which later runs and resumes reuse."""
+def prepare_latents(run_dir: Path, vae_path: str | os.PathLike, vae: VAE, config: DiffusionTrainingConfig) -> Path:
+    """Draw the training pictures, encode them with the frozen VAE (`vae`, read from `vae_path`) and tokenize their
+    captions, once; saved as run_dir/latents.safetensors (mean, std, caption_ids, scale), which later runs and
+    resumes reuse."""
     path = run_dir / "latents.safetensors"
     source = {"vae_sha256": hashlib.sha256(Path(vae_path).read_bytes()).hexdigest(), "seed": config.seed}
     source["num_pictures"] = config.num_pictures
     if reusable(path, source, "another VAE or data set"):
         return path
-    vae = load_vae(vae_path)
     pixels, captions = shapes.dataset(config.num_pictures, seed=config.seed)
     mean, std = encode_pictures(vae, pixels)
     scale = latent_scale(mean, std, torch.Generator().manual_seed(config.seed))
@@ -274,14 +274,14 @@ def train_diffusion(
     """
     dist_ = distributed or Distributed()
     config.check(dist_.world_size)
-    load_vae(vae_path)  # a missing or wrong file fails now, before the run directory is made
+    vae = load_vae(vae_path)  # read once; a missing or wrong file fails now, before the run directory is made
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     checkpoint_path = run_dir / "checkpoint.safetensors"
 
     if dist_.is_main:
-        prepare_latents(run_dir, vae_path, config)
+        prepare_latents(run_dir, vae_path, vae, config)
     dist_.barrier()  # the other ranks wait for latents.safetensors
     data = load_checkpoint(run_dir / "latents.safetensors")
     mean, std, caption_ids, scale = data["mean"], data["std"], data["caption_ids"], data["scale"]
@@ -352,7 +352,7 @@ def train_diffusion(
 
     out = run_dir / "model.safetensors"
     if dist_.is_main:
-        export_model(out, ema.shadow, load_vae(vae_path), scale, config, step)
+        export_model(out, ema.shadow, vae, scale, config, step)
     dist_.barrier()
     return DiffusionRun(out, denoiser, ema)
 
