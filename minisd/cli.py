@@ -185,20 +185,13 @@ def weights_source(args) -> str:
 
 def shapes_prompt_note(source: str, prompt: str) -> str | None:
     """A warning when weights trained by `python -m minisd.train` (the nano model) get a prompt outside the one
-    grammar they were trained on: such a model draws *something* for any prompt, so say so rather than stay silent."""
-    if not source.endswith(".safetensors"):
-        return None
-    from safetensors import safe_open
-
+    grammar they were trained on: such a model draws *something* for any prompt, so say so rather than stay silent.
+    Call it after loading: the file is known to be readable."""
+    from minisd.loading import file_metadata
     from minisd.pipelines.prompts import parse_emphasis
     from minisd.train.shapes import parse_caption
 
-    try:
-        with safe_open(source, framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception:  # not a readable safetensors file: the loader names what is wrong with it
-        return None
-    if "minisd.train_config" not in metadata:
+    if not Path(source).is_file() or "minisd.train_config" not in file_metadata(Path(source)):
         return None
     try:
         parse_caption("".join(text for text, _ in parse_emphasis(prompt)))  # "(red:1.2)" is still "red"
@@ -293,10 +286,10 @@ def command_generate(args, progress: Progress) -> None:
     total = count_model_calls(args.sampler, args.steps, strength)  # also refuses strength too small for the steps
     seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED)
     paths = output_paths(args.output, args.num_images)
+    pipe = load(source, args.dtype, args.device, args.fast, progress)
     note = shapes_prompt_note(source, args.prompt)
     if note is not None:
         print(note, file=sys.stderr)
-    pipe = load(source, args.dtype, args.device, args.fast, progress)
     common = {
         "negative_prompt": args.negative_prompt,
         "num_inference_steps": args.steps,

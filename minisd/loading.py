@@ -90,7 +90,7 @@ def load_components(
                 f"variant applies to diffusers folders and hub ids, not to a single file; got {variant!r}"
             )
         state_dicts, info = _read_single_file(path, use_ema)
-        metadata = _metadata(path)
+        metadata = file_metadata(path)
         configs = _configs_from_metadata(path, metadata) or _configs_from_shapes(state_dicts)
         sample_size, guidance_scale = _defaults_from_metadata(path, metadata)
         tokenizer = Tokenizer.from_default()
@@ -137,7 +137,7 @@ def _read_single_file(path: Path, use_ema: bool) -> tuple[dict[str, dict[str, Te
     )
 
 
-def _metadata(path: Path) -> dict[str, str]:
+def file_metadata(path: Path) -> dict[str, str]:
     """A .safetensors file's metadata ({} for .ckpt files)."""
     if path.suffix not in SAFETENSORS_SUFFIXES:
         return {}

@@ -7,6 +7,7 @@
 """
 
 from collections.abc import Callable
+from functools import partial
 
 from minisd.errors import MinisdError
 from minisd.samplers.base import Sampler
@@ -19,19 +20,6 @@ from minisd.samplers.heun import HeunSampler
 from minisd.samplers.lms import LMSSampler
 from minisd.samplers.pndm import PNDMSampler
 
-
-def _dpmpp_2m_karras() -> Sampler:
-    return DPMSolverPP2MSampler(use_karras_sigmas=True)
-
-
-def _dpmpp_2m_sde() -> Sampler:
-    return DPMSolverPP2MSampler(sde=True)
-
-
-def _dpmpp_2m_sde_karras() -> Sampler:
-    return DPMSolverPP2MSampler(use_karras_sigmas=True, sde=True)
-
-
 # A1111's display name -> how to build it, set up for SD v1 (each class's defaults are SD v1's).
 SAMPLERS: dict[str, Callable[[], Sampler]] = {
     "DDPM": DDPMSampler,
@@ -42,9 +30,9 @@ SAMPLERS: dict[str, Callable[[], Sampler]] = {
     "Euler a": EulerAncestralSampler,
     "Heun": HeunSampler,
     "DPM++ 2M": DPMSolverPP2MSampler,
-    "DPM++ 2M Karras": _dpmpp_2m_karras,
-    "DPM++ 2M SDE": _dpmpp_2m_sde,
-    "DPM++ 2M SDE Karras": _dpmpp_2m_sde_karras,
+    "DPM++ 2M Karras": partial(DPMSolverPP2MSampler, use_karras_sigmas=True),
+    "DPM++ 2M SDE": partial(DPMSolverPP2MSampler, sde=True),
+    "DPM++ 2M SDE Karras": partial(DPMSolverPP2MSampler, use_karras_sigmas=True, sde=True),
 }
 
 # Other spellings -> the display name: diffusers' class names and A1111's internal ids (k_euler_a, ...).
