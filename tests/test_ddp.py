@@ -65,20 +65,26 @@ def test_ddp_equals_single_process(tmp_path):
     rank0, rank1 = (torch.load(run_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE))
     expected = single.denoiser.state_dict()
     config = ddp_config()
-    worst = 0.0
+    differences = []
     for name, tensor in rank0.items():
         assert torch.equal(tensor, rank1[name]), name  # the same all-reduced update on every rank
-        difference = (tensor - expected[name]).abs().max().item()
-        if name.endswith("self_attn.k_proj.bias"):
-            # softmax(q·(k + b)) = softmax(q·k + q·b): the key bias shifts every score of a query equally, so
-            # its gradient is 0 in exact arithmetic and AdamW normalises rounding noise to steps of up to ~lr
-            assert difference <= 2 * config.lr * config.steps, name
-        else:
-            worst = max(worst, difference)
-    # The gradients differ only in float32 summation order (one mean over 8 samples vs the all-reduced average
-    # of two means over 4: ~1e-7 relative); after 3 AdamW steps at lr 1e-3 that moved weights by ~4e-7 at most
-    # (measured). The bar, 2e-6, is 5× that and 1/1500 of the 3e-3 a weight moves in 3 steps.
-    assert worst < 2e-6, worst
+        difference = (tensor - expected[name]).abs().flatten()
+        # AdamW moves each weight by at most ~lr a step whatever its gradient, so no weight can drift further than
+        # 2·lr·steps from the single process's. Where a gradient is ~0 in exact arithmetic (the key bias:
+        # softmax(q·(k + b)) = softmax(q·k + q·b) shifts every score of a query equally), AdamW normalises
+        # float32 rounding noise and the bound is reached.
+        assert difference.max() <= 2 * config.lr * config.steps, name
+        if not name.endswith("self_attn.k_proj.bias"):
+            differences.append(difference)
+    differences = torch.cat(differences)
+    # Elsewhere the gradients differ only in float32 summation order (one mean over 8 samples vs the all-reduced
+    # average of two means over 4: ~1e-7 relative; oneDNN picks other kernels for batch 4 and 8 on some CPUs).
+    # After 3 AdamW steps at lr 1e-3 that moves weights by ~1e-8 typically (measured: 99.9% of 1.55 M weights
+    # within 2.3e-8), and by up to ~1e-5 for the handful whose gradient is itself near rounding noise (measured:
+    # 3 weights above 2e-6 on an AMX Xeon, none on others). Bars: the 99.9th percentile under 2e-7, and at most
+    # 1 weight in 10,000 above 2e-6 — 1/1500 of the 3e-3 a weight moves in 3 steps.
+    assert differences.quantile(0.999) < 2e-7, differences.quantile(0.999)
+    assert (differences > 2e-6).sum() <= differences.numel() // 10_000, (differences > 2e-6).sum()
     assert (run_dir / "model.safetensors").exists()
     # rank 0 logs the all-reduced loss of the global batch: the single process's loss, up to summation order
     logged = [(r["step"], r["loss"]) for r in read_log(run_dir / "log.jsonl")]
