@@ -6,7 +6,17 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+)
 from tokenizers import pre_tokenizers
 from torch import nn
 
@@ -57,6 +67,27 @@ SD15_SCHEDULER_CONFIG = {
     "clip_sample": False,
     "prediction_type": "epsilon",
 }
+
+# A1111's sampler name -> the diffusers scheduler class minisd's sampler of that name is step-equal to.
+TWIN_CLASSES = {
+    "DDPM": DDPMScheduler,
+    "DDIM": DDIMScheduler,
+    "PLMS": PNDMScheduler,
+    "LMS": LMSDiscreteScheduler,
+    "Euler": EulerDiscreteScheduler,
+    "Euler a": EulerAncestralDiscreteScheduler,
+    "Heun": HeunDiscreteScheduler,
+    "DPM++ 2M": DPMSolverMultistepScheduler,
+}
+
+
+def diffusers_twin(name: str):
+    """The diffusers scheduler twin of minisd's sampler `name` (every name of minisd.samplers.sampler_names()), built
+    from SD v1.5's config: "Karras" sets use_karras_sigmas, "SDE" algorithm_type "sde-dpmsolver++"."""
+    options = {"use_karras_sigmas": True} if name.endswith(" Karras") else {}
+    if " SDE" in name:
+        options["algorithm_type"] = "sde-dpmsolver++"
+    return TWIN_CLASSES[name.removesuffix(" Karras").removesuffix(" SDE")].from_config(SD15_SCHEDULER_CONFIG, **options)
 
 
 def reference_vae(config: VAEConfig, seed: int) -> AutoencoderKL:

@@ -1,12 +1,12 @@
-"""Per-step previews: predicted_x0 equals diffusers' `pred_original_sample` (DDIM, Euler, and the other σ/ᾱ
-schedulers SD v1 uses) stepped side by side; x0_preview is the VAE decode of it; the cheap latent -> RGB map is the
-published table, and fit_latent_rgb recovers a known linear map."""
+"""Per-step previews: every sampler's x0_pred equals diffusers' x̂_0 (`pred_original_sample` where diffusers states
+one) stepped side by side; x0_preview is the VAE decode of it; the cheap latent -> RGB map is the published table,
+and fit_latent_rgb recovers a known linear map."""
 
 import inspect
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
+from diffusers import DDIMScheduler
 
 from minisd.errors import MinisdError
 from minisd.pipelines import common
@@ -15,39 +15,40 @@ from minisd.pipelines.previews import (
     fit_latent_rgb,
     image_to_pixels,
     latents_to_rgb,
-    predicted_x0,
     x0_preview,
 )
-from minisd.samplers.ddim import DDIMSampler
-from minisd.samplers.ddpm import DDPMSampler
+from minisd.samplers import get_sampler, sampler_names
 from minisd.samplers.euler import EulerSampler
-from minisd.samplers.heun import HeunSampler
 from minisd.vae import VAE, VAEConfig
 from tests.parity import assert_parity
-from tests.reference import SD15_SCHEDULER_CONFIG
+from tests.reference import SD15_SCHEDULER_CONFIG, diffusers_twin
 
-SD15 = SD15_SCHEDULER_CONFIG
-PAIRS = {  # minisd sampler -> diffusers twin
-    "DDIM": (DDIMSampler, lambda: DDIMScheduler.from_config(SD15)),
-    "DDPM": (DDPMSampler, lambda: DDPMScheduler.from_config(SD15)),
-    "Euler": (EulerSampler, lambda: EulerDiscreteScheduler.from_config(SD15)),
-    "Heun": (HeunSampler, lambda: HeunDiscreteScheduler.from_config(SD15)),
-}
 # diffusers computes ᾱ and σ in float32, minisd in float64 and casts last: ~1e-7 relative per value (x_t − σ·ε
 # cancels to x̂_0, whose scale is about that of x, so the relative error stays near float32's 6e-8 · σ_max). 1e-5
-# leaves room; using the σ or ᾱ of the wrong step changes x̂_0 by 1e-2 and more.
+# leaves room; using the σ or ᾱ of the wrong step changes x̂_0 by 1e-2 and more, and DPM++'s x_t read as x = x_t/√ᾱ
+# by 14.6 at its first step.
 REL_TOL = 1e-5
 STEPS = 8
 
 
-@pytest.mark.parametrize("name", list(PAIRS))
+def reference_x0(name: str, ref, out, eps, t, x, ddim) -> torch.Tensor:
+    """diffusers' x̂_0 for the model call just stepped (ref.step(eps, t, x) returned `out`)."""
+    if name == "PLMS":  # PNDMScheduler states no x̂_0: DDIM's pred_original_sample is the ᾱ family's at (ε, t, x_t)
+        return ddim.step(eps, t, x).pred_original_sample
+    if name.startswith("DPM++"):  # DPMSolverMultistepScheduler keeps its data prediction x_θ, not in its output
+        return ref.model_outputs[-1]
+    return out.pred_original_sample
+
+
+@pytest.mark.parametrize("name", sampler_names())
 @torch.no_grad()
-def test_predicted_x0_matches_diffusers(name):
+def test_x0_pred_matches_diffusers(name):
     """Step both side by side with the same ε (a fixed function of x) and compare x̂_0 at every model call."""
-    make_ours, make_ref = PAIRS[name]
-    ours, ref = make_ours(), make_ref()
+    ours, ref = get_sampler(name), diffusers_twin(name)
+    ddim = DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG)
     ours.set_timesteps(STEPS)
     ref.set_timesteps(STEPS)
+    ddim.set_timesteps(STEPS)
     assert torch.equal(ours.timesteps.float(), ref.timesteps.float())
     g = torch.Generator().manual_seed(0)
     x = torch.randn((1, 4, 8, 8), generator=g) * ours.init_noise_sigma
@@ -55,28 +56,29 @@ def test_predicted_x0_matches_diffusers(name):
     x0_ours, x0_ref = [], []
     for t in ours.timesteps:
         eps = torch.sin(3 * x) + 0.1 * torch.randn(x.shape, generator=g)  # any ε: the formula is what is tested
-        x0_ours.append(predicted_x0(ours, eps, t, x))
+        x0_ours.append(ours.x0_pred(eps, t, x))
         extra = {"generator": torch.Generator().manual_seed(1)} if takes_generator else {}
         out = ref.step(eps, t, x, **extra)
-        x0_ref.append(out.pred_original_sample)
+        x0_ref.append(reference_x0(name, ref, out, eps, t, x, ddim))
         ours.step(eps, t, x, generator=torch.Generator().manual_seed(1))  # keeps minisd's sampler in its run
         x = out.prev_sample  # both go on from diffusers' x
-    test = f"test_predicted_x0_matches_diffusers[{name}]"
+    test = f"test_x0_pred_matches_diffusers[{name}]"
     component = f"{name} x0 predictions, all {len(x0_ref)} calls"
     assert_parity(test, component, torch.stack(x0_ours), torch.stack(x0_ref), REL_TOL)
 
 
 @torch.no_grad()
-def test_x0_preview_is_the_decode_of_predicted_x0():
+def test_x0_preview_is_the_decode_of_x0_pred():
     vae = VAE(VAEConfig(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4)).eval()
     sampler = EulerSampler()
     sampler.set_timesteps(4)
+    sampler.step(torch.zeros(2, 4, 6, 5), sampler.timesteps[0], torch.zeros(2, 4, 6, 5))  # now at the 2nd call
     t = sampler.timesteps[1]
     g = torch.Generator().manual_seed(2)
     latents, eps = torch.randn((2, 4, 6, 5), generator=g) * 3, torch.randn((2, 4, 6, 5), generator=g)
     pixels = x0_preview(sampler, eps, t, latents, vae)
     assert pixels.shape == (2, 12, 10, 3) and pixels.dtype == torch.uint8
-    expected = common.decode(vae, latents - sampler.sigma_of(t).float().reshape(-1, 1, 1, 1) * eps)
+    expected = common.decode(vae, latents - sampler.sigmas[1].item() * eps)  # D(x; σ_1) = x − σ_1·ε
     assert torch.equal(pixels, image_to_pixels(expected))
 
 
@@ -113,5 +115,10 @@ def test_bad_input():
         latents_to_rgb(torch.zeros(1, 3, 4, 4))
     with pytest.raises(MinisdError, match="weight must be"):
         latents_to_rgb(torch.zeros(1, 4, 4, 4), weight=torch.zeros(3, 4))
-    with pytest.raises(MinisdError, match="sampler must be"):
-        predicted_x0(object(), torch.zeros(1, 4, 2, 2), 1, torch.zeros(1, 4, 2, 2))
+    vae = VAE(VAEConfig(block_out_channels=(8,), layers_per_block=1, norm_num_groups=4))
+    with pytest.raises(MinisdError, match="sampler must be a minisd Sampler"):
+        x0_preview(object(), torch.zeros(1, 4, 2, 2), 1, torch.zeros(1, 4, 2, 2), vae)
+    sampler = EulerSampler()
+    sampler.set_timesteps(4)
+    with pytest.raises(MinisdError, match=r"t must be sampler.timesteps\[0\]"):  # x̂_0 of a call not made now
+        sampler.x0_pred(torch.zeros(1, 4, 2, 2), sampler.timesteps[1], torch.zeros(1, 4, 2, 2))

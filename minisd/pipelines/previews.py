@@ -5,13 +5,14 @@ Two previews, a cheap one and a true one:
     linear colour space (luminance, two colour axes, a pattern channel), so a fixed 4×3 matrix gives a blurry,
     1/8-size RGB picture for free (microseconds).
   - x0_preview(sampler, eps, t, latents, vae): the full VAE decode of the sampler's current estimate of the clean
-    latents x̂_0 (predicted_x0). Sharp, but costs one VAE decode per preview.
+    latents x̂_0 (sampler.x0_pred). Sharp, but costs one VAE decode per preview.
 
 code        paper / diffusers
 eps         ε_θ(x_t, t), the UNet's noise prediction              model_output
-x0_pred     x̂_0, the clean latents the current ε implies         pred_original_sample
-alpha_bar   ᾱ_t (DDPM, DDIM, PLMS: x_t = √ᾱ·x_0 + √(1 − ᾱ)·ε)    alphas_cumprod[t]
-sigma       σ (Euler, LMS, Heun, DPM++: x = x_0 + σ·ε)            sigmas[step_index]
+x0_pred     x̂_0, the clean latents the current ε implies, in each sampler's own space:
+              DDPM, DDIM, PLMS      x_t = √ᾱ·x_0 + √(1 − ᾱ)·ε  ->  (x_t − √(1 − ᾱ)·ε) / √ᾱ       pred_original_sample
+              Euler, LMS, Heun      x = x_0 + σ·ε                ->  x − σ·ε = D(x; σ)          pred_original_sample
+              DPM++                 x_t = α_t·x_0 + σ_t·ε        ->  (x_t − σ_t·ε) / α_t       model_outputs[-1]
 
 The pipelines' callback(step, timestep, latents) receives the latents after each step but not ε, so inside a
 callback only the cheap preview applies (of the noisy latents); x0_preview belongs in a loop written out as the
@@ -35,7 +36,6 @@ from torch import Tensor
 from minisd.errors import MinisdError
 from minisd.pipelines.common import decode
 from minisd.samplers.base import Sampler
-from minisd.samplers.sigmas import SigmaSampler
 from minisd.vae import VAE
 
 # SD v1 latents (UNet space: LATENT_SCALE · z) -> RGB in about [-1, 1], one row per latent channel, one column per
@@ -107,33 +107,18 @@ def fit_latent_rgb(latents: Tensor, image: Tensor) -> tuple[Tensor, Tensor]:
     return solution[:4], solution[4]
 
 
-def predicted_x0(sampler: Sampler, eps: Tensor, t: Tensor | float, latents: Tensor) -> Tensor:
-    """x̂_0: the clean latents that the noise prediction eps implies, in the sampler's own terms. (b, 4, h, w).
-
-    eps: the (guided) UNet output at timestep t; latents: the sampler's latents the UNet was shown at t (before
-    scale_model_input and before sampler.step). Equal to diffusers' `pred_original_sample`.
-      ᾱ samplers (DDPM, DDIM, PLMS):       x̂_0 = (x_t − √(1 − ᾱ_t)·ε) / √ᾱ_t          (DDPM eq. 15; DDIM eq. 12)
-      σ samplers (Euler, LMS, Heun, DPM++): x̂_0 = x − σ·ε = D(x; σ)                   (Karras et al. 2022, eq. 7)
-    Computed in at least float32, returned in latents' dtype.
-    """
-    x = latents.to(torch.promote_types(latents.dtype, torch.float32))
-    eps = eps.to(x.dtype)
-    if isinstance(sampler, SigmaSampler):
-        sigma = sampler.sigma_of(t).to(device=x.device, dtype=x.dtype).reshape(-1, 1, 1, 1)  # σ of this call
-        return (x - sigma * eps).to(latents.dtype)
-    alphas_cumprod = getattr(sampler, "alphas_cumprod", None)
-    if alphas_cumprod is None:
-        raise MinisdError(f"sampler must be a minisd σ or ᾱ sampler, got {type(sampler).__name__}")
-    alpha_bar_t = alphas_cumprod[int(t)].item()  # float64 table, one value
-    return ((x - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5).to(latents.dtype)
-
-
 def x0_preview(
     sampler: Sampler, eps: Tensor, t: Tensor | float, latents: Tensor, vae: VAE, tiling: bool = False
 ) -> Tensor:
-    """The true preview: the full VAE decode of predicted_x0(sampler, eps, t, latents) (see there for the inputs).
+    """The true preview: the full VAE decode of sampler.x0_pred(eps, t, latents), the clean latents x̂_0 that the
+    sampler's own maths gives for this model call (each sampler family states its x̂_0: samplers/base.py,
+    sigmas.py, dpm_solver.py).
 
-    Returns pixels (b, 8h, 8w, 3) uint8 on the CPU: what the image would be if the sampler jumped to the end now.
-    Costs one VAE decode (common.decode: the fp16 NaN fallback and tiling apply).
+    eps: the (guided) UNet output at timestep t; latents: what the sampler gave that call (before
+    scale_model_input and before sampler.step, which moves the sampler on). Returns pixels (b, 8h, 8w, 3) uint8 on
+    the CPU: what the image would be if the sampler jumped to the end now. Costs one VAE decode (common.decode:
+    the fp16 NaN fallback and tiling apply).
     """
-    return image_to_pixels(decode(vae, predicted_x0(sampler, eps, t, latents), tiling))
+    if not isinstance(sampler, Sampler):
+        raise MinisdError(f"sampler must be a minisd Sampler (from get_sampler), got {type(sampler).__name__}")
+    return image_to_pixels(decode(vae, sampler.x0_pred(eps, t, latents), tiling))

@@ -78,6 +78,21 @@ def next_timestep(timesteps: Tensor, t: Tensor | int) -> tuple[int, int]:
     return t, int(timesteps[i + 1]) if i + 1 < len(timesteps) else -1
 
 
+def upcast(x: Tensor) -> Tensor:
+    """x in at least float32: steps are computed there and cast back, so fp16 latents lose nothing to the step."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def x0_from_eps(x_t: Tensor, eps: Tensor, alpha_bar_t: float) -> Tensor:
+    """x̂_0 = (x_t − √(1 − ᾱ_t)·ε) / √ᾱ_t: DDPM eq. 4 solved for x_0 (DDIM eq. 12's "predicted x_0"; diffusers'
+    `pred_original_sample`), the ᾱ samplers' x̂_0. x_t, eps: (b, c, h, w); alpha_bar_t: ᾱ_t in (0, 1].
+
+    >>> x0_from_eps(torch.tensor([1.0]), torch.tensor([1.0]), 0.25)  # (1 − √0.75) / √0.25
+    tensor([0.2679])
+    """
+    return (x_t - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5
+
+
 def draw_noise(like: Tensor, generator: Generator | None, dtype: torch.dtype | None = None) -> Tensor:
     """Standard normal noise of `like`'s shape and dtype (or `dtype`), drawn the way diffusers' `randn_tensor`
     draws a step's noise, so one generator gives diffusers' exact numbers: one torch.randn call, in that dtype (a
@@ -117,6 +132,12 @@ class Sampler:
         """One move from x at t to the next, less noisy, x, given the model's noise prediction eps."""
         raise NotImplementedError
 
+    def x0_pred(self, eps: Tensor, t: Tensor | int, x: Tensor) -> Tensor:
+        """x̂_0: the clean latents the model call at t implies, in this sampler's own terms (diffusers'
+        `pred_original_sample`). Call it between the UNet call and `step`, with the x that call was given (before
+        scale_model_input). eps, x: (b, c, h, w); computed in at least float32, returned in x's dtype."""
+        raise NotImplementedError
+
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
         """Noise clean latents x0 to the level of timestep t, in this sampler's space."""
         raise NotImplementedError
@@ -142,6 +163,10 @@ class AlphaBarSampler(Sampler):
     ) -> None:
         """One model call per timestep: n of them, or ⌊n · strength⌋ for image-to-image."""
         self.timesteps = inference_timesteps(num_inference_steps, strength, timesteps, self.timestep_spacing)
+
+    def x0_pred(self, eps: Tensor, t: Tensor | int, x: Tensor) -> Tensor:
+        """x̂_0 = (x_t − √(1 − ᾱ_t)·ε) / √ᾱ_t (x0_from_eps), x being x_t."""
+        return x0_from_eps(upcast(x), upcast(eps), self.alphas_cumprod[int(t)].item()).to(x.dtype)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
         """x_t = √ᾱ_t · x0 + √(1 − ᾱ_t) · noise (DDPM eq. 4); x0, noise: (b, c, h, w)."""

@@ -16,7 +16,7 @@ fresh noise of size σ_t when η > 0.
 from torch import Generator, Tensor
 
 from minisd.errors import MinisdError
-from minisd.samplers.base import AlphaBarSampler, draw_noise, next_timestep
+from minisd.samplers.base import AlphaBarSampler, draw_noise, next_timestep, x0_from_eps
 
 
 class DDIMSampler(AlphaBarSampler):
@@ -44,7 +44,7 @@ class DDIMSampler(AlphaBarSampler):
         t, t_prev = next_timestep(self.timesteps, t)
         alpha_bar_t = self.alphas_cumprod[t].item()
         alpha_bar_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else self.final_alpha_bar
-        x0_pred = (x - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5  # eq. 12, "predicted x_0"
+        x0_pred = x0_from_eps(x, eps, alpha_bar_t)  # eq. 12, "predicted x_0"
         ddpm_variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)  # σ_t(η=1)²
         sigma_t = self.eta * ddpm_variance**0.5  # eq. 16
         direction = (1 - alpha_bar_prev - sigma_t**2) ** 0.5 * eps  # eq. 12, "direction pointing to x_t"

@@ -16,7 +16,7 @@ Written through x0_pred it equals eq. 11's μ_θ = (x_t − β_t / √(1 − ᾱ
 
 from torch import Generator, Tensor
 
-from minisd.samplers.base import AlphaBarSampler, draw_noise, next_timestep
+from minisd.samplers.base import AlphaBarSampler, draw_noise, next_timestep, x0_from_eps
 
 
 class DDPMSampler(AlphaBarSampler):
@@ -40,7 +40,7 @@ class DDPMSampler(AlphaBarSampler):
         alpha_bar_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0  # past the end: x_0 itself
         alpha_t = alpha_bar_t / alpha_bar_prev  # one step of the spaced chain: α_t = ᾱ_t / ᾱ_prev
         beta_t = 1 - alpha_t
-        x0_pred = (x - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5  # eq. 4 solved for x_0
+        x0_pred = x0_from_eps(x, eps, alpha_bar_t)  # eq. 4 solved for x_0
         x0_coef = alpha_bar_prev**0.5 * beta_t / (1 - alpha_bar_t)  # eq. 7, μ̃_t's weight on x_0
         xt_coef = alpha_t**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar_t)  # eq. 7, μ̃_t's weight on x_t
         mean = x0_coef * x0_pred + xt_coef * x

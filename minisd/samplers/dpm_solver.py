@@ -25,9 +25,9 @@ import torch
 from torch import Generator, Tensor
 
 from minisd.errors import MinisdError
-from minisd.samplers.base import draw_noise
+from minisd.samplers.base import draw_noise, upcast
 from minisd.samplers.schedule import NUM_TRAIN_TIMESTEPS
-from minisd.samplers.sigmas import SigmaSampler, karras_sigmas, linspace_exact, sigma_at, t_at, upcast
+from minisd.samplers.sigmas import SigmaSampler, karras_sigmas, linspace_exact, sigma_at, t_at
 
 
 def vp_coefficients(sigma: float) -> tuple[float, float]:
@@ -38,6 +38,18 @@ def vp_coefficients(sigma: float) -> tuple[float, float]:
     """
     alpha_t = 1 / math.sqrt(sigma**2 + 1)
     return alpha_t, sigma * alpha_t
+
+
+def data_prediction(x_t: Tensor, eps: Tensor, sigma: float) -> Tensor:
+    """x_θ = (x_t − σ_t·ε) / α_t: the data prediction from ε (Lu et al. 2022's x_θ; diffusers'
+    `convert_model_output`), DPM++'s x̂_0. Unlike the other σ samplers' D(x; σ) = x − σ·ε, x_t here is the VP
+    latent √ᾱ·x_0 + √(1 − ᾱ)·ε itself, not x_t / √ᾱ. x_t, eps: (b, c, h, w); sigma: σ = σ_t / α_t.
+
+    >>> data_prediction(torch.tensor([1.0]), torch.tensor([1.0]), 1.0)  # α_t = σ_t = 1/√2: (1 − 1/√2)·√2
+    tensor([0.4142])
+    """
+    alpha_t, sigma_t = vp_coefficients(sigma)
+    return (x_t - sigma_t * eps) / alpha_t
 
 
 def dpmpp_2m_step(
@@ -140,14 +152,17 @@ class DPMSolverPP2MSampler(SigmaSampler):
         alpha_t, sigma_t = alpha_t.to(device=x0.device, dtype=x0.dtype), (sigma * alpha_t).to(x0.device, x0.dtype)
         return alpha_t * x0 + sigma_t * noise
 
+    def x0_pred(self, eps: Tensor, t: Tensor | int, x: Tensor) -> Tensor:
+        """x̂_0 = x_θ = (x_t − σ_t·ε) / α_t (data_prediction), x being x_t and σ this call's."""
+        return data_prediction(upcast(x), upcast(eps), self.call_sigma(t)).to(x.dtype)
+
     def step(self, eps: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
         """x_t at step i -> x_t at step i + 1. eps, x: (b, c, h, w); returns x's dtype (computed in >= float32)."""
         sigma = self.call_sigma(t)
         i = self.step_index
         self.step_index += 1
-        alpha_t, sigma_t = vp_coefficients(sigma)
         x_t = upcast(x)
-        x0_pred = (x_t - sigma_t * upcast(eps)) / alpha_t  # the data prediction x_θ from ε
+        x0_pred = data_prediction(x_t, upcast(eps), sigma)  # the data prediction x_θ from ε
         sigma_prev = self.sigmas[i - 1].item() if i > 0 else None
         sigma_next = self.sigmas[i + 1].item()
         noise = None

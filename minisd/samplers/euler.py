@@ -11,12 +11,13 @@ d             d_i = (x_i − D_θ(x_i; σ_i)) / σ_i  derivative
 
 from torch import Generator, Tensor
 
-from minisd.samplers.sigmas import SigmaSampler, upcast
+from minisd.samplers.base import upcast
+from minisd.samplers.sigmas import SigmaSampler, denoised_from_eps
 
 
 def euler_step(x: Tensor, eps: Tensor, sigma: float, sigma_next: float) -> Tensor:
     """One Euler step of dx/dσ = (x − D(x; σ)) / σ from σ to σ_next. x, eps: (b, c, h, w)."""
-    denoised = x - sigma * eps  # D(x; σ) for an ε-predicting model (Karras eq. 7: c_skip = 1, c_out = −σ)
+    denoised = denoised_from_eps(x, eps, sigma)  # D(x; σ) (Karras eq. 7)
     d = (x - denoised) / sigma  # the ODE's slope dx/dσ (Karras Alg. 1 line 4, σ(t) = t)
     return x + (sigma_next - sigma) * d  # Alg. 1 line 5
 

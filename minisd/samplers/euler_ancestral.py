@@ -15,9 +15,9 @@ import math
 
 from torch import Generator, Tensor
 
-from minisd.samplers.base import draw_noise
+from minisd.samplers.base import draw_noise, upcast
 from minisd.samplers.euler import euler_step
-from minisd.samplers.sigmas import SigmaSampler, upcast
+from minisd.samplers.sigmas import SigmaSampler
 
 
 def ancestral_sigmas(sigma: float, sigma_next: float) -> tuple[float, float]:

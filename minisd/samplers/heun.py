@@ -13,7 +13,8 @@ d_next        d'_i, the slope at x_{i+1}          derivative of the second call
 
 from torch import Generator, Tensor
 
-from minisd.samplers.sigmas import SigmaSampler, upcast
+from minisd.samplers.base import upcast
+from minisd.samplers.sigmas import SigmaSampler
 
 
 def heun_correct(x: Tensor, d: Tensor, x_pred: Tensor, eps_next: Tensor, sigma: float, sigma_next: float) -> Tensor:

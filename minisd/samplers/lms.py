@@ -15,7 +15,8 @@ interpolating polynomial through the last k slopes (k = 1: Euler).
 
 from torch import Generator, Tensor
 
-from minisd.samplers.sigmas import SigmaSampler, upcast
+from minisd.samplers.base import upcast
+from minisd.samplers.sigmas import SigmaSampler, denoised_from_eps
 
 
 def lagrange_integral(nodes: list[float], j: int, a: float, b: float) -> float:
@@ -75,7 +76,7 @@ class LMSSampler(SigmaSampler):
         i = self.step_index
         self.step_index += 1
         x_i, eps = upcast(x), upcast(eps)
-        denoised = x_i - sigma * eps  # D(x_i; σ_i) (Karras et al. 2022 eq. 7, ε-prediction)
+        denoised = denoised_from_eps(x_i, eps, sigma)  # D(x_i; σ_i) (Karras et al. 2022 eq. 7)
         d = (x_i - denoised) / sigma  # dx/dσ at σ_i (Karras Alg. 1, σ(t) = t)
         self.derivatives = [*self.derivatives, d][-self.max_order :]
         order = len(self.derivatives)  # 1, 2, 3, 4, 4, …: only this run's own slopes

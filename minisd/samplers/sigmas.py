@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from minisd.errors import MinisdError
-from minisd.samplers.base import Sampler, img2img_start
+from minisd.samplers.base import Sampler, img2img_start, upcast
 from minisd.samplers.schedule import (
     NUM_TRAIN_TIMESTEPS,
     alphas_cumprod_from_betas,
@@ -110,9 +110,14 @@ def check_sigmas(sigmas: Tensor | list[float]) -> Tensor:
     return sigmas
 
 
-def upcast(x: Tensor) -> Tensor:
-    """x in at least float32: steps are computed there and cast back, so fp16 latents lose nothing to the step."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+def denoised_from_eps(x: Tensor, eps: Tensor, sigma: float) -> Tensor:
+    """D(x; σ) = x − σ·ε: the denoiser of an ε-predicting model (Karras et al. 2022 eq. 7 with c_skip = 1,
+    c_out = −σ), the σ samplers' x̂_0. x, eps: (b, c, h, w).
+
+    >>> denoised_from_eps(torch.tensor([3.0]), torch.tensor([1.0]), 2.0)
+    tensor([1.])
+    """
+    return x - sigma * eps
 
 
 class SigmaSampler(Sampler):
@@ -200,6 +205,10 @@ class SigmaSampler(Sampler):
     def scale_model_input(self, x: Tensor, t: Tensor | float) -> Tensor:
         """The UNet's input x_t = x / √(σ² + 1) (Karras Table 1, VP: c_in = 1/√(σ² + 1))."""
         return x / math.sqrt(self.call_sigma(t) ** 2 + 1)
+
+    def x0_pred(self, eps: Tensor, t: Tensor | float, x: Tensor) -> Tensor:
+        """x̂_0 = D(x; σ) = x − σ·ε (denoised_from_eps), σ being this call's."""
+        return denoised_from_eps(upcast(x), upcast(eps), self.call_sigma(t)).to(x.dtype)
 
     def sigma_of(self, t: Tensor | float) -> Tensor:
         """σ of each timestep in t (the first place it appears in this run's `timesteps`), float64, shape (b,)."""
