@@ -49,7 +49,7 @@ def write_sd_v1_config_folder(folder: str | os.PathLike) -> Path:
     from minisd.clip import TextEncoder, TextEncoderConfig
     from minisd.unet import UNet, UNetConfig
     from minisd.vae import VAE, VAEConfig
-    from weights_convert.__main__ import write_configs
+    from weights_convert.folders import write_configs
 
     with torch.device("meta"):
         components = {

@@ -187,9 +187,9 @@ def shapes_prompt_note(source: str, prompt: str) -> str | None:
     """A warning when weights trained by `python -m minisd.train` (the nano model) get a prompt outside the one
     grammar they were trained on: such a model draws *something* for any prompt, so say so rather than stay silent.
     Call it after loading: the file is known to be readable."""
-    from minisd.loading import file_metadata
     from minisd.pipelines.prompts import parse_emphasis
     from minisd.train.shapes import parse_caption
+    from weights_convert.folders import file_metadata
 
     if not Path(source).is_file() or "minisd.train_config" not in file_metadata(Path(source)):
         return None
@@ -347,7 +347,7 @@ def command_regenerate(args, progress: Progress) -> None:
 
 def command_info(args) -> None:
     from minisd.loading import hub_snapshot
-    from weights_convert.__main__ import command_info as describe
+    from weights_convert.folders import describe
 
     path = Path(args.source)
     if not path.exists() and HUB_ID.match(args.source):

@@ -15,13 +15,11 @@ thrown away, no second copy: the parameters are views of the memory-mapped file 
 for. Anything that is not SD v1 is refused with a one-line MinisdError saying what was found.
 """
 
-import json
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors
 import torch
 from torch import Tensor, nn
 
@@ -29,22 +27,16 @@ from minisd.clip import TextEncoder, TextEncoderConfig
 from minisd.errors import MinisdError
 from minisd.tokenizer import Tokenizer
 from minisd.unet import UNet, UNetConfig
-from minisd.vae import LATENT_SCALE, VAE, VAEConfig
-from weights_convert.detect import CheckpointInfo, inspect_checkpoint, split_minisd_file
-from weights_convert.files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_state_dict
-from weights_convert.keymap_diffusers import diffusers_to_minisd
-from weights_convert.keymap_ldm import ldm_to_minisd
+from minisd.vae import VAE, VAEConfig
+from weights_convert.configs import COMPONENTS, fields_from
+from weights_convert.detect import CheckpointInfo
+from weights_convert.files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
+from weights_convert.folders import TOKENIZER_FILES, WEIGHT_FILES, read_weights
 
-COMPONENTS = ("unet", "vae", "text_encoder")
-# A diffusers folder's weights, best first: "{v}" is "" or "." + variant ("fp16" -> *.fp16.safetensors).
-WEIGHT_FILES = {
-    "unet": ("diffusion_pytorch_model{v}.safetensors", "diffusion_pytorch_model{v}.bin"),
-    "vae": ("diffusion_pytorch_model{v}.safetensors", "diffusion_pytorch_model{v}.bin"),
-    "text_encoder": ("model{v}.safetensors", "pytorch_model{v}.bin"),
-}
-TOKENIZER_FILES = ("tokenizer/vocab.json", "tokenizer/merges.txt")
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # "org/name"
+# The network each component is, and its dataclass config (whose fields are config.json keys).
+NETWORKS = {"unet": (UNet, UNetConfig), "vae": (VAE, VAEConfig), "text_encoder": (TextEncoder, TextEncoderConfig)}
 
 
 @dataclass
@@ -85,14 +77,8 @@ def load_components(
         raise MinisdError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
     path = Path(source)
     if path.is_file():
-        if variant is not None:
-            raise MinisdError(
-                f"variant applies to diffusers folders and hub ids, not to a single file; got {variant!r}"
-            )
-        state_dicts, info = _read_single_file(path, use_ema)
-        metadata = file_metadata(path)
-        configs = _configs_from_metadata(path, metadata) or _configs_from_shapes(state_dicts)
-        sample_size, guidance_scale = _defaults_from_metadata(path, metadata)
+        weights = read_weights(path, use_ema, variant)
+        sample_size, guidance_scale = _defaults_from_metadata(path, weights.metadata)
         tokenizer = Tokenizer.from_default()
     else:
         if path.is_dir():
@@ -104,59 +90,20 @@ def load_components(
                 f"source must be a weights file, a diffusers folder or a hub id 'org/name'; {str(source)!r} is "
                 "none of these (no such file or folder)"
             )
-        state_dicts, configs, info = _read_folder(folder, variant)
-        latent_size = _read_config(folder / "unet" / "config.json").get("sample_size", 64)
-        factor = configs["vae"].downscale_factor
+        weights = read_weights(folder, use_ema, variant)
+        latent_size = weights.configs["unet"].get("sample_size", 64)
+        factor = fields_from(VAEConfig, weights.configs["vae"]).downscale_factor
         sample_size, guidance_scale = latent_size * factor if isinstance(latent_size, int) else 512, 7.5
         tokenizer = _folder_tokenizer(folder)
     unet, vae, text_encoder = (
-        _build(component, module_class, configs[component], state_dicts[component], dtype, device)
-        for component, module_class in (("unet", UNet), ("vae", VAE), ("text_encoder", TextEncoder))
+        _build(component, weights.configs[component], weights.state_dicts[component], dtype, device)
+        for component in COMPONENTS  # unet, vae, text_encoder
     )
-    return Components(tokenizer, text_encoder, vae, unet, info, sample_size, guidance_scale)
+    return Components(tokenizer, text_encoder, vae, unet, weights.info, sample_size, guidance_scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Single files
-
-
-def _read_single_file(path: Path, use_ema: bool) -> tuple[dict[str, dict[str, Tensor]], CheckpointInfo]:
-    """One file -> minisd state dicts {"unet", "vae", "text_encoder"} (views of the file) and what it is."""
-    state_dict = read_state_dict(path)
-    try:
-        info = inspect_checkpoint(state_dict)
-        if info.layout == "ldm":
-            return ldm_to_minisd(state_dict, use_ema=use_ema), info
-        if info.layout == "minisd":
-            return split_minisd_file(state_dict), info
-    except MinisdError as error:
-        raise MinisdError(f"{path}: {error}") from None
-    raise MinisdError(
-        f"{path}: holds only one part of a diffusers folder ({info.layout}); pass the folder with unet/, vae/, "
-        "text_encoder/ instead"
-    )
-
-
-def file_metadata(path: Path) -> dict[str, str]:
-    """A .safetensors file's metadata ({} for .ckpt files)."""
-    if path.suffix not in SAFETENSORS_SUFFIXES:
-        return {}
-    with safetensors.safe_open(str(path), framework="pt") as file:
-        return file.metadata() or {}
-
-
-def _configs_from_metadata(path: Path, metadata: dict[str, str]) -> dict[str, object] | None:
-    """The configs minisd's trainer writes into its files' metadata ("minisd.config": JSON of the three dataclass
-    configs), which hold what shapes cannot tell: head counts and GroupNorm groups. None for other files."""
-    text = metadata.get("minisd.config")
-    if text is None:
-        return None
-    try:
-        configs = json.loads(text)
-        classes = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": TextEncoderConfig}
-        return {name: _fields_from(cls, configs[name]) for name, cls in classes.items()}
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise MinisdError(f"{path}: its minisd.config metadata is not valid ({error!r:.80})") from None
+# What a file or folder says beyond its weights
 
 
 def _defaults_from_metadata(path: Path, metadata: dict[str, str]) -> tuple[int, float]:
@@ -168,187 +115,6 @@ def _defaults_from_metadata(path: Path, metadata: dict[str, str]) -> tuple[int, 
     if not re.fullmatch(r"\d{1,3}(\.\d+)?", guidance) or float(guidance) > 100:
         raise MinisdError(f"{path}: its minisd.guidance_scale metadata must be a number in [0, 100], got {guidance!r}")
     return int(text), float(guidance)
-
-
-def _count(state_dict: dict[str, Tensor], prefix: str) -> int:
-    """How many numbered children `prefix.<i>.` the keys show (layers, ResNets, levels).
-
-    >>> _count({"down_blocks.0.resnets.0.conv1.weight": 0, "down_blocks.1.resnets.0.conv1.weight": 0}, "down_blocks")
-    2
-    """
-    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-    return len({m.group(1) for m in map(pattern.match, state_dict) if m})
-
-
-def _configs_from_shapes(state_dicts: dict[str, dict[str, Tensor]]) -> dict[str, object]:
-    """Configs of a single file, read off its tensor shapes. Head counts and GroupNorm groups are not in the
-    weights: they stay SD v1's (8 UNet heads, 12 CLIP heads, 32 groups), as for the tiny test models."""
-    unet, vae, clip = state_dicts["unet"], state_dicts["vae"], state_dicts["text_encoder"]
-    try:
-        unet_levels = _count(unet, "down_blocks")
-        vae_levels = _count(vae, "encoder.down_blocks")
-        return {
-            "unet": UNetConfig(
-                in_channels=unet["conv_in.weight"].shape[1],
-                out_channels=unet["conv_out.weight"].shape[0],
-                block_out_channels=tuple(
-                    unet[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(unet_levels)
-                ),
-                layers_per_block=_count(unet, "down_blocks.0.resnets"),
-                cross_attention_dim=unet["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"].shape[1],
-            ),
-            "vae": VAEConfig(
-                in_channels=vae["encoder.conv_in.weight"].shape[1],
-                out_channels=vae["decoder.conv_out.weight"].shape[0],
-                latent_channels=vae["post_quant_conv.weight"].shape[0],
-                block_out_channels=tuple(
-                    vae[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(vae_levels)
-                ),
-                layers_per_block=_count(vae, "encoder.down_blocks.0.resnets"),
-            ),
-            "text_encoder": TextEncoderConfig(
-                vocab_size=clip["embeddings.token_embedding.weight"].shape[0],
-                hidden_size=clip["embeddings.token_embedding.weight"].shape[1],
-                intermediate_size=clip["encoder.layers.0.mlp.fc1.weight"].shape[0],
-                num_hidden_layers=_count(clip, "encoder.layers"),
-                max_position_embeddings=clip["embeddings.position_embedding.weight"].shape[0],
-            ),
-        }
-    except KeyError as error:
-        raise MinisdError(f"cannot read the network sizes: the file lacks {error.args[0]}") from None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Diffusers folders
-
-
-def _read_folder(folder: Path, variant: str | None):
-    """A diffusers folder -> minisd state dicts, minisd configs (from each config.json) and a CheckpointInfo."""
-    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
-    if missing:
-        found = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-        raise MinisdError(
-            f"{folder}: not a complete diffusers SD v1 folder: no {', '.join(c + '/' for c in missing)} directory "
-            f"(found: {_some(found) or 'no directories'})"
-        )
-    state_dicts, configs = {}, {}
-    for component in COMPONENTS:
-        config_path = folder / component / "config.json"
-        configs[component] = CONFIG_READERS[component](_read_config(config_path), config_path)
-        weights = _weights_file(folder / component, component, variant)
-        state_dicts[component] = diffusers_to_minisd(component, read_state_dict(weights))
-    try:
-        unet_info = inspect_checkpoint(state_dicts["unet"])  # refuses LoRA / SD 2 / SDXL weights, finds the variant
-    except MinisdError as error:
-        raise MinisdError(f"{folder / 'unet'}: {error}") from None
-    info = CheckpointInfo(
-        layout="diffusers",
-        variant=unet_info.variant,
-        has_ema=False,
-        parameter_counts={c: sum(t.numel() for t in sd.values()) for c, sd in state_dicts.items()},
-        dtypes={
-            c: ",".join(sorted({str(t.dtype).removeprefix("torch.") for t in sd.values() if t.is_floating_point()}))
-            for c, sd in state_dicts.items()
-        },
-    )
-    return state_dicts, configs, info
-
-
-def _read_config(path: Path) -> dict:
-    if not path.is_file():
-        raise MinisdError(f"{path}: missing (every diffusers component folder has a config.json)")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise MinisdError(f"{path}: not valid JSON ({' '.join(str(error).split())})") from None
-
-
-def _weights_file(component_dir: Path, component: str, variant: str | None) -> Path:
-    suffix = "" if variant is None else f".{variant}"
-    candidates = [component_dir / name.format(v=suffix) for name in WEIGHT_FILES[component]]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    found = sorted(p.name for p in component_dir.iterdir() if p.is_file())
-    raise MinisdError(
-        f"{component_dir}: no weights file {' or '.join(c.name for c in candidates)} "
-        f"(variant={variant!r}; found: {_some(found) or 'nothing'})"
-    )
-
-
-def _some(names: list[str], most: int = 8) -> str:
-    """A few names for a one-line message: 'a, b, c' or 'a, b, … (12 more)'."""
-    shown = ", ".join(names[:most])
-    return shown + (f", … ({len(names) - most} more)" if len(names) > most else "")
-
-
-def _fields_from(config_class, config: dict):
-    """The dataclass config from a config.json dict: the fields of the same name (lists become tuples)."""
-    values = {f.name: config[f.name] for f in fields(config_class) if config.get(f.name) is not None}
-    return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-def _refuse(path: Path, what: str) -> None:
-    raise MinisdError(f"{path}: not an SD v1 config: {what}")
-
-
-def _unet_config(config: dict, path: Path) -> UNetConfig:
-    name = config.get("_class_name", "UNet2DConditionModel")
-    if name != "UNet2DConditionModel":
-        _refuse(path, f"_class_name {name}, expected UNet2DConditionModel")
-    width = config.get("cross_attention_dim", 768)
-    if isinstance(width, list) or width in (1024, 2048):
-        model = "per level" if isinstance(width, list) else {1024: "SD 2.x", 2048: "SDXL"}[width]
-        _refuse(path, f"cross_attention_dim {width} ({model}); SD v1 is 768")
-    if isinstance(config.get("attention_head_dim"), list):
-        _refuse(path, f"attention_head_dim {config['attention_head_dim']} per level (SD 2.x); SD v1 has 8 heads")
-    for key, sd_v1 in (
-        ("use_linear_projection", False),  # SD 2.x
-        ("addition_embed_type", None),  # SDXL
-        ("class_embed_type", None),  # unCLIP / upscalers
-        ("num_class_embeds", None),
-        ("transformer_layers_per_block", 1),  # SDXL
-        ("time_cond_proj_dim", None),  # LCM-distilled UNets
-    ):
-        if config.get(key, sd_v1) != sd_v1:
-            _refuse(path, f"{key} {config[key]!r}, SD v1 has {sd_v1!r}")
-    levels = len(config.get("block_out_channels", UNetConfig.block_out_channels))
-    down = ["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"]
-    up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1)
-    for key, sd_v1 in (("down_block_types", down), ("up_block_types", up)):
-        if list(config.get(key, sd_v1)) != sd_v1:
-            _refuse(path, f"{key} {config[key]}, SD v1 has {sd_v1}")
-    unet_config = _fields_from(UNetConfig, config)
-    if config.get("num_attention_heads") is not None:  # diffusers: num_attention_heads or attention_head_dim
-        unet_config.attention_head_dim = config["num_attention_heads"]
-    return unet_config
-
-
-def _vae_config(config: dict, path: Path) -> VAEConfig:
-    name = config.get("_class_name", "AutoencoderKL")
-    if name != "AutoencoderKL":
-        _refuse(path, f"_class_name {name}, expected AutoencoderKL")
-    scale = config.get("scaling_factor", LATENT_SCALE)
-    if scale != LATENT_SCALE:
-        _refuse(path, f"scaling_factor {scale} (0.13025 is SDXL's VAE); SD v1's is {LATENT_SCALE}")
-    for key, sd_v1 in (("use_quant_conv", True), ("use_post_quant_conv", True), ("mid_block_add_attention", True)):
-        if config.get(key, sd_v1) != sd_v1:
-            _refuse(path, f"{key} {config[key]!r}, SD v1 has {sd_v1!r}")
-    return _fields_from(VAEConfig, config)
-
-
-def _text_encoder_config(config: dict, path: Path) -> TextEncoderConfig:
-    architectures = config.get("architectures") or ["CLIPTextModel"]
-    if architectures != ["CLIPTextModel"]:
-        _refuse(path, f"architectures {architectures} (CLIPTextModelWithProjection is SDXL's); SD v1: CLIPTextModel")
-    if config.get("hidden_act", "quick_gelu") != "quick_gelu":
-        _refuse(path, f"hidden_act {config['hidden_act']!r} (OpenCLIP, SD 2.x); SD v1's CLIP uses quick_gelu")
-    if config.get("hidden_size") == 1024:
-        _refuse(path, "hidden_size 1024 (OpenCLIP ViT-H, SD 2.x); SD v1's CLIP ViT-L is 768")
-    return _fields_from(TextEncoderConfig, config)
-
-
-CONFIG_READERS = {"unet": _unet_config, "vae": _vae_config, "text_encoder": _text_encoder_config}
 
 
 def _folder_tokenizer(folder: Path) -> Tokenizer:
@@ -422,11 +188,12 @@ def hub_snapshot(repo_id: str, variant: str | None, local_files_only: bool) -> P
 # Building the networks
 
 
-def _build(component: str, module_class, config, state_dict: dict[str, Tensor], dtype, device) -> nn.Module:
-    """Build the network on the meta device (no memory, no random init), then give it the file's tensors as its
-    parameters (strict; a one-line error on any mismatch)."""
+def _build(component: str, config: dict, state_dict: dict[str, Tensor], dtype, device) -> nn.Module:
+    """Build the network from its config.json dict on the meta device (no memory, no random init), then give it
+    the file's tensors as its parameters (strict; a one-line error on any mismatch)."""
+    module_class, config_class = NETWORKS[component]
     with torch.device("meta"):
-        module = module_class(config)
+        module = module_class(fields_from(config_class, config))
     expected = module.state_dict()
     missing = [name for name in expected if name not in state_dict]
     unexpected = [name for name in state_dict if name not in expected]

@@ -2,7 +2,8 @@
 loading through minisd.loading, the EMA formula, the latent-scale fold.
 
 The tiny configs keep SD v1's head counts and GroupNorm groups (8 UNet heads, 12 CLIP heads, 32 groups): a
-single file carries no config and the loader reads only sizes off the tensor shapes (loading._configs_from_shapes).
+single file carries no config and the loader reads only sizes off the tensor shapes
+(weights_convert.configs.configs_from_shapes).
 """
 
 import json

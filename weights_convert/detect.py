@@ -29,6 +29,11 @@ from weights_convert.keymap_ldm import (
     VAE_PREFIX,
 )
 
+LAYOUT_NAMES = {  # what `info` prints beside the layout
+    "ldm": "official single file (CompVis/LDM names)",
+    "minisd": "minisd single file (unet.* vae.* text_encoder.*)",
+    "diffusers": "diffusers-style folder",
+}
 # minisd's own single file: each component's minisd names under one prefix; the metadata says so.
 MINISD_PREFIXES = {"unet": "unet.", "vae": "vae.", "text_encoder": "text_encoder."}
 MINISD_METADATA = {"format": "pt", "minisd.layout": "minisd", "minisd.components": "unet,vae,text_encoder"}

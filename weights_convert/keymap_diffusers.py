@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from minisd.errors import MinisdError
-
-COMPONENTS = ("unet", "vae", "text_encoder")
+from weights_convert.configs import COMPONENTS
 
 # Old diffusers VAE attention names -> today's (diffusers `AttentionBlock`, removed in 0.15).
 LEGACY_VAE_ATTENTION = {

@@ -27,8 +27,8 @@ from torch import Tensor
 
 from minisd.errors import MinisdError
 from minisd.samplers.schedule import alphas_cumprod_from_betas, scaled_linear_betas
+from weights_convert.configs import COMPONENTS, count
 
-COMPONENTS = ("unet", "vae", "text_encoder")
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer.text_model."
@@ -273,24 +273,24 @@ def _ldm_unet_layout(names) -> tuple[int, int, tuple[int, ...]]:
 
 
 def _minisd_unet_layout(names) -> tuple[int, int, tuple[int, ...]]:
-    levels = _indices(names, r"down_blocks\.(\d+)\.")
+    levels = count(names, "down_blocks")
     if not levels:
         return 4, 2, (0, 1, 2)
-    L = len(_indices(names, r"down_blocks\.0\.resnets\.(\d+)\."))
-    attention = tuple(i for i in sorted(levels) if f"down_blocks.{i}.attentions.0.norm.weight" in names)
-    return len(levels), L, attention
+    attention = tuple(i for i in range(levels) if f"down_blocks.{i}.attentions.0.norm.weight" in names)
+    return levels, count(names, "down_blocks.0.resnets"), attention
 
 
 def _vae_layout(names, ldm: bool) -> tuple[int, int]:
-    levels = _indices(names, r"encoder\.down\.(\d+)\." if ldm else r"encoder\.down_blocks\.(\d+)\.")
-    if not levels:
+    levels, blocks = (
+        ("encoder.down", "encoder.down.0.block") if ldm else ("encoder.down_blocks", "encoder.down_blocks.0.resnets")
+    )
+    if not count(names, levels):
         return 4, 2
-    block = r"encoder\.down\.0\.block\.(\d+)\." if ldm else r"encoder\.down_blocks\.0\.resnets\.(\d+)\."
-    return len(levels), len(_indices(names, block))
+    return count(names, levels), count(names, blocks)
 
 
 def _clip_layers(names) -> int:
-    return len(_indices(names, r"encoder\.layers\.(\d+)\.")) or 12
+    return count(names, "encoder.layers") or 12
 
 
 def ema_name(ldm_unet_key: str) -> str:

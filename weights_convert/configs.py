@@ -1,0 +1,250 @@
+"""Which SD v1 is this? The three networks' sizes as config.json dicts, and the refusal of every other model.
+
+One form for every source: the dicts of diffusers' / transformers' config.json files (UNet2DConditionModel,
+AutoencoderKL, CLIPTextModel), whose keys minisd's dataclass configs take by name (`fields_from`).
+
+    source                        how its config is found                                    function
+    a single file (official)      read off the tensor shapes; SD v1's fixed choices for      configs_from_shapes
+                                  what shapes do not show (8 UNet heads, 12 CLIP heads,
+                                  32 GroupNorm groups)
+    minisd's own single file      the "minisd.config" metadata its trainer writes (head      configs_from_metadata
+                                  counts and groups that shapes cannot tell)
+    a diffusers folder            each component's config.json, checked to be SD v1's        sd_v1_config
+    writing a diffusers folder    configs_from_shapes, written by folders.write_configs      write_config_file
+
+Other families are refused in one line naming the key that gives them away: SD 2.x (OpenCLIP, 1024-wide context,
+linear projections, heads per level), SDXL (2048-wide context, added embeddings), LCM, unCLIP. The refusals by
+key names and shapes of a state dict (LoRA, SD 2.x, SDXL single files) are detect.py's.
+"""
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import fields
+from pathlib import Path
+
+from torch import Tensor
+
+from minisd.errors import MinisdError
+from minisd.vae import LATENT_SCALE
+
+COMPONENTS = ("unet", "vae", "text_encoder")  # SD v1's three networks, in the order files and folders list them
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sizes read off tensor shapes (minisd names)
+
+
+def count(names: Iterable[str], prefix: str) -> int:
+    """How many numbered children `prefix.<i>.` the keys show (layers, ResNets, levels).
+
+    >>> count({"down_blocks.0.resnets.0.conv1.weight": 0, "down_blocks.1.resnets.0.conv1.weight": 0}, "down_blocks")
+    2
+    """
+    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+    return len({m.group(1) for m in map(pattern.match, names) if m})
+
+
+def unet_config(unet: dict[str, Tensor]) -> dict:
+    """diffusers UNet2DConditionModel config.json for these weights: sizes read from shapes, the rest SD v1's."""
+    levels = count(unet, "down_blocks")
+    attention = [f"down_blocks.{i}.attentions.0.norm.weight" in unet for i in range(levels)]
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": "0.42.1",
+        "sample_size": 64,  # 512 px / 8
+        "in_channels": unet["conv_in.weight"].shape[1],
+        "out_channels": unet["conv_out.weight"].shape[0],
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+        "block_out_channels": [unet[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)],
+        "layers_per_block": count(unet, "down_blocks.0.resnets"),
+        "cross_attention_dim": unet["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"].shape[1],
+        "attention_head_dim": 8,  # SD v1: the number of heads (diffusers' historical name), not their width
+        "norm_num_groups": 32,
+        "center_input_sample": False,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "act_fn": "silu",
+        "norm_eps": 1e-5,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+    }
+
+
+def vae_config(vae: dict[str, Tensor]) -> dict:
+    """diffusers AutoencoderKL config.json for these weights (SD v1's fixed choices for what shapes do not say)."""
+    levels = count(vae, "encoder.down_blocks")
+    return {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.42.1",
+        "in_channels": vae["encoder.conv_in.weight"].shape[1],
+        "out_channels": vae["decoder.conv_out.weight"].shape[0],
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "block_out_channels": [vae[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)],
+        "layers_per_block": count(vae, "encoder.down_blocks.0.resnets"),
+        "latent_channels": vae["post_quant_conv.weight"].shape[0],
+        "norm_num_groups": 32,
+        "act_fn": "silu",
+        "sample_size": 512,
+        "scaling_factor": LATENT_SCALE,  # v1-inference.yaml scale_factor
+    }
+
+
+def text_encoder_config(text_encoder: dict[str, Tensor], dtype_name: str) -> dict:
+    """transformers CLIPTextModel config.json (openai/clip-vit-large-patch14's text part, sizes from shapes)."""
+    vocab_size, hidden_size = text_encoder["embeddings.token_embedding.weight"].shape
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": text_encoder["encoder.layers.0.mlp.fc1.weight"].shape[0],
+        "num_hidden_layers": count(text_encoder, "encoder.layers"),
+        "num_attention_heads": 12,
+        "max_position_embeddings": text_encoder["embeddings.position_embedding.weight"].shape[0],
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": 768,
+        "bos_token_id": 0,  # the ids the CLIP config carries (not the tokenizer's 49406/49407)
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+        "torch_dtype": dtype_name,
+    }
+
+
+def configs_from_shapes(state_dicts: dict[str, dict[str, Tensor]]) -> dict[str, dict]:
+    """The three config.json dicts of minisd-named state dicts {"unet", "vae", "text_encoder"}, read off their
+    shapes (names and shapes only: meta tensors do). The text encoder's torch_dtype is the UNet's float dtype."""
+    try:
+        float_dtype = next(t.dtype for t in state_dicts["unet"].values() if t.is_floating_point())
+        return {
+            "unet": unet_config(state_dicts["unet"]),
+            "vae": vae_config(state_dicts["vae"]),
+            "text_encoder": text_encoder_config(state_dicts["text_encoder"], str(float_dtype).removeprefix("torch.")),
+        }
+    except (KeyError, StopIteration) as error:
+        missing = error.args[0] if isinstance(error, KeyError) else "a floating-point UNet weight"
+        raise MinisdError(f"cannot read the network sizes: the file lacks {missing}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config.json files
+
+
+def read_config_file(path: Path) -> dict:
+    """A config.json as a dict; a one-line MinisdError when it is missing or not a JSON object."""
+    if not path.is_file():
+        raise MinisdError(f"{path}: missing (every diffusers component folder has a config.json)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise MinisdError(f"{path}: not valid JSON ({' '.join(str(error).split())})") from None
+    if not isinstance(config, dict):
+        raise MinisdError(f"{path}: not a config (a JSON {type(config).__name__}, not an object)")
+    return config
+
+
+def write_config_file(path: Path, config: dict) -> None:
+    """A config dict as config.json (indented, as diffusers writes it)."""
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def configs_from_metadata(metadata: dict[str, str]) -> dict[str, dict] | None:
+    """The three configs minisd's trainer writes into its files' metadata ("minisd.config": JSON of the dataclass
+    configs, whose keys are config.json keys), or None when the file has none."""
+    text = metadata.get("minisd.config")
+    if text is None:
+        return None
+    try:
+        configs = json.loads(text)
+        return {component: dict(configs[component]) for component in COMPONENTS}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise MinisdError(f"its minisd.config metadata is not valid ({error!r:.80})") from None
+
+
+def fields_from(config_class, config: dict):
+    """The dataclass config from a config.json dict: the fields of the same name (lists become tuples).
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class Sizes:
+    ...     channels: tuple = (1,)
+    ...     layers: int = 2
+    >>> fields_from(Sizes, {"channels": [8, 16], "act_fn": "silu"})
+    Sizes(channels=(8, 16), layers=2)
+    """
+    values = {f.name: config[f.name] for f in fields(config_class) if config.get(f.name) is not None}
+    return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SD v1 or not: the keys of a config.json that give other families away
+
+
+def _refuse(where: str | Path, what: str) -> None:
+    raise MinisdError(f"{where}: not an SD v1 config: {what}")
+
+
+def _check_unet(config: dict, where: str | Path) -> dict:
+    name = config.get("_class_name", "UNet2DConditionModel")
+    if name != "UNet2DConditionModel":
+        _refuse(where, f"_class_name {name}, expected UNet2DConditionModel")
+    width = config.get("cross_attention_dim", 768)
+    if isinstance(width, list) or width in (1024, 2048):
+        model = "per level" if isinstance(width, list) else {1024: "SD 2.x", 2048: "SDXL"}[width]
+        _refuse(where, f"cross_attention_dim {width} ({model}); SD v1 is 768")
+    if isinstance(config.get("attention_head_dim"), list):
+        _refuse(where, f"attention_head_dim {config['attention_head_dim']} per level (SD 2.x); SD v1 has 8 heads")
+    for key, sd_v1 in (
+        ("use_linear_projection", False),  # SD 2.x
+        ("addition_embed_type", None),  # SDXL
+        ("class_embed_type", None),  # unCLIP / upscalers
+        ("num_class_embeds", None),
+        ("transformer_layers_per_block", 1),  # SDXL
+        ("time_cond_proj_dim", None),  # LCM-distilled UNets
+    ):
+        if config.get(key, sd_v1) != sd_v1:
+            _refuse(where, f"{key} {config[key]!r}, SD v1 has {sd_v1!r}")
+    levels = len(config.get("block_out_channels", (320, 640, 1280, 1280)))
+    down = ["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"]
+    up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1)
+    for key, sd_v1 in (("down_block_types", down), ("up_block_types", up)):
+        if list(config.get(key, sd_v1)) != sd_v1:
+            _refuse(where, f"{key} {config[key]}, SD v1 has {sd_v1}")
+    if config.get("num_attention_heads") is not None:  # diffusers: num_attention_heads or attention_head_dim
+        return {**config, "attention_head_dim": config["num_attention_heads"]}
+    return config
+
+
+def _check_vae(config: dict, where: str | Path) -> dict:
+    name = config.get("_class_name", "AutoencoderKL")
+    if name != "AutoencoderKL":
+        _refuse(where, f"_class_name {name}, expected AutoencoderKL")
+    scale = config.get("scaling_factor", LATENT_SCALE)
+    if scale != LATENT_SCALE:
+        _refuse(where, f"scaling_factor {scale} (0.13025 is SDXL's VAE); SD v1's is {LATENT_SCALE}")
+    for key, sd_v1 in (("use_quant_conv", True), ("use_post_quant_conv", True), ("mid_block_add_attention", True)):
+        if config.get(key, sd_v1) != sd_v1:
+            _refuse(where, f"{key} {config[key]!r}, SD v1 has {sd_v1!r}")
+    return config
+
+
+def _check_text_encoder(config: dict, where: str | Path) -> dict:
+    architectures = config.get("architectures") or ["CLIPTextModel"]
+    if architectures != ["CLIPTextModel"]:
+        _refuse(where, f"architectures {architectures} (CLIPTextModelWithProjection is SDXL's); SD v1: CLIPTextModel")
+    if config.get("hidden_act", "quick_gelu") != "quick_gelu":
+        _refuse(where, f"hidden_act {config['hidden_act']!r} (OpenCLIP, SD 2.x); SD v1's CLIP uses quick_gelu")
+    if config.get("hidden_size") == 1024:
+        _refuse(where, "hidden_size 1024 (OpenCLIP ViT-H, SD 2.x); SD v1's CLIP ViT-L is 768")
+    return config
+
+
+_CHECKS = {"unet": _check_unet, "vae": _check_vae, "text_encoder": _check_text_encoder}
+
+
+def sd_v1_config(component: str, config: dict, where: str | Path) -> dict:
+    """A component's config.json dict if it describes SD v1's network (diffusers' alias num_attention_heads read
+    as attention_head_dim); else a one-line MinisdError naming `where` and the key that shows another model."""
+    return _CHECKS[component](config, where)
