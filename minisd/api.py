@@ -39,6 +39,7 @@ from minisd.fast import make_fast
 from minisd.images import format_parameters, parse_parameters
 from minisd.loading import HUB_ID, Components, load_components
 from minisd.pipelines import img2img, inpaint, txt2img
+from minisd.pipelines.checks import check_int, check_seed
 from minisd.samplers import get_sampler
 
 NANO_MODEL = Path(__file__).parent / "data" / "nano.safetensors"  # minisd's own small model (minisd/train)
@@ -355,10 +356,6 @@ class StableDiffusion:
         Works with the inpainting UNet (9 channels) and, by latent blending, with an ordinary one."""
         pil, path, pixels = _source_image("image", image)
         mask, mask_path, mask_pixels = _source_image("mask_image", mask_image)
-        if mask.size != pil.size:
-            raise MinisdError(
-                f"mask_image must be the image's size {pil.width}x{pil.height}, got {mask.width}x{mask.height}"
-            )
         params = self._parameters(
             "inpaint", prompt, negative_prompt, num_inference_steps, sampler, guidance_scale, pil.width, pil.height,
             eta, clip_skip,
@@ -411,10 +408,7 @@ class StableDiffusion:
     def _run(self, params, seed, num_images, callback, image=None, mask_image=None) -> GenerationOutput:
         if seed is None:
             seed = secrets.randbelow(MAX_SEED)
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise MinisdError(f"num_images_per_prompt must be an integer >= 1, got {num_images!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**64 - num_images:
-            raise MinisdError(f"seed must be an integer in [0, 2**64 - num_images_per_prompt], got {seed!r}")
+        check_seed(seed, count=check_int("num_images_per_prompt", num_images, 1))  # image i uses seed + i
         shared = {
             "negative_prompt": params.negative_prompt,
             "num_inference_steps": params.num_inference_steps,

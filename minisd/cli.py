@@ -33,7 +33,6 @@ from minisd.api import (
 from minisd.errors import MinisdError
 from minisd.images import read_png_parameters, save_png
 from minisd.loading import HUB_ID
-from minisd.pipelines.common import MAX_SIDE
 from minisd.samplers import get_sampler, sampler_names
 
 OUTPUT_DIR = Path("outputs")
@@ -122,22 +121,9 @@ def number(text: str) -> float:
 
 
 def check_args(args) -> None:
-    """The checks that need no weights, so a typo fails in a second rather than after loading."""
-    for name in ("height", "width"):
-        value = getattr(args, name, None)
-        if value is not None and (value % 8 or value > MAX_SIDE):
-            raise MinisdError(f"--{name} must be a multiple of 8 pixels in [8, {MAX_SIDE}], got {value}")
-    if args.sampler is not None:
-        get_sampler(args.sampler, eta=args.eta)  # unknown names, eta with a sampler other than DDIM
-    if args.guidance is not None and not args.guidance >= 0:
-        raise MinisdError(f"--guidance must be a number >= 0, got {args.guidance}")
-    if args.seed is not None and not 0 <= args.seed < 2**64 - args.num_images:
-        raise MinisdError(f"--seed must be an integer in [0, 2**64 - num_images), got {args.seed}")
-    if args.clip_skip is not None and args.clip_skip < 0:
-        raise MinisdError(f"--clip-skip must be an integer >= 0, got {args.clip_skip}")
-    strength = getattr(args, "strength", None)
-    if strength is not None and not 0.0 < strength <= 1.0:
-        raise MinisdError(f"--strength must be in (0, 1], got {strength}")
+    """What must fail before the weights load: the device, the dtype and the output path. The weights and image
+    files are checked where they are read; every range (size, strength, seed, ...) by the pipeline's checks
+    (minisd/pipelines/checks.py), in their words."""
     if args.dtype is not None and args.dtype not in DTYPE_NAMES:
         raise MinisdError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {args.dtype!r}")
     if args.device is not None:
@@ -271,17 +257,9 @@ def save(pil, params: GenerationParameters, path: Path, overwrite: bool) -> None
 def command_generate(args, progress: Progress) -> None:
     source = weights_source(args)
     if args.command != "generate":
-        image = open_image("--image", args.image)
-        if image.width % 8 or image.height % 8:
-            raise MinisdError(
-                f"--image width and height must be multiples of 8 pixels, got {image.width}x{image.height}"
-            )
+        open_image("--image", args.image)  # a missing or unreadable file fails before loading
     if args.command == "inpaint":
-        mask = open_image("--mask", args.mask)
-        if image.size != mask.size:
-            raise MinisdError(
-                f"--mask must be the image's size {image.width}x{image.height}, got {mask.width}x{mask.height}"
-            )
+        open_image("--mask", args.mask)
     strength = args.strength if args.command != "generate" else 1.0
     total = count_model_calls(args.sampler, args.steps, strength)  # also refuses strength too small for the steps
     seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED)

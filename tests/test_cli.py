@@ -57,7 +57,7 @@ def work(tmp_path_factory) -> Path:
     mask.paste(255, (16, 16, 48, 48))
     mask.save(work / "mask.png")
     Image.new("L", (32, 64)).save(work / "small-mask.png")
-    Image.new("RGB", (60, 64)).save(work / "odd.png")
+    Image.new("RGB", (61, 64)).save(work / "odd.png")  # not a multiple of the tiny VAE's 2 (SD v1's 8)
     return work
 
 
@@ -213,7 +213,7 @@ def bad_cases(work: Path) -> dict[str, list[str]]:
         "missing image": ["img2img", "x", *tiny, "--image", str(work / "missing.png")],
         "image not an image": ["img2img", "x", *tiny, "--image", str(work / "tiny.safetensors")],
         "width too large": ["generate", "x", *tiny, "--width", "100000"],
-        "image size not multiple of 8": ["img2img", "x", *tiny, "--image", str(work / "odd.png")],
+        "image size not a multiple of the VAE's factor": ["img2img", "x", *tiny, "--image", str(work / "odd.png")],
         "strength 1.5": ["img2img", "x", *tiny, *image, "--strength", "1.5"],
         "strength too small for steps": ["img2img", "x", *tiny, *image, "--strength", "0.1", "--steps", "2"],
         "mask size mismatch": ["inpaint", "x", *tiny, *image, "--mask", str(work / "small-mask.png")],

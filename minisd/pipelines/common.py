@@ -1,8 +1,8 @@
-"""What the three pipelines share: argument checks, the prompt → context step, noise, guidance rescale, decoding.
+"""The steps the three pipelines share: the prompt → context step, noise, the image's latents, guidance rescale,
+decoding.
 
-The denoising loops themselves live in txt2img.py, img2img.py and inpaint.py, one whole loop per file. Everything
-here is either a check made before any compute (each failure one MinisdError line naming the parameter, the
-allowed range and the value) or a step that reads the same in every pipeline.
+The denoising loops themselves live in txt2img.py, img2img.py and inpaint.py, one whole loop per file; the checks
+they make before any compute live in checks.py. Each step here reads the same in every pipeline.
 
 Randomness, device and dtype belong to the caller:
   - every random draw a pipeline makes before its loop (the starting noise, the VAE posterior sample) is one
@@ -15,247 +15,21 @@ Randomness, device and dtype belong to the caller:
 """
 
 import copy
-import math
 import warnings
-from typing import Protocol
 
 import torch
-from PIL import Image
 from torch import Generator, Tensor
 
-from minisd.clip import TextEncoder
 from minisd.errors import MinisdError
-from minisd.images import image_to_pil, mask_to_tensor, pil_to_image
+from minisd.images import image_to_pil
+from minisd.pipelines.checks import Components, prompt_list
 from minisd.pipelines.prompts import encode_prompt
-from minisd.samplers import Sampler, get_sampler
-from minisd.samplers.base import img2img_start
-from minisd.samplers.schedule import check_num_inference_steps
 from minisd.tiling import tiled_decode, tiled_encode
-from minisd.tokenizer import MAX_LENGTH, Tokenizer
+from minisd.tokenizer import MAX_LENGTH
 from minisd.unet import UNet
 from minisd.vae import LATENT_SCALE, VAE
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 INPAINT_CHANNELS = 9  # the inpainting UNet: 4 noisy latents + 1 mask + 4 masked-image latents
-
-
-class Components(Protocol):
-    """Any object holding the four networks: minisd.loading.Components, a SimpleNamespace, your own dataclass."""
-
-    tokenizer: Tokenizer
-    text_encoder: TextEncoder
-    vae: VAE
-    unet: UNet
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checks made before any compute
-
-
-def check_int(name: str, value: object, low: int) -> int:
-    """value as an int, or a MinisdError unless it is an integer >= low."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise MinisdError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
-
-
-def check_number(name: str, value: object, low: float, high: float = math.inf) -> float:
-    """value as a float, or a MinisdError unless it is a real number in [low, high] (NaN is refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        allowed = f"in [{low}, {high}]" if high < math.inf else f">= {low}"
-        raise MinisdError(f"{name} must be a number {allowed}, got {value!r}")
-    return float(value)
-
-
-def check_common(
-    components: Components,
-    num_inference_steps: int,
-    guidance_scale: float,
-    guidance_rescale: float,
-    num_images_per_prompt: int,
-    clip_skip: int | None,
-    output_type: str,
-    callback: object,
-) -> None:
-    """The checks every pipeline makes on its shared arguments."""
-    check_num_inference_steps(num_inference_steps)
-    check_number("guidance_scale", guidance_scale, 0.0)
-    check_number("guidance_rescale", guidance_rescale, 0.0, 1.0)
-    check_int("num_images_per_prompt", num_images_per_prompt, 1)
-    n_layers = components.text_encoder.config.num_hidden_layers
-    if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int)):
-        raise MinisdError(f"clip_skip must be None or an integer in [0, {n_layers}], got {clip_skip!r}")
-    if clip_skip is not None and not 0 <= clip_skip <= n_layers:
-        raise MinisdError(f"clip_skip must be None or an integer in [0, {n_layers}], got {clip_skip!r}")
-    if output_type not in OUTPUT_TYPES:
-        raise MinisdError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-    if callback is not None and not callable(callback):
-        raise MinisdError(f"callback must be None or callable(step, timestep, latents), got {callback!r:.60}")
-
-
-def check_unet_channels(unet: UNet, allowed: tuple[int, ...], pipeline: str) -> None:
-    """Refuse a UNet of the wrong kind: the 9-channel inpainting UNet outside inpaint(), anything else anywhere."""
-    in_channels = unet.config.in_channels
-    if in_channels not in allowed:
-        hint = "; use minisd.pipelines.inpaint.inpaint for the inpainting UNet" if in_channels == 9 else ""
-        raise MinisdError(f"{pipeline} needs a UNet with in_channels in {allowed}, got in_channels={in_channels}{hint}")
-
-
-def size_multiple(components: Components) -> int:
-    """Pixel height and width must be multiples of this: one latent pixel covers 8×8 image pixels (SD v1's VAE).
-    The UNet takes any latent size (it upsamples to each skip's size)."""
-    return components.vae.config.downscale_factor
-
-
-MAX_SIDE = 8192  # pixels: 1024×1024 latents, a million self-attention tokens; far past what SD v1 was trained for
-
-
-def check_size(components: Components, height: object, width: object) -> None:
-    multiple = size_multiple(components)
-    for name, value in (("height", height), ("width", width)):
-        ok = isinstance(value, int) and not isinstance(value, bool) and multiple <= value <= MAX_SIDE
-        if not ok or value % multiple:
-            raise MinisdError(
-                f"{name} must be a multiple of {multiple} pixels from {multiple} to {MAX_SIDE}, got {value!r}"
-            )
-
-
-def make_sampler(sampler: str | Sampler, eta: float) -> Sampler:
-    """A sampler by name (minisd.samplers.get_sampler: "PLMS", "Euler a", "DPMSolverMultistepScheduler", ...) or
-    the caller's own Sampler object, which is re-planned by every run."""
-    if isinstance(sampler, Sampler):
-        if eta != 0.0:
-            raise MinisdError(f"eta applies when sampler is given by name; set it on the sampler object, got {eta!r}")
-        return sampler
-    return get_sampler(sampler, eta=eta)
-
-
-def make_generator(generator: Generator | None, seed: int | None) -> Generator | None:
-    """The caller's CPU generator, or a new one seeded with `seed`, or None (torch's global generator)."""
-    if seed is not None:
-        if generator is not None:
-            raise MinisdError("give generator or seed, not both")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-            raise MinisdError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-        return torch.Generator("cpu").manual_seed(seed)
-    if generator is not None and (not isinstance(generator, Generator) or generator.device.type != "cpu"):
-        what = f"a {generator.device} generator" if isinstance(generator, Generator) else type(generator).__name__
-        raise MinisdError(f"generator must be a CPU torch.Generator (noise is drawn on the CPU), got {what}")
-    return generator
-
-
-def prompt_list(name: str, prompt: object, n: int | None = None) -> list[str]:
-    """A str or a non-empty list of str as a list; n: the length a list must have (a single str is repeated)."""
-    if isinstance(prompt, str):
-        return [prompt] * (n or 1)
-    if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
-        raise MinisdError(f"{name} must be a str or a non-empty list of str, got {prompt!r:.80}")
-    if n is not None and len(prompt) != n:
-        raise MinisdError(f"{name} must have one entry per prompt ({n}), got {len(prompt)}")
-    return prompt
-
-
-def check_prompts(
-    unet: UNet,
-    prompt: str | list[str] | None,
-    negative_prompt: str | list[str] | None,
-    prompt_embeds: Tensor | None,
-    negative_prompt_embeds: Tensor | None,
-) -> int:
-    """Check the prompt arguments; return the number of prompts b."""
-    if (prompt is None) == (prompt_embeds is None):
-        raise MinisdError("give prompt or prompt_embeds, exactly one of them")
-    if prompt is not None:
-        if negative_prompt_embeds is not None:
-            raise MinisdError("negative_prompt_embeds needs prompt_embeds; with a text prompt use negative_prompt")
-        b = len(prompt_list("prompt", prompt))
-    else:
-        d = unet.config.cross_attention_dim
-        if not isinstance(prompt_embeds, Tensor) or prompt_embeds.ndim != 3 or prompt_embeds.shape[2] != d:
-            what = tuple(prompt_embeds.shape) if isinstance(prompt_embeds, Tensor) else type(prompt_embeds).__name__
-            raise MinisdError(f"prompt_embeds must be a (b, s, {d}) tensor, got {what}")
-        if not prompt_embeds.is_floating_point() or 0 in prompt_embeds.shape:
-            raise MinisdError(f"prompt_embeds must be non-empty and floating, got {prompt_embeds.dtype}")
-        b = prompt_embeds.shape[0]
-        if negative_prompt_embeds is not None:
-            if negative_prompt is not None:
-                raise MinisdError("give negative_prompt or negative_prompt_embeds, not both")
-            if not isinstance(negative_prompt_embeds, Tensor) or negative_prompt_embeds.shape != prompt_embeds.shape:
-                got = getattr(negative_prompt_embeds, "shape", type(negative_prompt_embeds).__name__)
-                raise MinisdError(
-                    f"negative_prompt_embeds must have prompt_embeds' shape {tuple(prompt_embeds.shape)}, got "
-                    f"{tuple(got) if isinstance(got, torch.Size) else got}"
-                )
-    if negative_prompt is not None:
-        prompt_list("negative_prompt", negative_prompt, b)
-    return b
-
-
-def check_latents(latents: Tensor, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> None:
-    """The caller's starting latents: exactly this shape, the UNet's device and dtype, finite."""
-    if not isinstance(latents, Tensor) or tuple(latents.shape) != shape:
-        got = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
-        raise MinisdError(f"latents must have shape {shape} (batch · num_images_per_prompt, 4, h/8, w/8), got {got}")
-    if latents.dtype != dtype or latents.device != device:
-        raise MinisdError(
-            f"latents must be {dtype} on {device} (the UNet's), got {latents.dtype} on {latents.device}: "
-            "move them with latents.to(device, dtype)"
-        )
-    if not torch.isfinite(latents).all():
-        raise MinisdError("latents must be finite, got NaN or infinite values")
-
-
-def check_strength(strength: float, num_inference_steps: int) -> None:
-    """strength in (0, 1], and large enough that at least one of the steps runs (samplers.base.img2img_start)."""
-    img2img_start(num_inference_steps, strength)
-
-
-def to_image(name: str, image: object, multiple: int) -> Tensor:
-    """A PIL image, a list of them (one size) or a (b, 3, h, w) tensor in [-1, 1] -> (b, 3, h, w) float32 CPU."""
-    if isinstance(image, Image.Image):
-        image = pil_to_image(image)
-    elif isinstance(image, list) and image and all(isinstance(p, Image.Image) for p in image):
-        if len({p.size for p in image}) != 1:
-            raise MinisdError(f"{name} images must all have one size, got {sorted({p.size for p in image})}")
-        image = torch.cat([pil_to_image(p) for p in image])
-    elif isinstance(image, Tensor):
-        if image.ndim != 4 or image.shape[1] != 3 or not image.is_floating_point() or image.shape[0] == 0:
-            raise MinisdError(f"{name} must be a floating (b, 3, h, w) tensor in [-1, 1], got {tuple(image.shape)}")
-        if not torch.isfinite(image).all():
-            raise MinisdError(f"{name} must be finite, got NaN or infinite values")
-        image = image.detach().float().cpu()
-    else:
-        raise MinisdError(f"{name} must be a PIL image, a list of them or a (b, 3, h, w) tensor, got {image!r:.60}")
-    h, w = image.shape[-2:]
-    if h % multiple or w % multiple:
-        raise MinisdError(f"{name} width and height must be multiples of {multiple} pixels, got {w}x{h}")
-    # PIL's pixel order makes a channels-last tensor; the VAE's convolutions run ~50× slower on it on CPU.
-    return image.contiguous()
-
-
-def to_mask(mask: object, image: Tensor) -> Tensor:
-    """A PIL mask or a (b, 1, h, w) tensor in [0, 1] -> (b, 1, h, w) float32 CPU of 0 (keep) and 1 (repaint),
-    binarised at 0.5 as diffusers does; its size must be the image's."""
-    h, w = image.shape[-2:]
-    if isinstance(mask, Image.Image):
-        if mask.size != (w, h):
-            raise MinisdError(f"mask_image must be the image's size {w}x{h}, got {mask.size[0]}x{mask.size[1]}")
-        return mask_to_tensor(mask, h, w)
-    if not isinstance(mask, Tensor) or mask.ndim != 4 or mask.shape[1] != 1 or not mask.is_floating_point():
-        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise MinisdError(f"mask_image must be a PIL image or a floating (b, 1, h, w) tensor, got {got}")
-    if tuple(mask.shape[-2:]) != (h, w):
-        raise MinisdError(f"mask_image must be the image's size {w}x{h}, got {mask.shape[3]}x{mask.shape[2]}")
-    if mask.shape[0] not in (1, image.shape[0]):
-        raise MinisdError(f"mask_image must hold 1 or {image.shape[0]} masks (one per image), got {mask.shape[0]}")
-    if torch.isnan(mask).any():
-        raise MinisdError("mask_image must not contain NaN")
-    return (mask.detach().float().cpu() >= 0.5).float()
-
-
-def check_image_count(n_images: int, n_prompts: int) -> None:
-    if n_images not in (1, n_prompts):
-        raise MinisdError(f"image must hold 1 image or one per prompt ({n_prompts}), got {n_images}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

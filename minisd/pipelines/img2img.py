@@ -18,9 +18,8 @@ import torch
 from PIL import Image
 from torch import Generator, Tensor
 
-from minisd.errors import MinisdError
-from minisd.pipelines import common
-from minisd.pipelines.common import Components
+from minisd.pipelines import checks, common
+from minisd.pipelines.checks import Components
 from minisd.samplers import Sampler
 
 
@@ -63,19 +62,18 @@ def img2img(
     """
     unet, vae = components.unet, components.vae
     # --- every check before any compute
-    if not isinstance(vae_tiling, bool):
-        raise MinisdError(f"vae_tiling must be a bool, got {vae_tiling!r}")
-    common.check_unet_channels(unet, (4,), "img2img")
-    common.check_common(
+    checks.check_bool("vae_tiling", vae_tiling)
+    checks.check_unet_channels(unet, (4,), "img2img")
+    checks.check_common(
         components, num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, clip_skip,
         output_type, callback,
     )  # fmt: skip
-    common.check_strength(strength, num_inference_steps)
-    b = common.check_prompts(unet, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-    image = common.to_image("image", image, common.size_multiple(components))
-    common.check_image_count(image.shape[0], b)
-    sampler = common.make_sampler(sampler, eta)
-    generator = common.make_generator(generator, seed)
+    checks.check_strength(strength, num_inference_steps)
+    b = checks.check_prompts(unet, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+    image = checks.to_image("image", image, checks.size_multiple(components))
+    checks.check_image_count(image.shape[0], b)
+    sampler = checks.make_sampler(sampler, eta)
+    generator = checks.make_generator(generator, seed)
     device, dtype = common.device_dtype(unet)
 
     # --- the prompt -> context: (b·n, s, d), or (2·b·n, s, d) [negative; positive] with guidance

@@ -24,8 +24,9 @@ from PIL import Image
 from torch import Generator, Tensor
 
 from minisd.errors import MinisdError
-from minisd.pipelines import common
-from minisd.pipelines.common import INPAINT_CHANNELS, Components
+from minisd.pipelines import checks, common
+from minisd.pipelines.checks import Components
+from minisd.pipelines.common import INPAINT_CHANNELS
 from minisd.samplers import Sampler
 
 
@@ -74,28 +75,27 @@ def inpaint(
     """
     unet, vae = components.unet, components.vae
     # --- every check before any compute
-    if not isinstance(vae_tiling, bool):
-        raise MinisdError(f"vae_tiling must be a bool, got {vae_tiling!r}")
-    common.check_unet_channels(unet, (4, INPAINT_CHANNELS), "inpaint")
-    common.check_common(
+    checks.check_bool("vae_tiling", vae_tiling)
+    checks.check_unet_channels(unet, (4, INPAINT_CHANNELS), "inpaint")
+    checks.check_common(
         components, num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, clip_skip,
         output_type, callback,
     )  # fmt: skip
-    common.check_strength(strength, num_inference_steps)
-    b = common.check_prompts(unet, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-    image = common.to_image("image", image, common.size_multiple(components))
-    common.check_image_count(image.shape[0], b)
-    mask = common.to_mask(mask_image, image)  # (1 or k, 1, H, W) of 0 and 1
-    if not isinstance(paste_unmasked, bool) or (paste_unmasked and output_type == "latent"):
-        raise MinisdError(f"paste_unmasked must be a bool and needs decoded output, got {paste_unmasked!r}")
-    sampler = common.make_sampler(sampler, eta)
-    generator = common.make_generator(generator, seed)
+    checks.check_strength(strength, num_inference_steps)
+    b = checks.check_prompts(unet, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+    image = checks.to_image("image", image, checks.size_multiple(components))
+    checks.check_image_count(image.shape[0], b)
+    mask = checks.to_mask(mask_image, image)  # (1 or k, 1, H, W) of 0 and 1
+    if checks.check_bool("paste_unmasked", paste_unmasked) and output_type == "latent":
+        raise MinisdError("paste_unmasked=True needs decoded output, got output_type 'latent'")
+    sampler = checks.make_sampler(sampler, eta)
+    generator = checks.make_generator(generator, seed)
     device, dtype = common.device_dtype(unet)
     batch = b * num_images_per_prompt
     f = vae.config.downscale_factor
     shape = (batch, vae.config.latent_channels, image.shape[2] // f, image.shape[3] // f)
     if latents is not None:
-        common.check_latents(latents, shape, device, dtype)
+        checks.check_latents(latents, shape, device, dtype)
     inpainting_unet = unet.config.in_channels == INPAINT_CHANNELS
 
     # --- the prompt -> context: (b·n, s, d), or (2·b·n, s, d) [negative; positive] with guidance

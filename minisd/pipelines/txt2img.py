@@ -13,9 +13,8 @@ guidance_scale        w: ε = ε_∅ + w · (ε_c − ε_∅)                  g
 import torch
 from torch import Generator, Tensor
 
-from minisd.errors import MinisdError
-from minisd.pipelines import common
-from minisd.pipelines.common import Components
+from minisd.pipelines import checks, common
+from minisd.pipelines.checks import Components
 from minisd.samplers import Sampler
 
 
@@ -68,24 +67,23 @@ def txt2img(
     """
     unet, vae = components.unet, components.vae
     # --- every check before any compute
-    if not isinstance(vae_tiling, bool):
-        raise MinisdError(f"vae_tiling must be a bool, got {vae_tiling!r}")
-    common.check_unet_channels(unet, (4,), "txt2img")
-    common.check_common(
+    checks.check_bool("vae_tiling", vae_tiling)
+    checks.check_unet_channels(unet, (4,), "txt2img")
+    checks.check_common(
         components, num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, clip_skip,
         output_type, callback,
     )  # fmt: skip
     default = getattr(components, "sample_size", 512)  # the model's own size: 512 for SD v1, 64 for the nano model
     height, width = default if height is None else height, default if width is None else width
-    common.check_size(components, height, width)
-    b = common.check_prompts(unet, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-    sampler = common.make_sampler(sampler, eta)
-    generator = common.make_generator(generator, seed)
+    checks.check_size(components, height, width)
+    b = checks.check_prompts(unet, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+    sampler = checks.make_sampler(sampler, eta)
+    generator = checks.make_generator(generator, seed)
     device, dtype = common.device_dtype(unet)
     f = components.vae.config.downscale_factor
     shape = (b * num_images_per_prompt, unet.config.in_channels, height // f, width // f)
     if latents is not None:
-        common.check_latents(latents, shape, device, dtype)
+        checks.check_latents(latents, shape, device, dtype)
 
     # --- the prompt -> context: (b·n, s, d), or (2·b·n, s, d) [negative; positive] with guidance
     do_guidance = guidance_scale > 1.0
