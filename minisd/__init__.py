@@ -16,7 +16,7 @@ import importlib
 # name -> the module that defines it
 _HOMES = {
     "GenerationOutput": "minisd.api",
-    "GenerationParameters": "minisd.api",
+    "GenerationParameters": "minisd.parameters",
     "MinisdError": "minisd.errors",
     "StableDiffusion": "minisd.api",
     "default_model": "minisd.api",

@@ -15,27 +15,21 @@ Bad arguments or files: one line on stderr, exit status 2. Progress goes to stde
 
 import argparse
 import re
-import secrets
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from minisd.api import (
-    DTYPE_NAMES,
-    MAX_SEED,
-    GenerationParameters,
-    StableDiffusion,
-    default_model,
-    open_image,
-)
+from minisd.api import DTYPE_NAMES, StableDiffusion, default_model
 from minisd.errors import MinisdError
-from minisd.images import read_png_parameters, save_png
+from minisd.images import open_image, read_png_parameters, save_png
 from minisd.loading import HUB_ID
+from minisd.parameters import GenerationParameters, draw_seed
 from minisd.samplers import get_sampler, sampler_names
 
 OUTPUT_DIR = Path("outputs")
+MODES = {"generate": "txt2img", "img2img": "img2img", "inpaint": "inpaint"}  # command -> GenerationParameters.mode
 NUMBERED = re.compile(r"^(\d{5,})")  # outputs/00042.png, 00042-cat.png, ...
 NO_WEIGHTS = (
     "no weights named: pass --checkpoint FILE (.safetensors/.ckpt) or --model ID_OR_FOLDER "
@@ -256,40 +250,25 @@ def save(pil, params: GenerationParameters, path: Path, overwrite: bool) -> None
 
 def command_generate(args, progress: Progress) -> None:
     source = weights_source(args)
-    if args.command != "generate":
+    if args.image is not None:
         open_image("--image", args.image)  # a missing or unreadable file fails before loading
-    if args.command == "inpaint":
+    if args.mask is not None:
         open_image("--mask", args.mask)
-    strength = args.strength if args.command != "generate" else 1.0
-    total = count_model_calls(args.sampler, args.steps, strength)  # also refuses strength too small for the steps
-    seed = args.seed if args.seed is not None else secrets.randbelow(MAX_SEED)
+    total = count_model_calls(args.sampler, args.steps, args.strength or 1.0)  # also refuses too small a strength
+    seed = args.seed if args.seed is not None else draw_seed()
     paths = output_paths(args.output, args.num_images)
     pipe = load(source, args.dtype, args.device, args.fast, progress)
     note = shapes_prompt_note(source, args.prompt)
     if note is not None:
         print(note, file=sys.stderr)
-    common = {
-        "negative_prompt": args.negative_prompt,
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance,
-        "sampler": args.sampler,
-        "eta": args.eta,
-        "clip_skip": args.clip_skip,
-    }
+    params, sources = pipe.parameters(
+        MODES[args.command], args.prompt, args.negative_prompt, args.steps, args.guidance, args.sampler, args.eta,
+        args.clip_skip, height=args.height, width=args.width, strength=args.strength, image=args.image,
+        mask_image=args.mask,
+    )  # fmt: skip
     for i, path in enumerate(paths):  # one image at a time, so each is written as soon as it is made
-        callback = progress.bar(f"image {i + 1}/{len(paths)}", total)
-        if args.command == "generate":
-            output = pipe(args.prompt, height=args.height, width=args.width, seed=seed + i, callback=callback, **common)
-        elif args.command == "img2img":
-            output = pipe.img2img(
-                args.prompt, args.image, strength=args.strength, seed=seed + i, callback=callback, **common
-            )
-        else:
-            output = pipe.inpaint(
-                args.prompt, args.image, args.mask, strength=args.strength, seed=seed + i, callback=callback, **common
-            )
-        progress.done(f"image {i + 1}/{len(paths)} sampled and decoded")
-        save(output.images[0], output.parameters[0], path, args.overwrite)
+        label = f"image {i + 1}/{len(paths)}"
+        make_image(pipe, params, sources, seed + i, path, args.overwrite, progress, label, total)
     if args.seed is None:
         print(f"seed {seed} was drawn (--seed {seed} repeats this run)", file=sys.stderr)
 
@@ -317,10 +296,15 @@ def command_regenerate(args, progress: Progress) -> None:
     total = count_model_calls(params.sampler, params.num_inference_steps, params.strength or 1.0)
     params.model_name, params.weights = pipe.model_name, pipe.weights  # as loaded now (the same unless overridden)
     params.dtype, params.device = str(pipe.dtype).removeprefix("torch."), pipe.device.type
-    pil = pipe.generate(params, callback=progress.bar("regenerating", total))
-    progress.done("regenerated: sampled and decoded")
-    params.model_hash = pipe.model_hash
-    save(pil, params, output_paths(args.output, 1)[0], args.overwrite)
+    path = output_paths(args.output, 1)[0]
+    make_image(pipe, params, params.source_images(), params.seed, path, args.overwrite, progress, "regenerating", total)
+
+
+def make_image(pipe, params, sources, seed: int, path: Path, overwrite: bool, progress: Progress, label: str, total):
+    """One image of `params` from `seed` (pipe.run, where the mode picks the pipeline), saved with its record."""
+    output = pipe.run(params, sources, seed, 1, progress.bar(label, total))
+    progress.done(f"{label}: sampled and decoded")
+    save(output.images[0], output.parameters[0], path, overwrite)
 
 
 def command_info(args) -> None:
@@ -372,6 +356,7 @@ def build_parser() -> ArgumentParser:
         command.add_argument("--eta", type=number, default=0.0, help="DDIM's eta (0)")
         command.add_argument("--seed", type=int, help="random seed (default: drawn, then printed)")
         command.add_argument("--clip-skip", type=int, help="CLIP layers skipped at the end (A1111's Clip skip 2 = 1)")
+        command.set_defaults(height=None, width=None, strength=None, image=None, mask=None)  # what a mode lacks
         if name == "generate":
             size = "pixels, a multiple of 8 (default: the model's size, 512 for SD v1, 64 for the nano model)"
             command.add_argument("--height", type=positive_int, help=size)

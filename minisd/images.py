@@ -1,23 +1,15 @@
-"""Images in and out: PIL <-> tensors, the "parameters" text that AUTOMATIC1111 (A1111) writes into PNGs, grids.
+"""Images in and out: PIL <-> tensors, masks, grids, image files and PNGs carrying a "parameters" text.
 
     PIL RGB uint8 (h, w, 3) ──pil_to_image──▶ image (1, 3, h, w) in [-1, 1] ──(VAE, UNet)──▶ image ──image_to_pil──▶ PIL
 
 pil_to_image and image_to_pil compute exactly what diffusers' VaeImageProcessor.preprocess / .postprocess compute
-for RGB images and float32 tensors; mask_to_tensor what its inpainting mask processor computes.
-
-A1111's "parameters" text (its infotext, modules/processing.py `create_infotext`), three parts, one per line:
-    a photo of a cat, (masterpiece:1.2)                       the prompt (may span several lines)
-    Negative prompt: blurry, lowres                           only when there is one
-    Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 123, Size: 512x512, Model hash: 6ce0161689, Model: v1-5
-The last line is "key: value" pairs; a value holding "," ":" or a newline is written as a JSON string ("...").
-A1111 reads it back with `parse_generation_parameters` (modules/infotext_utils.py); parse_parameters reads what it
-reads, and A1111 reads what format_parameters writes.
+for RGB images and float32 tensors; mask_to_tensor what its inpainting mask processor computes. The "parameters"
+text itself (AUTOMATIC1111's format, both ways) is minisd/parameters.py's; save_png and read_png_parameters put it
+into a PNG and take it out.
 """
 
-import json
 import math
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -133,134 +125,21 @@ def make_grid(images: list[Image.Image], rows: int) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A1111's "parameters" text
-
-# One "key: value" pair of the last line, as A1111's parser reads it: a key of word characters, spaces, "-" and "/",
-# then either a JSON string or anything up to the next comma.
-PARAMETER = re.compile(r'\s*(?P<key>\w[\w \-/]+):\s*(?P<value>"(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-NEGATIVE_PREFIX = "Negative prompt:"
-FIXED_KEYS = ("Prompt", "Negative prompt", "Steps", "Sampler", "CFG scale", "Seed", "Size", "Model hash", "Model")
+# Image files
 
 
-def _format_value(name: str, value: str | int | float) -> str:
-    """A value as A1111 writes it: numbers plainly (7.0 as 7), a str quoted by quote_value."""
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise MinisdError(f"{name} must be a str, int or float, got {type(value).__name__}")
-    if isinstance(value, str):
-        return quote_value(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise MinisdError(f"{name} must be a finite number, got {value}")
-        return str(int(value)) if value.is_integer() else repr(value)
-    return str(value)
-
-
-def quote_value(value: str) -> str:
-    """A str value as it goes on the parameters line: A1111 writes one holding "," ":" or a newline as a JSON string;
-    minisd also quotes one that is empty, starts with '"' or has spaces at either end, so each reads back unchanged.
-
-    >>> quote_value("Euler a"), quote_value("a, b")
-    ('Euler a', '"a, b"')
-    """
-    if any(c in value for c in ",:\n") or not value or value != value.strip() or value.startswith('"'):
-        return json.dumps(value, ensure_ascii=False)
-    return value
-
-
-def format_parameters(
-    prompt: str,
-    negative_prompt: str,
-    steps: int,
-    sampler: str,
-    cfg_scale: float,
-    seed: int,
-    width: int,
-    height: int,
-    model_name: str | None = None,
-    model_hash: str | None = None,
-    extra: dict[str, str | int | float | None] | None = None,
-) -> str:
-    """The A1111 "parameters" text for one image: prompt, "Negative prompt: ..." (if not empty), then
-    "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 123, Size: 512x512, Model hash: ..., Model: ...", then `extra`
-    in its order (e.g. {"Denoising strength": 0.75, "Clip skip": 2}; None values are left out, as A1111 does).
-
-    sampler is A1111's name ("Euler a", "DPM++ 2M Karras"); model_hash its short hash (first 10 hex digits of the
-    file's SHA-256). Like A1111, the text is stripped at both ends and each prompt line is read back stripped; a
-    prompt line starting with "Negative prompt:" cannot be told apart from the negative prompt.
-
-    >>> format_parameters("a cat", "", 20, "Euler a", 7.0, 123, 512, 512)
-    'a cat\\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 123, Size: 512x512'
-    """
-    for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt), ("sampler", sampler)):
-        if not isinstance(value, str):
-            raise MinisdError(f"{name} must be a str, got {type(value).__name__}")
-    if not sampler:
-        raise MinisdError("sampler must be a non-empty str (A1111's name, e.g. 'Euler a'), got ''")
-    for name, value, low in (("steps", steps, 1), ("seed", seed, 0), ("width", width, 1), ("height", height, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise MinisdError(f"{name} must be an int >= {low}, got {value!r}")
-    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, int | float):
-        raise MinisdError(f"cfg_scale must be a number, got {cfg_scale!r}")
-    fields: dict[str, str | int | float | None] = {
-        "Steps": steps,
-        "Sampler": sampler,
-        "CFG scale": cfg_scale,
-        "Seed": seed,
-        "Size": f"{width}x{height}",
-        "Model hash": model_hash,
-        "Model": model_name,
-    }
-    if extra is not None and not isinstance(extra, dict):
-        raise MinisdError(f"extra must be a dict or None, got {type(extra).__name__}")
-    for key, value in (extra or {}).items():
-        if not isinstance(key, str) or not re.fullmatch(r"\w[\w \-/]+", key) or key in FIXED_KEYS:
-            raise MinisdError(
-                f"extra keys must be 2+ letters, digits, spaces, '-' or '/', starting with a letter or digit, and not "
-                f"one of {FIXED_KEYS}, got {key!r}"
-            )
-        fields[key] = value
-    line = ", ".join(f"{key}: {_format_value(key, value)}" for key, value in fields.items() if value is not None)
-    negative = f"\n{NEGATIVE_PREFIX} {negative_prompt}" if negative_prompt else ""
-    return f"{prompt}{negative}\n{line}".strip()
-
-
-def parse_parameters(text: str) -> dict[str, str]:
-    """Read an A1111 "parameters" text: {"Prompt": ..., "Negative prompt": ..., "Steps": "20", ...}, every value a
-    str as written (JSON strings decoded). The last line is the parameters when it holds at least 3 "key: value"
-    pairs (A1111's rule); otherwise the whole text is prompt. Each prompt line is stripped, as A1111 does.
-
-    >>> parse_parameters("a cat\\nNegative prompt: dog\\nSteps: 20, Sampler: Euler a, CFG scale: 7.5")
-    {'Prompt': 'a cat', 'Negative prompt': 'dog', 'Steps': '20', 'Sampler': 'Euler a', 'CFG scale': '7.5'}
-    """
-    if not isinstance(text, str):
-        raise MinisdError(f"text must be a str, got {type(text).__name__}")
-    *lines, last = text.strip().split("\n")
-    if len(PARAMETER.findall(last)) < 3:
-        lines, last = [*lines, last], ""
-    prompt_lines: list[str] = []
-    negative_lines: list[str] = []
-    in_negative = False
-    for line in lines:
-        line = line.strip()
-        if line.startswith(NEGATIVE_PREFIX):
-            in_negative = True
-            line = line[len(NEGATIVE_PREFIX) :].strip()
-        target = negative_lines if in_negative else prompt_lines
-        if target or line:  # A1111 drops empty lines before the first text
-            target.append(line)
-    fields = {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines)}
-    for key, value in PARAMETER.findall(last):
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass  # A1111 keeps a value it cannot decode as written
-        fields[key] = value
-    return fields
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# PNG files
+def open_image(name: str, path: str | os.PathLike) -> Image.Image:
+    """An image file, fully read; a one-line MinisdError if it is missing or not an image."""
+    try:
+        with Image.open(path) as pil:
+            pil.load()
+            return pil
+    except FileNotFoundError:
+        raise MinisdError(f"{name}: no such file: {os.fspath(path)!r}") from None
+    except IsADirectoryError:
+        raise MinisdError(f"{name} must be an image file, got the folder {os.fspath(path)!r}") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise MinisdError(f"{name}: cannot read {os.fspath(path)!r} as an image ({error.__class__.__name__})") from None
 
 
 def save_png(pil: Image.Image, path: str | os.PathLike, parameters: str, overwrite: bool = False) -> None:

@@ -8,8 +8,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import minisd
-from minisd.api import GenerationParameters, default_model, pixels_hash, short_hash
+from minisd.api import default_model
 from minisd.errors import MinisdError
+from minisd.parameters import GenerationParameters, pixels_hash, short_hash
 from tests.fakes import tiny_official_state_dict
 from weights_convert.__main__ import main as weights_convert
 

@@ -18,9 +18,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from minisd import cli
-from minisd.api import GenerationParameters, default_model
+from minisd.api import default_model
 from minisd.images import read_png_parameters
 from minisd.loading import load_components
+from minisd.parameters import GenerationParameters
 from tests.fakes import tiny_official_state_dict
 from weights_convert.__main__ import main as weights_convert
 
