@@ -331,13 +331,13 @@ def test_bad_eta(bad):
 
 
 def test_step_off_schedule_is_an_error():
+    """Every sampler counts its model calls (base.Sampler.step_index): a call must bring the timestep it expects."""
     x = torch.zeros(1, 4, 8, 8)
-    for make in [DDPMSampler, DDIMSampler]:
+    for make in [DDPMSampler, DDIMSampler, PNDMSampler]:
         sampler = make()
         sampler.set_timesteps(10)
-        with pytest.raises(MinisdError, match="not in this sampler's schedule"):
-            sampler.step(x, 500, x)
-    plms = PNDMSampler()
-    plms.set_timesteps(10)
-    with pytest.raises(MinisdError, match="expects timestep 901, got 801"):
-        plms.step(x, 801, x)
+        with pytest.raises(MinisdError, match=r"t must be sampler.timesteps\[0\] = 901 .*got 801"):
+            sampler.step(x, 801, x)  # the second timestep first
+        sampler.step(x, 901, x)
+        with pytest.raises(MinisdError, match=r"t must be sampler.timesteps\[1\] = \d+ .*got 901"):
+            sampler.step(x, 901, x)  # the same call twice

@@ -6,7 +6,13 @@ latents = noise * sampler.init_noise_sigma        # txt2img start
 for t in sampler.timesteps:                       # one entry per model call
     latent_model_input = sampler.scale_model_input(latents, t)
     eps = unet(latent_model_input, t, context)
+    x0_pred = sampler.x0_pred(eps, t, latents)    # optional: x̂_0, e.g. for a preview
     latents = sampler.step(eps, t, latents, generator=generator)
+
+Each sampler file states its maths as small pure functions with a doctest (ddim_step, ddpm_step, plms_eps,
+euler_step, ...), which its class calls with the numbers of the current step. The class keeps the run's state, and
+one piece of it is the same for all: `step_index`, the index in `timesteps` of the next model call, reset by
+set_timesteps and moved on by every step (a call with another timestep than the expected one is an error).
 """
 
 from collections.abc import Sequence
@@ -68,16 +74,6 @@ def inference_timesteps(
     return schedule[img2img_start(len(schedule), strength) :]
 
 
-def next_timestep(timesteps: Tensor, t: Tensor | int) -> tuple[int, int]:
-    """(t, the timestep after t in `timesteps`), both ints; −1 after the last ("step to the end of the chain")."""
-    t = int(t)
-    where = (timesteps == t).nonzero()
-    if where.numel() != 1:
-        raise MinisdError(f"timestep {t} is not in this sampler's schedule {timesteps.tolist()}; call set_timesteps")
-    i = where.item()
-    return t, int(timesteps[i + 1]) if i + 1 < len(timesteps) else -1
-
-
 def upcast(x: Tensor) -> Tensor:
     """x in at least float32: steps are computed there and cast back, so fp16 latents lose nothing to the step."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -112,6 +108,31 @@ class Sampler:
     order: int = 1
     timesteps: Tensor
     init_noise_sigma: float = 1.0
+    step_index: int = 0  # the index in `timesteps` of the next model call
+
+    def start_run(self, timesteps: Tensor) -> None:
+        """Set the model calls of a run (one timestep each) and count from the first: every set_timesteps ends here."""
+        self.timesteps = timesteps
+        self.step_index = 0
+
+    def call_index(self, t: Tensor | float) -> int:
+        """The index in `timesteps` of the current model call (step_index), after checking t is its timestep."""
+        if not 0 <= self.step_index < len(self.timesteps):
+            raise MinisdError(f"step called {self.step_index + 1} times; this run has {len(self.timesteps)} calls")
+        expected = self.timesteps[self.step_index].item()
+        given = float(torch.as_tensor(t).reshape(-1)[0])
+        if given != expected:
+            raise MinisdError(
+                f"t must be sampler.timesteps[{self.step_index}] = {expected} (step every entry of timesteps in order, "
+                f"after set_timesteps), got {given}"
+            )
+        return self.step_index
+
+    def advance(self, t: Tensor | float) -> int:
+        """call_index(t), and count the call: what every step does first. Returns the call's index."""
+        i = self.call_index(t)
+        self.step_index += 1
+        return i
 
     def set_timesteps(
         self,
@@ -162,7 +183,15 @@ class AlphaBarSampler(Sampler):
         timesteps: Sequence[int] | Tensor | None = None,
     ) -> None:
         """One model call per timestep: n of them, or ⌊n · strength⌋ for image-to-image."""
-        self.timesteps = inference_timesteps(num_inference_steps, strength, timesteps, self.timestep_spacing)
+        self.start_run(inference_timesteps(num_inference_steps, strength, timesteps, self.timestep_spacing))
+
+    def alpha_bars(self, i: int, final_alpha_bar: float) -> tuple[float, float]:
+        """(ᾱ_t, ᾱ_prev) of the step that model call i makes: from timesteps[i] to the next entry, or past the last
+        one to final_alpha_bar (ᾱ_0 for DDIM as SD v1 runs it, 1 for DDPM: x_0 itself)."""
+        t = int(self.timesteps[i])
+        t_prev = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
+        alpha_bar_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else final_alpha_bar
+        return self.alphas_cumprod[t].item(), alpha_bar_prev
 
     def x0_pred(self, eps: Tensor, t: Tensor | int, x: Tensor) -> Tensor:
         """x̂_0 = (x_t − √(1 − ᾱ_t)·ε) / √ᾱ_t (x0_from_eps), x being x_t."""

@@ -16,7 +16,29 @@ fresh noise of size σ_t when η > 0.
 from torch import Generator, Tensor
 
 from minisd.errors import MinisdError
-from minisd.samplers.base import AlphaBarSampler, draw_noise, next_timestep, x0_from_eps
+from minisd.samplers.base import AlphaBarSampler, draw_noise, x0_from_eps
+
+
+def ddim_step(
+    x_t: Tensor, eps: Tensor, alpha_bar_t: float, alpha_bar_prev: float, eta: float = 0.0, noise: Tensor | None = None
+) -> Tensor:
+    """x_t -> x_{t_prev} by eq. 12: predict x_0, re-noise it to ᾱ_prev along the predicted ε, plus σ_t(η)·noise.
+
+    x_t, eps, noise: (b, c, h, w); noise (z ~ N(0, I)) is needed when eta > 0. Coefficients are Python floats
+    (float64), applied to the tensors in their dtype.
+
+    >>> import torch
+    >>> ddim_step(torch.tensor([1.0]), torch.tensor([0.0]), 0.25, 1.0)  # ε = 0: x̂_0 = x_t / √ᾱ_t = 2, kept at ᾱ = 1
+    tensor([2.])
+    """
+    x0_pred = x0_from_eps(x_t, eps, alpha_bar_t)  # eq. 12, "predicted x_0"
+    ddpm_variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)  # σ_t(η=1)²
+    sigma_t = eta * ddpm_variance**0.5  # eq. 16
+    direction = (1 - alpha_bar_prev - sigma_t**2) ** 0.5 * eps  # eq. 12, "direction pointing to x_t"
+    x_prev = alpha_bar_prev**0.5 * x0_pred + direction  # eq. 12
+    if eta > 0:
+        x_prev = x_prev + sigma_t * noise  # eq. 12, "random noise" σ_t ε_t
+    return x_prev
 
 
 class DDIMSampler(AlphaBarSampler):
@@ -40,15 +62,7 @@ class DDIMSampler(AlphaBarSampler):
         self.final_alpha_bar = self.alphas_cumprod[0].item()
 
     def step(self, eps: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
-        """x_t -> x_{t_prev} by eq. 12. eps, x: (b, c, h, w). Coefficients in float64, cast last."""
-        t, t_prev = next_timestep(self.timesteps, t)
-        alpha_bar_t = self.alphas_cumprod[t].item()
-        alpha_bar_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else self.final_alpha_bar
-        x0_pred = x0_from_eps(x, eps, alpha_bar_t)  # eq. 12, "predicted x_0"
-        ddpm_variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)  # σ_t(η=1)²
-        sigma_t = self.eta * ddpm_variance**0.5  # eq. 16
-        direction = (1 - alpha_bar_prev - sigma_t**2) ** 0.5 * eps  # eq. 12, "direction pointing to x_t"
-        x_prev = alpha_bar_prev**0.5 * x0_pred + direction  # eq. 12
-        if self.eta > 0:
-            x_prev = x_prev + sigma_t * draw_noise(eps, generator)  # eq. 12, "random noise" σ_t ε_t
-        return x_prev
+        """x_t -> x_{t_prev} (ddim_step). eps, x: (b, c, h, w)."""
+        alpha_bar_t, alpha_bar_prev = self.alpha_bars(self.advance(t), self.final_alpha_bar)
+        noise = draw_noise(eps, generator) if self.eta > 0 else None
+        return ddim_step(x, eps, alpha_bar_t, alpha_bar_prev, self.eta, noise)

@@ -16,7 +16,29 @@ Written through x0_pred it equals eq. 11's μ_θ = (x_t − β_t / √(1 − ᾱ
 
 from torch import Generator, Tensor
 
-from minisd.samplers.base import AlphaBarSampler, draw_noise, next_timestep, x0_from_eps
+from minisd.samplers.base import AlphaBarSampler, draw_noise, x0_from_eps
+
+
+def ddpm_step(
+    x_t: Tensor, eps: Tensor, alpha_bar_t: float, alpha_bar_prev: float, noise: Tensor | None = None
+) -> Tensor:
+    """x_t -> x_{t_prev} ~ q(x_{t_prev} | x_t, x0_pred): the posterior mean μ̃_t (eq. 7), plus √β̃_t·noise unless
+    noise is None (the last step, to x_0). x_t, eps, noise: (b, c, h, w); coefficients Python floats (float64).
+
+    >>> import torch
+    >>> ddpm_step(torch.tensor([1.0]), torch.tensor([0.0]), 0.25, 1.0)  # to ᾱ_prev = 1: x̂_0 = x_t / √ᾱ_t itself
+    tensor([2.])
+    """
+    alpha_t = alpha_bar_t / alpha_bar_prev  # one step of the spaced chain: α_t = ᾱ_t / ᾱ_prev
+    beta_t = 1 - alpha_t
+    x0_pred = x0_from_eps(x_t, eps, alpha_bar_t)  # eq. 4 solved for x_0
+    x0_coef = alpha_bar_prev**0.5 * beta_t / (1 - alpha_bar_t)  # eq. 7, μ̃_t's weight on x_0
+    xt_coef = alpha_t**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar_t)  # eq. 7, μ̃_t's weight on x_t
+    mean = x0_coef * x0_pred + xt_coef * x_t
+    if noise is None:
+        return mean
+    variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t  # eq. 7, β̃_t
+    return mean + variance**0.5 * noise  # Algorithm 2, line 4: + σ_t z
 
 
 class DDPMSampler(AlphaBarSampler):
@@ -34,17 +56,8 @@ class DDPMSampler(AlphaBarSampler):
     name = "DDPM"
 
     def step(self, eps: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
-        """x_t -> x_{t_prev} ~ q(x_{t_prev} | x_t, x0_pred). eps, x: (b, c, h, w). Coefficients in float64."""
-        t, t_prev = next_timestep(self.timesteps, t)
-        alpha_bar_t = self.alphas_cumprod[t].item()
-        alpha_bar_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0  # past the end: x_0 itself
-        alpha_t = alpha_bar_t / alpha_bar_prev  # one step of the spaced chain: α_t = ᾱ_t / ᾱ_prev
-        beta_t = 1 - alpha_t
-        x0_pred = x0_from_eps(x, eps, alpha_bar_t)  # eq. 4 solved for x_0
-        x0_coef = alpha_bar_prev**0.5 * beta_t / (1 - alpha_bar_t)  # eq. 7, μ̃_t's weight on x_0
-        xt_coef = alpha_t**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar_t)  # eq. 7, μ̃_t's weight on x_t
-        mean = x0_coef * x0_pred + xt_coef * x
-        if t == 0:
-            return mean
-        variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t  # eq. 7, β̃_t
-        return mean + variance**0.5 * draw_noise(eps, generator)  # Algorithm 2, line 4: + σ_t z
+        """x_t -> x_{t_prev} (ddpm_step). eps, x: (b, c, h, w)."""
+        i = self.advance(t)
+        alpha_bar_t, alpha_bar_prev = self.alpha_bars(i, 1.0)  # past the end: x_0 itself
+        noise = draw_noise(eps, generator) if self.timesteps[i] > 0 else None
+        return ddpm_step(x, eps, alpha_bar_t, alpha_bar_prev, noise)

@@ -158,9 +158,8 @@ class DPMSolverPP2MSampler(SigmaSampler):
 
     def step(self, eps: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
         """x_t at step i -> x_t at step i + 1. eps, x: (b, c, h, w); returns x's dtype (computed in >= float32)."""
-        sigma = self.call_sigma(t)
-        i = self.step_index
-        self.step_index += 1
+        i = self.advance(t)
+        sigma = self.sigmas[i].item()
         x_t = upcast(x)
         x0_pred = data_prediction(x_t, upcast(eps), sigma)  # the data prediction x_θ from ε
         sigma_prev = self.sigmas[i - 1].item() if i > 0 else None

@@ -12,13 +12,17 @@ d             d_i = (x_i − D_θ(x_i; σ_i)) / σ_i  derivative
 from torch import Generator, Tensor
 
 from minisd.samplers.base import upcast
-from minisd.samplers.sigmas import SigmaSampler, denoised_from_eps
+from minisd.samplers.sigmas import SigmaSampler, denoised_from_eps, slope
 
 
 def euler_step(x: Tensor, eps: Tensor, sigma: float, sigma_next: float) -> Tensor:
-    """One Euler step of dx/dσ = (x − D(x; σ)) / σ from σ to σ_next. x, eps: (b, c, h, w)."""
-    denoised = denoised_from_eps(x, eps, sigma)  # D(x; σ) (Karras eq. 7)
-    d = (x - denoised) / sigma  # the ODE's slope dx/dσ (Karras Alg. 1 line 4, σ(t) = t)
+    """One Euler step of dx/dσ = (x − D(x; σ)) / σ from σ to σ_next. x, eps: (b, c, h, w).
+
+    >>> import torch
+    >>> euler_step(torch.tensor([3.0]), torch.tensor([0.5]), 2.0, 1.0)  # D = 3 − 2·0.5 = 2, slope 0.5, Δσ = −1
+    tensor([2.5000])
+    """
+    d = slope(x, sigma, denoised_from_eps(x, eps, sigma))  # dx/dσ at σ (Karras Alg. 1 line 4)
     return x + (sigma_next - sigma) * d  # Alg. 1 line 5
 
 
@@ -30,7 +34,6 @@ class EulerSampler(SigmaSampler):
 
     def step(self, eps: Tensor, t: Tensor | float, x: Tensor, generator: Generator | None = None) -> Tensor:
         """x at σ_i -> x at σ_{i+1}. eps, x: (b, c, h, w); returns x's dtype (computed in at least float32)."""
-        sigma = self.call_sigma(t)
-        sigma_next = self.sigmas[self.step_index + 1].item()
-        self.step_index += 1
+        i = self.advance(t)
+        sigma, sigma_next = self.sigmas[i].item(), self.sigmas[i + 1].item()
         return euler_step(upcast(x), upcast(eps), sigma, sigma_next).to(x.dtype)

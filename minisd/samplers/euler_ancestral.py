@@ -46,9 +46,9 @@ class EulerAncestralSampler(SigmaSampler):
 
     def step(self, eps: Tensor, t: Tensor | float, x: Tensor, generator: Generator | None = None) -> Tensor:
         """x at σ_i -> x at σ_{i+1} with fresh noise. eps, x: (b, c, h, w); returns x's dtype."""
-        sigma = self.call_sigma(t)
-        sigma_down, sigma_up = ancestral_sigmas(sigma, self.sigmas[self.step_index + 1].item())
-        self.step_index += 1
+        i = self.advance(t)
+        sigma = self.sigmas[i].item()
+        sigma_down, sigma_up = ancestral_sigmas(sigma, self.sigmas[i + 1].item())
         x_down = euler_step(upcast(x), upcast(eps), sigma, sigma_down)  # deterministic part, to σ_down
         noise = draw_noise(eps, generator)
         return (x_down + sigma_up * noise).to(x.dtype)  # back up to σ_{i+1} with new noise

@@ -16,7 +16,7 @@ interpolating polynomial through the last k slopes (k = 1: Euler).
 from torch import Generator, Tensor
 
 from minisd.samplers.base import upcast
-from minisd.samplers.sigmas import SigmaSampler, denoised_from_eps
+from minisd.samplers.sigmas import SigmaSampler, denoised_from_eps, slope
 
 
 def lagrange_integral(nodes: list[float], j: int, a: float, b: float) -> float:
@@ -72,12 +72,10 @@ class LMSSampler(SigmaSampler):
 
     def step(self, eps: Tensor, t: Tensor | float, x: Tensor, generator: Generator | None = None) -> Tensor:
         """x at σ_i -> x at σ_{i+1}. eps, x: (b, c, h, w); returns x's dtype (computed in at least float32)."""
-        sigma = self.call_sigma(t)
-        i = self.step_index
-        self.step_index += 1
-        x_i, eps = upcast(x), upcast(eps)
-        denoised = denoised_from_eps(x_i, eps, sigma)  # D(x_i; σ_i) (Karras et al. 2022 eq. 7)
-        d = (x_i - denoised) / sigma  # dx/dσ at σ_i (Karras Alg. 1, σ(t) = t)
+        i = self.advance(t)
+        sigma = self.sigmas[i].item()
+        x_i = upcast(x)
+        d = slope(x_i, sigma, denoised_from_eps(x_i, upcast(eps), sigma))  # dx/dσ at σ_i (Karras Alg. 1)
         self.derivatives = [*self.derivatives, d][-self.max_order :]
         order = len(self.derivatives)  # 1, 2, 3, 4, 4, …: only this run's own slopes
         nodes = self.sigmas[i - order + 1 : i + 1].flip(0).tolist()  # σ_i, σ_{i−1}, …

@@ -7,8 +7,8 @@ t, t_prev        t, t − δ                               timestep, prev_timest
 alpha_bar_t      ᾱ_t                                    alphas_cumprod[t]
 eps              ε_θ(x_t, t)                            model_output
 eps_history      e_t, e_{t−δ}, e_{t−2δ}, e_{t−3δ}       ets
-eps_prime        e'_t, the combined ε (eq. 12)          model_output (after combining)
-transfer         φ(x_t, e'_t, t, t − δ), eq. 9          _get_prev_sample
+plms_eps         e'_t, the combined ε (eq. 12)          model_output (after combining)
+plms_transfer    φ(x_t, e'_t, t, t − δ), eq. 9          _get_prev_sample
 
 Each step moves x along φ (the DDIM step, eq. 9) with ε extrapolated from the last four ε by the Adams-Bashforth
 weights (55, −59, 37, −9) / 24 (eq. 12). Until four ε exist, lower orders: (3, −1) / 2, then (23, −16, 5) / 12.
@@ -21,8 +21,39 @@ from collections.abc import Sequence
 import torch
 from torch import Generator, Tensor
 
-from minisd.errors import MinisdError
 from minisd.samplers.base import AlphaBarSampler, inference_timesteps
+
+
+def plms_transfer(x_t: Tensor, eps: Tensor, alpha_bar_t: float, alpha_bar_prev: float) -> Tensor:
+    """φ(x_t, ε, t, t_prev), eq. 9: the deterministic DDIM step from ᾱ_t to ᾱ_prev, written as PNDM writes it
+    (diffusers' `_get_prev_sample`). x_t, eps: (b, c, h, w).
+
+    >>> import torch
+    >>> plms_transfer(torch.tensor([1.0]), torch.tensor([0.0]), 0.25, 1.0)  # ε = 0: x_t · √(ᾱ_prev / ᾱ_t)
+    tensor([2.])
+    """
+    a_t, a_prev = alpha_bar_t, alpha_bar_prev
+    x_coef = (a_prev / a_t) ** 0.5
+    eps_coef = (a_prev - a_t) / (a_t**0.5 * (((1 - a_prev) * a_t) ** 0.5 + ((1 - a_t) * a_prev) ** 0.5))
+    return x_coef * x_t - eps_coef * eps  # eq. 9
+
+
+def plms_eps(eps_history: list[Tensor]) -> Tensor:
+    """e'_t, the ε a step moves along: the last (up to four) ε, oldest first, combined by the Adams-Bashforth
+    weights (55, −59, 37, −9) / 24 (eq. 12); with fewer, the lower orders (3, −1) / 2 and (23, −16, 5) / 12.
+
+    >>> import torch
+    >>> plms_eps([torch.tensor([1.0]), torch.tensor([2.0])])  # (3 · 2 − 1) / 2
+    tensor([2.5000])
+    """
+    e = eps_history[::-1]  # e[0] = e_t, e[1] = e_{t−δ}, …
+    if len(e) == 1:
+        return e[0]
+    if len(e) == 2:
+        return (3 * e[0] - e[1]) / 2  # 2nd-order Adams-Bashforth
+    if len(e) == 3:
+        return (23 * e[0] - 16 * e[1] + 5 * e[2]) / 12  # 3rd order
+    return (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3]) / 24  # eq. 12, 4th order
 
 
 class PNDMSampler(AlphaBarSampler):
@@ -52,45 +83,28 @@ class PNDMSampler(AlphaBarSampler):
     ) -> None:
         """Plan the run and forget the previous run's ε history. `timesteps` gets the warm-up's extra call."""
         self.steps = inference_timesteps(num_inference_steps, strength, timesteps, self.timestep_spacing)
-        self.timesteps = torch.cat([self.steps[:1], self.steps[1:2], self.steps[1:]])  # warm-up: repeat t_{k−1}
-        self.calls = 0  # model calls seen so far in this run
+        self.start_run(torch.cat([self.steps[:1], self.steps[1:2], self.steps[1:]]))  # warm-up: repeat t_{k−1}
         self.eps_history: list[Tensor] = []
         self.warmup_start: tuple[Tensor, Tensor] | None = None  # (x, eps) at the first step, until its second call
 
-    def transfer(self, x: Tensor, eps: Tensor, t: int, t_prev: int) -> Tensor:
-        """φ(x_t, ε, t, t_prev), eq. 9: the deterministic DDIM step from t to t_prev (−1: past the last step)."""
-        a_t = self.alphas_cumprod[t].item()
+    def transfer(self, x: Tensor, eps: Tensor, j: int) -> Tensor:
+        """φ (plms_transfer) over step j of `steps`: from steps[j] to the next one (past the last: ᾱ_0)."""
+        t_prev = int(self.steps[j + 1]) if j + 1 < len(self.steps) else -1
         a_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else self.final_alpha_bar
-        x_coef = (a_prev / a_t) ** 0.5
-        eps_coef = (a_prev - a_t) / (a_t**0.5 * (((1 - a_prev) * a_t) ** 0.5 + ((1 - a_t) * a_prev) ** 0.5))
-        return x_coef * x - eps_coef * eps  # eq. 9
+        return plms_transfer(x, eps, self.alphas_cumprod[int(self.steps[j])].item(), a_prev)
 
     def step(self, eps: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
         """One model call's move. eps, x: (b, c, h, w). Call with every entry of `timesteps`, in order."""
-        i = self.calls
-        if i >= len(self.timesteps) or int(t) != self.timesteps[i]:
-            expected = self.timesteps[i].item() if i < len(self.timesteps) else "none (the run is over)"
-            raise MinisdError(f"PLMS step {i} expects timestep {expected}, got {int(t)}; step every entry in order")
-        self.calls += 1
+        i = self.advance(t)
         warmup = len(self.steps) > 1 and i < 2
         j = max(i - 1, 0)  # index in `steps` of the step this call completes
-        t, t_prev = int(self.steps[j]), int(self.steps[j + 1]) if j + 1 < len(self.steps) else -1
         if warmup and i == 0:  # improved Euler, stage 1: an Euler (DDIM) step, only to evaluate ε at t_prev
             self.warmup_start = (x, eps)
-            return self.transfer(x, eps, t, t_prev)
+            return self.transfer(x, eps, j)
         if warmup:  # stage 2: redo the first step from its start with the mean of both ε
             x, eps_first = self.warmup_start
             self.warmup_start = None
             self.eps_history = [eps_first]
-            return self.transfer(x, (eps_first + eps) / 2, t, t_prev)
+            return self.transfer(x, (eps_first + eps) / 2, j)
         self.eps_history = [*self.eps_history[-3:], eps]
-        e = self.eps_history[::-1]  # e[0] = e_t, e[1] = e_{t−δ}, …
-        if len(e) == 1:
-            eps_prime = e[0]
-        elif len(e) == 2:
-            eps_prime = (3 * e[0] - e[1]) / 2  # 2nd-order Adams-Bashforth
-        elif len(e) == 3:
-            eps_prime = (23 * e[0] - 16 * e[1] + 5 * e[2]) / 12  # 3rd order
-        else:
-            eps_prime = (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3]) / 24  # eq. 12, 4th order
-        return self.transfer(x, eps_prime, t, t_prev)
+        return self.transfer(x, plms_eps(self.eps_history), j)

@@ -7,7 +7,7 @@ sigmas          the σ a run visits, decreasing, ending at 0      sigmas
 x               x = x_0 + σ·ε (Karras et al. 2022 §2)            sample
 eps             ε_θ(x / √(σ² + 1), t)                            model_output
 denoised        D(x; σ) = x − σ·ε, the x_0 prediction            pred_original_sample
-d               dx/dσ = (x − D(x; σ)) / σ (Karras Alg. 1)        derivative
+d               slope(): dx/dσ = (x − D(x; σ)) / σ (Karras Alg. 1) derivative
 
 SD's UNet was trained on x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε. Dividing by √ᾱ_t gives x = x_0 + σ_t·ε with
 σ_t = √((1 − ᾱ_t)/ᾱ_t): the "variance exploding" form in which Karras et al. (arXiv:2206.00364) write every
@@ -120,12 +120,23 @@ def denoised_from_eps(x: Tensor, eps: Tensor, sigma: float) -> Tensor:
     return x - sigma * eps
 
 
+def slope(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
+    """dx/dσ = (x − D(x; σ)) / σ: the probability-flow ODE's slope in σ (Karras et al. 2022, Alg. 1 line 4 with
+    σ(t) = t; k-diffusion's `to_d`). x, denoised: (b, c, h, w).
+
+    >>> slope(torch.tensor([3.0]), 2.0, torch.tensor([1.0]))
+    tensor([1.])
+    """
+    return (x - denoised) / sigma
+
+
 class SigmaSampler(Sampler):
     """What the σ samplers share: the schedule (timesteps, σ), image-to-image truncation, the UNet input scaling,
-    add_noise, and the step counter. Subclasses write `step` (and Heun `calls_for`).
+    add_noise and x̂_0. Subclasses write `step` (and Heun `calls_for`).
 
     After `set_timesteps`: `sigmas` (m + 1,) float64, the σ of the m method steps this run makes, then 0;
-    `timesteps` one float32 entry per model call (what the UNet is given); `step_index` the next call's index.
+    `timesteps` one float32 entry per model call (what the UNet is given); `call_sigmas` the σ of x at each call;
+    `step_index` the next call's index (base.Sampler).
     Default spacing "linspace" (diffusers' default for these schedulers; SD v1.5's scheduler_config sets none):
     t = linspace(T − 1, 0, n), kept fractional, and σ interpolated there. n = 1 runs from t = T − 1 (pure noise);
     diffusers' linspace(0, T − 1, 1) = [0] makes its one step start at σ_min = 0.029, from a nearly clean "noise".
@@ -184,9 +195,9 @@ class SigmaSampler(Sampler):
             sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])  # the run ends at σ = 0, the clean image
         start = img2img_start(len(timesteps), strength)
         self.sigmas = sigmas[start:]
-        self.timesteps, self.call_sigmas = self.calls_for(timesteps[start:], self.sigmas)
+        call_timesteps, self.call_sigmas = self.calls_for(timesteps[start:], self.sigmas)
+        self.start_run(call_timesteps)
         self.init_noise_sigma = self.sigmas[0].item()  # σ of the first x (the full schedule's σ_max for txt2img)
-        self.step_index = 0
         self.reset()
 
     def reset(self) -> None:
@@ -194,13 +205,7 @@ class SigmaSampler(Sampler):
 
     def call_sigma(self, t: Tensor | float) -> float:
         """σ of x at the current model call, after checking t is the timestep this call expects."""
-        if not 0 <= self.step_index < len(self.timesteps):
-            raise MinisdError(f"step called {self.step_index + 1} times; this run has {len(self.timesteps)} calls")
-        expected = self.timesteps[self.step_index].item()
-        given = float(torch.as_tensor(t).reshape(-1)[0])
-        if given != expected:
-            raise MinisdError(f"t must be sampler.timesteps[{self.step_index}] = {expected}, got {given}")
-        return self.call_sigmas[self.step_index].item()
+        return self.call_sigmas[self.call_index(t)].item()
 
     def scale_model_input(self, x: Tensor, t: Tensor | float) -> Tensor:
         """The UNet's input x_t = x / √(σ² + 1) (Karras Table 1, VP: c_in = 1/√(σ² + 1))."""
