@@ -54,12 +54,34 @@ def pil_to_image(pil: Image.Image) -> Tensor:
     return (pixels.float() / 255 * 2 - 1).contiguous()
 
 
-def image_to_pil(image: Tensor) -> list[Image.Image]:
-    """(b, 3, h, w) in [-1, 1] -> b RGB PIL images: round((image / 2 + 1/2).clamp(0, 1) · 255) (diffusers' rule,
-    round half to even).
+def image_to_unit(image: Tensor) -> Tensor:
+    """image in [-1, 1] -> [0, 1]: image / 2 + 1/2, clipped (diffusers' VaeImageProcessor.denormalize). Any shape,
+    the input's dtype.
+
+    >>> image_to_unit(torch.tensor([-2.0, 0.0, 0.5]))
+    tensor([0.0000, 0.5000, 0.7500])
+    """
+    return (image / 2 + 0.5).clamp(0, 1)
+
+
+def image_to_pixels(image: Tensor) -> Tensor:
+    """image (b, 3, h, w) in [-1, 1] -> pixels (b, h, w, 3) uint8 on the CPU: round(image_to_unit(image) · 255)
+    (diffusers' rule, round half to even), in PIL's byte order. NaN becomes 0.
 
     Computed in float32: equal to diffusers for float32 input; for fp16/bf16 input diffusers does the first step in
-    half precision, which can differ by one level. Values outside [-1, 1] clip; NaN is refused.
+    half precision, which can differ by one level.
+
+    >>> image_to_pixels(torch.tensor([-1.0, 0.0, 2.0]).reshape(1, 3, 1, 1)).tolist()
+    [[[[0, 128, 255]]]]
+    """
+    image = image.detach().float().cpu().nan_to_num(-1.0)
+    pixels = (image_to_unit(image) * 255).round().to(torch.uint8)
+    return rearrange(pixels, "b c h w -> b h w c")  # PIL's byte order: row by row, R G B
+
+
+def image_to_pil(image: Tensor) -> list[Image.Image]:
+    """(b, 3, h, w) in [-1, 1] -> b RGB PIL images of image_to_pixels(image). Values outside [-1, 1] clip; NaN is
+    refused.
 
     >>> [pil.getpixel((0, 0)) for pil in image_to_pil(torch.tensor([-1.0, 0.0, 2.0]).reshape(1, 3, 1, 1))]
     [(0, 128, 255)]
@@ -67,12 +89,9 @@ def image_to_pil(image: Tensor) -> list[Image.Image]:
     if not isinstance(image, Tensor) or image.dim() != 4 or image.shape[1] != 3 or not image.is_floating_point():
         what = f"{tuple(image.shape)} {image.dtype}" if isinstance(image, Tensor) else type(image).__name__
         raise MinisdError(f"image must be a floating (batch, 3, height, width) tensor, got {what}")
-    image = image.detach().float().cpu()
     if image.isnan().any():
         raise MinisdError("image must not contain NaN (a VAE decode in float16 can overflow: decode in float32)")
-    image = (image * 0.5 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
-    pixels = (image * 255).round().to(torch.uint8)
-    pixels = rearrange(pixels, "b c h w -> b h w c")  # PIL's byte order: row by row, R G B
+    pixels = image_to_pixels(image)
     h, w = pixels.shape[1:3]
     return [Image.frombytes("RGB", (w, h), bytes(p.flatten().tolist())) for p in pixels]
 

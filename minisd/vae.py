@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from minisd.attention import attention
 from minisd.errors import MinisdError
+from minisd.noise import randn
 
 LATENT_SCALE = 0.18215
 """latents = LATENT_SCALE · vae_latents (v1-inference.yaml `scale_factor`; diffusers `scaling_factor`).
@@ -68,15 +69,16 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)  # σ = exp(½ log σ²)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """z = mean + std · ε, ε ~ N(0, I) drawn from the caller's generator. Returns (b, c, h, w).
+    def sample(self, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """z = mean + std · ε, the reparameterisation trick. Returns (b, c, h, w).
 
-        ε is drawn like diffusers' DiagonalGaussianDistribution.sample (through `randn_tensor`): in the mean's
-        dtype, on the generator's device, then moved to the mean's device, so one seed gives the same sample.
+        ε is `noise` when given (the mean's shape, device and dtype: the pipelines draw it their way), else drawn
+        from the caller's generator like diffusers' DiagonalGaussianDistribution.sample: minisd.noise.randn in the
+        mean's dtype, so one seed gives the same sample.
         """
-        device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps.to(self.mean.device)
+        if noise is None:
+            noise = randn(self.mean.shape, generator, self.mean.dtype, self.mean.device)
+        return self.mean + self.std * noise
 
     def mode(self) -> Tensor:
         """The most likely z: the mean. Returns (b, c, h, w)."""

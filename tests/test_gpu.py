@@ -13,8 +13,8 @@ from torch import nn
 
 from minisd import bench
 from minisd.fast import capture_unet_step, make_fast
+from minisd.noise import randn
 from minisd.samplers import DDIMSampler, DDPMSampler, EulerAncestralSampler
-from minisd.samplers.base import draw_noise
 from tests.parity import assert_parity
 
 pytestmark = pytest.mark.gpu
@@ -136,11 +136,11 @@ def test_text_encoder_parity_on_cuda(twins, dtype_name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_draw_noise_on_cuda_equals_cpu(dtype):
+def test_randn_on_cuda_equals_cpu(dtype):
     """A CPU generator draws on the CPU whatever the target device: one seed, one noise, bit for bit."""
-    like = torch.empty(2, 4, 64, 64, dtype=dtype)
-    cpu = draw_noise(like, torch.Generator().manual_seed(7))
-    cuda = draw_noise(like.to("cuda"), torch.Generator().manual_seed(7))
+    shape = (2, 4, 64, 64)
+    cpu = randn(shape, torch.Generator().manual_seed(7), dtype, "cpu")
+    cuda = randn(shape, torch.Generator().manual_seed(7), dtype, "cuda")
     assert cuda.device.type == "cuda"
     assert torch.equal(cuda.cpu(), cpu)
 

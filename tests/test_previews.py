@@ -9,11 +9,11 @@ import torch
 from diffusers import DDIMScheduler
 
 from minisd.errors import MinisdError
+from minisd.images import image_to_pixels
 from minisd.pipelines import common
 from minisd.pipelines.previews import (
     LATENT_RGB_WEIGHT,
     fit_latent_rgb,
-    image_to_pixels,
     latents_to_rgb,
     x0_preview,
 )

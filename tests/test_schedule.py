@@ -10,8 +10,9 @@ from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from minisd.errors import MinisdError
+from minisd.noise import randn
 from minisd.samplers import schedule
-from minisd.samplers.base import draw_noise, img2img_start, inference_timesteps
+from minisd.samplers.base import img2img_start, inference_timesteps
 from tests.parity import assert_parity
 
 # SD v1.5's scheduler_config.json (the values every alpha-sampler twin is built from).
@@ -141,9 +142,9 @@ def test_inference_timesteps_needs_exactly_one_schedule():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-def test_draw_noise_is_diffusers_draw(dtype):
+def test_randn_is_diffusers_draw(dtype):
     """Same generator state -> bit-identical noise, for each dtype (a float16 draw is its own sequence)."""
     like = torch.empty(2, 4, 8, 8, dtype=dtype)
-    ours = draw_noise(like, torch.Generator().manual_seed(3))
+    ours = randn(like.shape, torch.Generator().manual_seed(3), dtype, like.device)
     ref = randn_tensor(like.shape, generator=torch.Generator().manual_seed(3), device=like.device, dtype=dtype)
     assert ours.dtype == dtype and torch.equal(ours, ref)

@@ -6,8 +6,8 @@ they make before any compute live in checks.py. Each step here reads the same in
 
 Randomness, device and dtype belong to the caller:
   - every random draw a pipeline makes before its loop (the starting noise, the VAE posterior sample) is one
-    torch.randn call in float32 ON THE CPU from the caller's CPU generator (`seed` makes one), then moved to the
-    UNet's device and dtype. So one seed gives the same starting point on CPU and on CUDA; what a GPU changes is
+    minisd.noise.randn call in float32 ON THE CPU from the caller's CPU generator (`seed` makes one), then moved to
+    the UNet's device and dtype. So one seed gives the same starting point on CPU and on CUDA; what a GPU changes is
     only the arithmetic of the networks. For a bit-exact comparison between devices pass the same `latents`.
   - the samplers draw their per-step noise (Euler a, DDIM with eta > 0) from the same generator, on the CPU.
   - the device and dtype are the UNet's: move the modules (`.to("cuda", torch.float16)`) and the pipeline follows.
@@ -21,7 +21,8 @@ import torch
 from torch import Generator, Tensor
 
 from minisd.errors import MinisdError
-from minisd.images import image_to_pil
+from minisd.images import image_to_pil, image_to_unit
+from minisd.noise import randn
 from minisd.pipelines.checks import Components, prompt_list
 from minisd.pipelines.prompts import encode_prompt
 from minisd.tiling import tiled_decode, tiled_encode
@@ -84,23 +85,18 @@ def encode_prompts(
     return context.repeat_interleave(num_images_per_prompt, dim=0)
 
 
-def draw_noise(shape: tuple[int, ...], generator: Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Standard normal noise: one torch.randn in float32 on the CPU from `generator`, then moved to device/dtype
-    (the draw diffusers' randn_tensor makes for float32 with a CPU generator, so the same seed gives its noise)."""
-    return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu").to(device=device, dtype=dtype)
-
-
 def encode_image(
     vae: VAE, image: Tensor, generator: Generator | None, dtype: torch.dtype, tiling: bool = False
 ) -> Tensor:
     """image (b, 3, H, W) in [-1, 1] -> UNet latents (b, 4, H/8, W/8) = LATENT_SCALE · z, z ~ q(z | image) sampled
-    with noise from draw_noise (diffusers' `retrieve_latents(vae.encode(image), generator)` draws the same).
+    with ε drawn as the starting noise is (float32 on the CPU, then moved: minisd.noise).
     tiling: encode in overlapping 512-pixel tiles (minisd.tiling.tiled_encode); images of 512×512 or less whole."""
     vae_device, vae_dtype = vae.post_quant_conv.weight.device, vae.post_quant_conv.weight.dtype
     image = image.to(device=vae_device, dtype=vae_dtype)
     posterior = tiled_encode(vae, image) if tiling else vae.encode(image)
-    eps = draw_noise(tuple(posterior.mean.shape), generator, vae_device, vae_dtype)
-    vae_latents = posterior.mean + posterior.std * eps  # z = μ + σ·ε (LDM's DiagonalGaussianDistribution.sample)
+    # diffusers' retrieve_latents(vae.encode(image), generator) with a CPU generator in float32: the same ε
+    eps = randn(posterior.mean.shape, generator, torch.float32, "cpu").to(device=vae_device, dtype=vae_dtype)
+    vae_latents = posterior.sample(noise=eps)  # z = μ + σ·ε
     return (LATENT_SCALE * vae_latents).to(dtype)  # latents = scale · vae_latents (vae.LATENT_SCALE)
 
 
@@ -166,7 +162,7 @@ def to_output(image: Tensor, output_type: str):
     "pil": b PIL images; "np": float32 numpy (b, H, W, 3) in [0, 1]; "pt": tensor (b, 3, H, W) in [0, 1]."""
     if output_type == "pil":
         return image_to_pil(image)
-    image = (image / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
+    image = image_to_unit(image)  # [-1, 1] -> [0, 1]
     if output_type == "np":
         return image.cpu().permute(0, 2, 3, 1).float().numpy()
     return image

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch import Generator, Tensor
 
+from minisd.noise import randn
 from minisd.pipelines import checks, common
 from minisd.pipelines.checks import Components
 from minisd.samplers import Sampler
@@ -87,7 +88,7 @@ def img2img(
     sampler.set_timesteps(num_inference_steps, strength=strength)  # keeps the last ⌊n · strength⌋ steps
     image_latents = common.encode_image(vae, image, generator, dtype, vae_tiling)  # (k, 4, h/8, w/8)
     image_latents = image_latents.repeat_interleave(b * num_images_per_prompt // image.shape[0], dim=0)
-    noise = common.draw_noise(tuple(image_latents.shape), generator, device, dtype)
+    noise = randn(image_latents.shape, generator, torch.float32, "cpu").to(device=device, dtype=dtype)  # as txt2img
     latents = sampler.add_noise(image_latents, noise, sampler.timesteps[:1])  # x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε
 
     # --- the denoising loop, over the remaining timesteps

@@ -24,6 +24,7 @@ from PIL import Image
 from torch import Generator, Tensor
 
 from minisd.errors import MinisdError
+from minisd.noise import randn
 from minisd.pipelines import checks, common
 from minisd.pipelines.checks import Components
 from minisd.pipelines.common import INPAINT_CHANNELS
@@ -112,7 +113,9 @@ def inpaint(
     if not inpainting_unet or not full_strength:
         image_latents = common.encode_image(vae, image, generator, dtype, vae_tiling)  # (k, 4, h/8, w/8)
         image_latents = image_latents.repeat_interleave(batch // image.shape[0], dim=0)
-    noise = common.draw_noise(shape, generator, device, dtype) if latents is None else latents
+    noise = latents  # the caller's starting noise, or drawn as txt2img draws it
+    if noise is None:
+        noise = randn(shape, generator, torch.float32, "cpu").to(device=device, dtype=dtype)
     if full_strength:
         latents = noise * sampler.init_noise_sigma
     else:

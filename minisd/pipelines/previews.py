@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from minisd.errors import MinisdError
+from minisd.images import image_to_pixels
 from minisd.pipelines.common import decode
 from minisd.samplers.base import Sampler
 from minisd.vae import VAE
@@ -50,17 +51,6 @@ LATENT_RGB_WEIGHT = (
     (-0.184, -0.271, -0.473),
 )
 LATENT_RGB_BIAS = (0.0, 0.0, 0.0)
-
-
-def image_to_pixels(image: Tensor) -> Tensor:
-    """image (b, 3, h, w) in [-1, 1] -> pixels (b, h, w, 3) uint8 on the CPU: round((image + 1)/2 · 255), clipped
-    (images.image_to_pil's rule); NaN becomes 0.
-
-    >>> image_to_pixels(torch.tensor([-1.0, 0.0, 2.0]).reshape(1, 3, 1, 1)).tolist()
-    [[[[0, 128, 255]]]]
-    """
-    image = (image.detach().float().cpu().nan_to_num(-1.0) / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
-    return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def latents_to_rgb(

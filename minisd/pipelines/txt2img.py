@@ -13,6 +13,7 @@ guidance_scale        w: ε = ε_∅ + w · (ε_c − ε_∅)                  g
 import torch
 from torch import Generator, Tensor
 
+from minisd.noise import randn
 from minisd.pipelines import checks, common
 from minisd.pipelines.checks import Components
 from minisd.samplers import Sampler
@@ -95,7 +96,8 @@ def txt2img(
     # --- pure noise at the sampler's starting noise level
     sampler.set_timesteps(num_inference_steps)
     if latents is None:
-        latents = common.draw_noise(shape, generator, device, dtype)
+        # float32 on the CPU, then moved (minisd.noise): one seed, one start on every device
+        latents = randn(shape, generator, torch.float32, "cpu").to(device=device, dtype=dtype)
     latents = latents * sampler.init_noise_sigma  # σ_max for the σ samplers, 1 for the ᾱ ones
 
     # --- the denoising loop

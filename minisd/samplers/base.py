@@ -89,15 +89,6 @@ def x0_from_eps(x_t: Tensor, eps: Tensor, alpha_bar_t: float) -> Tensor:
     return (x_t - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5
 
 
-def draw_noise(like: Tensor, generator: Generator | None, dtype: torch.dtype | None = None) -> Tensor:
-    """Standard normal noise of `like`'s shape and dtype (or `dtype`), drawn the way diffusers' `randn_tensor`
-    draws a step's noise, so one generator gives diffusers' exact numbers: one torch.randn call, in that dtype (a
-    float16 draw is not a float32 draw rounded), on the generator's device (a CPU generator draws on CPU), then
-    moved to like's device."""
-    device = generator.device if generator is not None else like.device
-    return torch.randn(like.shape, generator=generator, device=device, dtype=dtype or like.dtype).to(like.device)
-
-
 class Sampler:
     """Base class of minisd's samplers. Subclasses fill `timesteps` and `init_noise_sigma` in `set_timesteps`.
 

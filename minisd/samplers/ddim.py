@@ -16,7 +16,8 @@ fresh noise of size σ_t when η > 0.
 from torch import Generator, Tensor
 
 from minisd.errors import MinisdError
-from minisd.samplers.base import AlphaBarSampler, draw_noise, x0_from_eps
+from minisd.noise import randn
+from minisd.samplers.base import AlphaBarSampler, x0_from_eps
 
 
 def ddim_step(
@@ -43,7 +44,7 @@ def ddim_step(
 
 class DDIMSampler(AlphaBarSampler):
     """DDIM with SD v1's settings. eta in [0, 1]. With eta > 0 each step draws one noise tensor from the caller's
-    generator (eps's shape and dtype, on the generator's device: base.draw_noise), exactly as diffusers'
+    generator (eps's shape and dtype, on the generator's device: minisd.noise.randn), exactly as diffusers'
     DDIMScheduler.step does, so one generator gives diffusers' numbers.
 
     Where diffusers differs: 1000 "leading" steps visit 999 … 0 here (diffusers visits 1000 and indexes past ᾱ's
@@ -64,5 +65,5 @@ class DDIMSampler(AlphaBarSampler):
     def step(self, eps: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
         """x_t -> x_{t_prev} (ddim_step). eps, x: (b, c, h, w)."""
         alpha_bar_t, alpha_bar_prev = self.alpha_bars(self.advance(t), self.final_alpha_bar)
-        noise = draw_noise(eps, generator) if self.eta > 0 else None
+        noise = randn(eps.shape, generator, eps.dtype, eps.device) if self.eta > 0 else None  # DDIMScheduler.step's
         return ddim_step(x, eps, alpha_bar_t, alpha_bar_prev, self.eta, noise)

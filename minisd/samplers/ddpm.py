@@ -16,7 +16,8 @@ Written through x0_pred it equals eq. 11's μ_θ = (x_t − β_t / √(1 − ᾱ
 
 from torch import Generator, Tensor
 
-from minisd.samplers.base import AlphaBarSampler, draw_noise, x0_from_eps
+from minisd.noise import randn
+from minisd.samplers.base import AlphaBarSampler, x0_from_eps
 
 
 def ddpm_step(
@@ -45,7 +46,7 @@ class DDPMSampler(AlphaBarSampler):
     """DDPM with SD v1's β (variance_type "fixed_small", clip_sample False, epsilon prediction).
 
     Noise: every step with t > 0 draws one noise tensor from the caller's generator (eps's shape and dtype, on the
-    generator's device: base.draw_noise), as diffusers' DDPMScheduler.step does, so one generator gives
+    generator's device: minisd.noise.randn), as diffusers' DDPMScheduler.step does, so one generator gives
     diffusers' numbers. That includes SD v1's last step (t = 1 → x_0), whose variance is 0: the draw keeps the
     generator in step with diffusers (diffusers clamps that variance to 1e-20 and adds 1e-10 · noise).
 
@@ -59,5 +60,5 @@ class DDPMSampler(AlphaBarSampler):
         """x_t -> x_{t_prev} (ddpm_step). eps, x: (b, c, h, w)."""
         i = self.advance(t)
         alpha_bar_t, alpha_bar_prev = self.alpha_bars(i, 1.0)  # past the end: x_0 itself
-        noise = draw_noise(eps, generator) if self.timesteps[i] > 0 else None
+        noise = randn(eps.shape, generator, eps.dtype, eps.device) if self.timesteps[i] > 0 else None  # DDPMScheduler's
         return ddpm_step(x, eps, alpha_bar_t, alpha_bar_prev, noise)

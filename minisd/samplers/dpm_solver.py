@@ -25,7 +25,8 @@ import torch
 from torch import Generator, Tensor
 
 from minisd.errors import MinisdError
-from minisd.samplers.base import draw_noise, upcast
+from minisd.noise import randn
+from minisd.samplers.base import upcast
 from minisd.samplers.schedule import NUM_TRAIN_TIMESTEPS
 from minisd.samplers.sigmas import SigmaSampler, karras_sigmas, linspace_exact, sigma_at, t_at
 
@@ -166,7 +167,7 @@ class DPMSolverPP2MSampler(SigmaSampler):
         sigma_next = self.sigmas[i + 1].item()
         noise = None
         if self.sde:  # every step draws, the last (σ_next = 0, no noise added) included, as diffusers does
-            noise = draw_noise(eps, generator, dtype=torch.float32).to(x_t.dtype)
+            noise = randn(eps.shape, generator, torch.float32, eps.device).to(x_t.dtype)
         x_next = dpmpp_2m_step(x_t, x0_pred, self.x0_prev, sigma, sigma_next, sigma_prev, noise)
         self.x0_prev = x0_pred
         return x_next.to(x.dtype)

@@ -15,7 +15,8 @@ import math
 
 from torch import Generator, Tensor
 
-from minisd.samplers.base import draw_noise, upcast
+from minisd.noise import randn
+from minisd.samplers.base import upcast
 from minisd.samplers.euler import euler_step
 from minisd.samplers.sigmas import SigmaSampler
 
@@ -50,5 +51,5 @@ class EulerAncestralSampler(SigmaSampler):
         sigma = self.sigmas[i].item()
         sigma_down, sigma_up = ancestral_sigmas(sigma, self.sigmas[i + 1].item())
         x_down = euler_step(upcast(x), upcast(eps), sigma, sigma_down)  # deterministic part, to σ_down
-        noise = draw_noise(eps, generator)
+        noise = randn(eps.shape, generator, eps.dtype, eps.device)  # EulerAncestralDiscreteScheduler.step's
         return (x_down + sigma_up * noise).to(x.dtype)  # back up to σ_{i+1} with new noise
