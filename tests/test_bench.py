@@ -1,10 +1,15 @@
 """The speed benchmark runs end to end on the CPU at a tiny config and prints a table that parses; its two sides
 compute the same image. No timing assertions: CI machines are too noisy for them."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from minisd import bench
+from benchmarks import speed
+from benchmarks.__main__ import main
 
 CASES = ["text_encode", "unet_step", "vae_decode", "image_2"]
 
@@ -33,7 +38,7 @@ def parse_table(out: str) -> dict[str, list[float]]:
 @pytest.mark.parametrize("fast", [False, True], ids=["eager", "fast"])
 def test_speed_table_on_cpu(capsys, fast):
     argv = ["--model", "tiny", "--size", "64", "--steps", "2", "--repeat", "2"] + (["--fast"] if fast else [])
-    bench.main(argv)
+    main(argv)
     out = capsys.readouterr().out
     assert "minisd vs diffusers: model tiny, cpu fp32, 64x64 px, median of 2" in out
     rows = parse_table(out)
@@ -44,23 +49,23 @@ def test_speed_table_on_cpu(capsys, fast):
 
 
 def test_cases_subset_and_bad_arguments(capsys):
-    bench.main(["--model", "tiny", "--size", "64", "--repeat", "1", "--cases", "unet_step"])
+    main(["--model", "tiny", "--size", "64", "--repeat", "1", "--cases", "unet_step"])
     assert list(parse_table(capsys.readouterr().out)) == ["unet_step"]
     with pytest.raises(SystemExit, match="--size must be a multiple of 8"):
-        bench.main(["--model", "tiny", "--size", "60"])
+        main(["--model", "tiny", "--size", "60"])
     with pytest.raises(SystemExit, match="unknown case 'unet'"):
-        bench.main(["--model", "tiny", "--size", "64", "--repeat", "1", "--cases", "unet"])
+        main(["--model", "tiny", "--size", "64", "--repeat", "1", "--cases", "unet"])
 
 
 def test_both_sides_compute_the_same_image():
     """The whole-image case compares like with like: the same weights, inputs and loop give the same image."""
-    ours, ref = bench.build_twins("tiny", seed=1)
+    ours, ref = speed.build_twins("tiny", seed=1)
     g = torch.Generator().manual_seed(1)
     context = torch.randn(2, 77, ours["unet"].config.cross_attention_dim, generator=g)
     noise = torch.randn(1, 4, 8, 8, generator=g)
     with torch.inference_mode():
-        image = bench.denoise_and_decode(ours["unet"], ours["vae"].decode, context, noise, steps=3)
-        image_ref = bench.denoise_and_decode(
+        image = speed.denoise_and_decode(ours["unet"], ours["vae"].decode, context, noise, steps=3)
+        image_ref = speed.denoise_and_decode(
             lambda x, t, c: ref["unet"](x, t, encoder_hidden_states=c).sample,
             lambda z: ref["vae"].decode(z).sample,
             context,
@@ -76,6 +81,16 @@ def test_both_sides_compute_the_same_image():
 
 def test_load_subcommand_still_parses(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["load", "--help"])
+        main(["load", "--help"])
     assert exit_info.value.code == 0
     assert "--repeat" in capsys.readouterr().out
+
+
+def test_the_old_name_runs_the_same_command():
+    """`python -m minisd.bench ...` (the name commands already written down use) hands on to `python -m benchmarks`."""
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "minisd.bench", "load", "--help"], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: python -m benchmarks load" in result.stdout and "--repeat" in result.stdout

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from minisd import bench
+from benchmarks import speed
+from benchmarks.__main__ import main as bench_main
 from minisd.fast import capture_unet_step, make_fast
 from minisd.noise import randn
 from minisd.samplers import DDIMSampler, DDPMSampler, EulerAncestralSampler
@@ -40,7 +41,7 @@ FAST_REL_TOL = {"fp32": 5e-5, "fp16": 1e-2}
 def twins():
     """diffusers/transformers' SD v1 networks (full size, random weights) and minisd's, as fp32 CPU models sharing
     their tensors; each test moves copies to the GPU in its dtype."""
-    return bench.build_twins("sd-v1", seed=0)
+    return speed.build_twins("sd-v1", seed=0)
 
 
 @pytest.fixture(autouse=True)
@@ -183,8 +184,8 @@ def test_fast_cuda_graph_step_equals_eager(twins, dtype_name):
 
 
 def test_bench_runs_on_cuda(capsys):
-    """The command the README quotes, at a tiny config: `python -m minisd.bench --device cuda --dtype fp16 --fast`."""
-    bench.main(["--device", "cuda", "--dtype", "fp16", "--model", "tiny", "--size", "64", "--steps", "2",
+    """The benchmark command at a tiny config: `python -m benchmarks --device cuda --dtype fp16 --fast`."""
+    bench_main(["--device", "cuda", "--dtype", "fp16", "--model", "tiny", "--size", "64", "--steps", "2",
                 "--repeat", "2", "--fast"])  # fmt: skip
     out = capsys.readouterr().out
     assert "cuda" in out and "fp16" in out
