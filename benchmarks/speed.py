@@ -22,7 +22,9 @@ import time
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from minisd.arguments import DTYPES
+
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # the short names the tables print
 PROMPTS = ["a photograph of an astronaut riding a horse", ""]  # the prompt and the empty prompt (guidance)
 GUIDANCE_SCALE = 7.5
 CASES = ("text_encode", "unet_step", "vae_decode", "image")  # "image" prints as image_N, N = --steps
@@ -136,7 +138,7 @@ def bench_speed(args: argparse.Namespace) -> list[dict]:
     """Time every case for both libraries; print the table; return its rows."""
     from minisd.tokenizer import Tokenizer
 
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), DTYPES[DTYPE_NAMES[args.dtype]]
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here")
     if args.size % 8 or args.size < 64:
@@ -243,7 +245,7 @@ def speed_parser() -> argparse.ArgumentParser:
         "(`python -m benchmarks load FILE` times checkpoint loading instead)",
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32")
     parser.add_argument("--size", type=int, default=512, help="image height = width in pixels (latents: size/8)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps of the whole-image case")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per library and case (the median is shown)")

@@ -31,11 +31,10 @@ from minisd.fast import make_fast
 from minisd.loading import HUB_ID, Components, load_components
 from minisd.parameters import MODES, GenerationParameters, draw_seed, file_hash, source_image
 from minisd.pipelines import img2img, inpaint, txt2img
-from minisd.pipelines.checks import check_int, check_seed
+from minisd.pipelines.checks import check_bool, check_int, check_seed
 from minisd.samplers import get_sampler
 
 NANO_MODEL = Path(__file__).parent / "data" / "nano.safetensors"  # minisd's own small model (minisd/train)
-DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def default_model() -> Path | None:
@@ -59,7 +58,8 @@ class StableDiffusion:
     """SD v1 ready to generate: the four networks (.tokenizer .text_encoder .vae .unet), and where they came from.
 
     Build it with from_pretrained (a file, a diffusers folder or a hub id); call it for text-to-image, .img2img and
-    .inpaint for the others. Each call returns a GenerationOutput. Device and dtype are the UNet's.
+    .inpaint for the others. Each call returns a GenerationOutput. Device and dtype are the UNet's. Each image's
+    denoising loop draws a tqdm bar on stderr: set_progress_bar_config(disable=True) hides it.
     """
 
     def __init__(
@@ -73,7 +73,13 @@ class StableDiffusion:
         self.weights = weights
         self.model_name = model_name
         self.fast = fast
+        self.progress_bar = True  # a tqdm bar of each image's denoising steps on stderr (set_progress_bar_config)
         self._model_hash: str | None = None
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        """Hide (disable=True) or show the tqdm bar each image's denoising loop draws on stderr, as diffusers'
+        `pipe.set_progress_bar_config(disable=True)` does for its pipelines. Shown by default."""
+        self.progress_bar = not check_bool("disable", disable)
 
     @classmethod
     def from_pretrained(
@@ -289,6 +295,7 @@ class StableDiffusion:
             "clip_skip": params.clip_skip,
             "sampler": params.sampler,
             "callback": callback,
+            "progress_bar": self.progress_bar,
         }
         output = GenerationOutput([])
         for i in range(num_images):  # one image per call, image i from seed + i (A1111's rule)

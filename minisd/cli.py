@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
-from minisd.api import DTYPE_NAMES, StableDiffusion, default_model
+from minisd.api import StableDiffusion, default_model
+from minisd.arguments import DTYPES, ArgumentParser, number, positive_int
 from minisd.errors import MinisdError
 from minisd.images import open_image, read_png_parameters, save_png
 from minisd.loading import HUB_ID
 from minisd.parameters import GenerationParameters, draw_seed
-from minisd.samplers import get_sampler, sampler_names
+from minisd.samplers import sampler_names
 
 OUTPUT_DIR = Path("outputs")
 MODES = {"generate": "txt2img", "img2img": "img2img", "inpaint": "inpaint"}  # command -> GenerationParameters.mode
@@ -37,25 +38,17 @@ NO_WEIGHTS = (
 )
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit status 2 (argparse prints the usage block)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Progress on stderr
+# Status on stderr
 
 
-class Progress:
-    """A one-line progress bar on a terminal: `sampling [#######.......] 12/25 0.31 s/it`. Silent when `stream` is
-    not a terminal (logs and pipes get only the results), unless live=True."""
+class Status:
+    """One status line on a terminal (`loading v1-5.safetensors ... (2.1 s)`); the denoising steps get the API's tqdm
+    bar. Silent when `stream` is not a terminal (logs and pipes get only the results), unless live=True."""
 
-    def __init__(self, stream=None, live: bool | None = None, width: int = 24):
+    def __init__(self, stream=None, live: bool | None = None):
         self.stream = stream if stream is not None else sys.stderr
         self.live = self.stream.isatty() if live is None else live
-        self.width = width
         self.start = time.perf_counter()
 
     def write(self, text: str, end: str = "") -> None:
@@ -64,62 +57,24 @@ class Progress:
             self.stream.flush()
 
     def phase(self, text: str) -> None:
-        """Start a step whose length is unknown (loading, decoding)."""
+        """Start a step (loading, hashing, an image)."""
         self.start = time.perf_counter()
-        self.write(f"{text} ...")
+        self.write(f"{text} ...", end="\n")
 
     def done(self, text: str) -> None:
         self.write(f"{text} ({time.perf_counter() - self.start:.1f} s)", end="\n")
-
-    def bar(self, label: str, total: int):
-        """A callback(step, timestep, latents) for the pipelines; after the last step it announces decoding."""
-        self.start = time.perf_counter()
-
-        def callback(step, timestep, latents) -> None:
-            n = step + 1
-            filled = round(self.width * n / total)
-            rate = (time.perf_counter() - self.start) / n
-            self.write(f"{label} [{'#' * filled}{'.' * (self.width - filled)}] {n}/{total} {rate:.2f} s/it")
-            if n == total:
-                self.write(f"{label} {total}/{total} done, decoding ...")
-
-        return callback
-
-
-def count_model_calls(sampler: str, steps: int, strength: float) -> int:
-    """How many times the pipeline's callback will be called: the sampler's timesteps for this run."""
-    plan = get_sampler(sampler)
-    plan.set_timesteps(steps, strength=strength)
-    return len(plan.timesteps)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Argument checks made before anything is loaded
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
 def check_args(args) -> None:
     """What must fail before the weights load: the device, the dtype and the output path. The weights and image
     files are checked where they are read; every range (size, strength, seed, ...) by the pipeline's checks
     (minisd/pipelines/checks.py), in their words."""
-    if args.dtype is not None and args.dtype not in DTYPE_NAMES:
-        raise MinisdError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {args.dtype!r}")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise MinisdError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     if args.device is not None:
         check_device(args.device)
     if args.output is not None:
@@ -163,31 +118,15 @@ def weights_source(args) -> str:
     return str(model)
 
 
-def shapes_prompt_note(source: str, prompt: str) -> str | None:
-    """A warning when weights trained by `python -m minisd.train` (the nano model) get a prompt outside the one
-    grammar they were trained on: such a model draws *something* for any prompt, so say so rather than stay silent.
-    Call it after loading: the file is known to be readable."""
-    from minisd.pipelines.prompts import parse_emphasis
-    from minisd.train.shapes import parse_caption
-    from weights_convert.folders import file_metadata
-
-    if not Path(source).is_file() or "minisd.train_config" not in file_metadata(Path(source)):
-        return None
-    try:
-        parse_caption("".join(text for text, _ in parse_emphasis(prompt)))  # "(red:1.2)" is still "red"
-    except MinisdError as error:
-        return f"note: {Path(source).name} knows only its training captions: {error}"
-    return None
-
-
-def load(source: str, dtype: str | None, device: str | None, fast: bool, progress: Progress) -> StableDiffusion:
-    progress.phase(f"loading {source}")
-    dtype = DTYPE_NAMES[dtype] if dtype else None
+def load(source: str, dtype: str | None, device: str | None, fast: bool, status: Status) -> StableDiffusion:
+    status.phase(f"loading {source}")
+    dtype = DTYPES[dtype] if dtype else None
     pipe = StableDiffusion.from_pretrained(source, dtype=dtype, device=device or "cpu", fast=fast)
-    progress.done(f"loaded {source}")
+    pipe.set_progress_bar_config(disable=not status.live)  # the steps' bar on a terminal only, as the status lines
+    status.done(f"loaded {source}")
     if Path(source).is_file():
-        progress.phase("hashing the weights file (A1111's model hash)")
-        progress.done(f"model hash {pipe.model_hash}")
+        status.phase("hashing the weights file (A1111's model hash)")
+        status.done(f"model hash {pipe.model_hash}")
     return pipe
 
 
@@ -248,17 +187,18 @@ def save(pil, params: GenerationParameters, path: Path, overwrite: bool) -> None
 # Commands
 
 
-def command_generate(args, progress: Progress) -> None:
+def command_generate(args, status: Status) -> None:
     source = weights_source(args)
     if args.image is not None:
         open_image("--image", args.image)  # a missing or unreadable file fails before loading
     if args.mask is not None:
         open_image("--mask", args.mask)
-    total = count_model_calls(args.sampler, args.steps, args.strength or 1.0)  # also refuses too small a strength
     seed = args.seed if args.seed is not None else draw_seed()
     paths = output_paths(args.output, args.num_images)
-    pipe = load(source, args.dtype, args.device, args.fast, progress)
-    note = shapes_prompt_note(source, args.prompt)
+    pipe = load(source, args.dtype, args.device, args.fast, status)
+    from minisd.train.evaluate import prompt_note  # the nano model's grammar: a note for prompts outside it
+
+    note = prompt_note(source, args.prompt)
     if note is not None:
         print(note, file=sys.stderr)
     params, sources = pipe.parameters(
@@ -268,12 +208,12 @@ def command_generate(args, progress: Progress) -> None:
     )  # fmt: skip
     for i, path in enumerate(paths):  # one image at a time, so each is written as soon as it is made
         label = f"image {i + 1}/{len(paths)}"
-        make_image(pipe, params, sources, seed + i, path, args.overwrite, progress, label, total)
+        make_image(pipe, params, sources, seed + i, path, args.overwrite, status, label)
     if args.seed is None:
         print(f"seed {seed} was drawn (--seed {seed} repeats this run)", file=sys.stderr)
 
 
-def command_regenerate(args, progress: Progress) -> None:
+def command_regenerate(args, status: Status) -> None:
     text = read_png_parameters(args.png)
     if text is None:
         raise MinisdError(f"{args.png} holds no 'parameters' text: not written by minisd")
@@ -285,25 +225,25 @@ def command_regenerate(args, progress: Progress) -> None:
     else:
         raise MinisdError(f"{args.png} names no weights (no 'Weights:' parameter): pass --checkpoint or --model")
     dtype = args.dtype or params.dtype
-    if dtype is not None and dtype not in DTYPE_NAMES:
-        raise MinisdError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise MinisdError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     device = args.device or params.device
     if device is not None:
         check_device(device)
-    pipe = load(source, dtype, device, args.fast or params.fast, progress)
+    pipe = load(source, dtype, device, args.fast or params.fast, status)
     if params.model_hash is not None and pipe.model_hash is not None and pipe.model_hash != params.model_hash:
         raise MinisdError(f"{source} has model hash {pipe.model_hash}, the PNG was made with {params.model_hash}")
-    total = count_model_calls(params.sampler, params.num_inference_steps, params.strength or 1.0)
     params.model_name, params.weights = pipe.model_name, pipe.weights  # as loaded now (the same unless overridden)
     params.dtype, params.device = str(pipe.dtype).removeprefix("torch."), pipe.device.type
     path = output_paths(args.output, 1)[0]
-    make_image(pipe, params, params.source_images(), params.seed, path, args.overwrite, progress, "regenerating", total)
+    make_image(pipe, params, params.source_images(), params.seed, path, args.overwrite, status, "regenerating")
 
 
-def make_image(pipe, params, sources, seed: int, path: Path, overwrite: bool, progress: Progress, label: str, total):
+def make_image(pipe, params, sources, seed: int, path: Path, overwrite: bool, status: Status, label: str) -> None:
     """One image of `params` from `seed` (pipe.run, where the mode picks the pipeline), saved with its record."""
-    output = pipe.run(params, sources, seed, 1, progress.bar(label, total))
-    progress.done(f"{label}: sampled and decoded")
+    status.phase(label)
+    output = pipe.run(params, sources, seed, 1)
+    status.done(f"{label}: sampled and decoded")
     save(output.images[0], output.parameters[0], path, overwrite)
 
 
@@ -325,7 +265,7 @@ def add_weights_args(command) -> None:
     weights = command.add_mutually_exclusive_group()
     weights.add_argument("--checkpoint", metavar="FILE", help="a single weights file (.safetensors, .ckpt)")
     weights.add_argument("--model", metavar="ID|DIR", help="a Hugging Face hub id or a diffusers folder")
-    command.add_argument("--dtype", help=f"one of {', '.join(DTYPE_NAMES)} (default: the file's)")
+    command.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} (default: the file's)")
     command.add_argument("--device", help="cpu (default), cuda, cuda:1, mps")
     command.add_argument("--fast", action="store_true", help="minisd.fast: fused QKV, channels_last, prepacked convs")
     command.add_argument("-o", "--output", metavar="OUT", help="a .png path or a folder (default: outputs/, numbered)")
@@ -376,19 +316,18 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    progress = Progress()
+    status = Status()
     try:
         if args.command == "info":
             command_info(args)
         elif args.command == "regenerate":
             if args.output is not None:
                 check_output(args.output)
-            command_regenerate(args, progress)
+            command_regenerate(args, status)
         else:
             check_args(args)
-            command_generate(args, progress)
+            command_generate(args, status)
     except MinisdError as error:
-        progress.write("")  # clear a half-drawn progress line
         print(f"minisd: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

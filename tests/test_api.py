@@ -119,6 +119,20 @@ def test_bad_calls(pipe, work):
             call()
 
 
+def test_progress_bar_is_shown_and_can_be_hidden(pipe, capsys):
+    """As diffusers' pipelines: a tqdm bar of the model calls on stderr, hidden by set_progress_bar_config."""
+    pipe("a cat", seed=1, sampler="Heun", **SMALL)  # Heun: 2 steps are 3 model calls
+    assert "3/3" in capsys.readouterr().err
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        pipe("a cat", seed=1, **SMALL)
+        assert capsys.readouterr().err == ""
+        with pytest.raises(MinisdError, match="disable must be a bool"):
+            pipe.set_progress_bar_config(disable="yes")
+    finally:
+        pipe.set_progress_bar_config(disable=False)
+
+
 def test_default_model_hook():
     model = default_model()
     assert model is None or model.is_file()  # None until the nano model ships in minisd/data/

@@ -22,6 +22,7 @@ from minisd.api import default_model
 from minisd.images import read_png_parameters
 from minisd.loading import load_components
 from minisd.parameters import GenerationParameters
+from minisd.train.evaluate import prompt_note
 from tests.fakes import tiny_official_state_dict
 from weights_convert.__main__ import main as weights_convert
 
@@ -175,7 +176,7 @@ def test_nano_model_notes_a_prompt_outside_its_captions(work, capsys):
     assert (work / "cat.png").is_file()
     assert cli.main(["generate", "a cat", *tiny, "--seed", "1", "-o", str(work / "cat-tiny.png")]) == 0
     assert "knows only" not in capsys.readouterr().err  # weights not made by minisd.train: no grammar to hold to
-    assert cli.shapes_prompt_note(str(default_model()), "(a red circle:1.2) above a [blue] square") is None
+    assert prompt_note(str(default_model()), "(a red circle:1.2) above a [blue] square") is None
 
 
 def test_overwrite_replaces_and_unrecordable_prompt_is_noted(work, capsys):
@@ -271,18 +272,16 @@ def test_info(work, capsys, tmp_path, monkeypatch):
 # Pieces
 
 
-def test_progress_line():
+def test_status_line():
+    """Status lines on a terminal only (the denoising steps' bar is the API's tqdm, tests/test_api.py)."""
     stream = io.StringIO()
-    progress = cli.Progress(stream, live=True, width=4)
-    callback = progress.bar("sampling", total=2)
-    callback(0, torch.tensor(999), None)
-    callback(1, torch.tensor(499), None)
-    progress.done("done")
+    status = cli.Status(stream, live=True)
+    status.phase("loading tiny.safetensors")
+    status.done("loaded tiny.safetensors")
     text = stream.getvalue()
-    assert "sampling [##..] 1/2" in text and "sampling [####] 2/2" in text and "decoding" in text
-    assert text.endswith("s)\n")
+    assert "loading tiny.safetensors ...\n" in text and "loaded tiny.safetensors (" in text and text.endswith("s)\n")
     quiet = io.StringIO()
-    cli.Progress(quiet, live=False).bar("sampling", 1)(0, None, None)
+    cli.Status(quiet, live=False).phase("loading")
     assert quiet.getvalue() == ""
 
 

@@ -9,26 +9,17 @@ IN may be an official single file (.safetensors / .ckpt), a minisd single file o
 An existing OUT is never replaced unless --overwrite is given. Errors: one line on stderr, exit status 2.
 """
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 
+from minisd.arguments import DTYPES, ArgumentParser
 from minisd.errors import MinisdError
 from weights_convert.detect import LAYOUT_NAMES, MINISD_METADATA, join_minisd_file
 from weights_convert.folders import cast_floats, describe, read_weights, save_safetensors, write_folder
 from weights_convert.keymap_ldm import minisd_to_ldm
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit status 2 (argparse prints the usage block)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _check_out(src: Path, out: Path, overwrite: bool, want_file: bool) -> None:

@@ -31,8 +31,9 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SIDE = 8192  # pixels: 1024×1024 latents, a million self-attention tokens; far past what SD v1 was trained for
 
 
-class Components(Protocol):
-    """Any object holding the four networks: minisd.loading.Components, a SimpleNamespace, your own dataclass."""
+class Networks(Protocol):
+    """What the pipelines take as `components`: any object holding the four networks (.tokenizer .text_encoder .vae
+    .unet), e.g. minisd.loading.Components, a SimpleNamespace or your own dataclass."""
 
     tokenizer: Tokenizer
     text_encoder: TextEncoder
@@ -63,7 +64,7 @@ def check_number(name: str, value: object, low: float, high: float = math.inf) -
 
 
 def check_common(
-    components: Components,
+    components: Networks,
     num_inference_steps: int,
     guidance_scale: float,
     guidance_rescale: float,
@@ -95,13 +96,13 @@ def check_unet_channels(unet: UNet, allowed: tuple[int, ...], pipeline: str) -> 
         raise MinisdError(f"{pipeline} needs a UNet with in_channels in {allowed}, got in_channels={in_channels}{hint}")
 
 
-def size_multiple(components: Components) -> int:
+def size_multiple(components: Networks) -> int:
     """Pixel height and width must be multiples of this: one latent pixel covers 8×8 image pixels (SD v1's VAE).
     The UNet takes any latent size (it upsamples to each skip's size)."""
     return components.vae.config.downscale_factor
 
 
-def check_size(components: Components, height: object, width: object) -> None:
+def check_size(components: Networks, height: object, width: object) -> None:
     multiple = size_multiple(components)
     for name, value in (("height", height), ("width", width)):
         ok = isinstance(value, int) and not isinstance(value, bool) and multiple <= value <= MAX_SIDE

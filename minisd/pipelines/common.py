@@ -23,7 +23,7 @@ from torch import Generator, Tensor
 from minisd.errors import MinisdError
 from minisd.images import image_to_pil, image_to_unit
 from minisd.noise import randn
-from minisd.pipelines.checks import Components, prompt_list
+from minisd.pipelines.checks import Networks, prompt_list
 from minisd.pipelines.prompts import encode_prompt
 from minisd.tiling import tiled_decode, tiled_encode
 from minisd.tokenizer import MAX_LENGTH
@@ -44,7 +44,7 @@ def device_dtype(unet: UNet) -> tuple[torch.device, torch.dtype]:
 
 
 def encode_prompts(
-    components: Components,
+    components: Networks,
     prompt: str | list[str] | None,
     negative_prompt: str | list[str] | None,
     prompt_embeds: Tensor | None,

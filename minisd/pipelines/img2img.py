@@ -17,16 +17,17 @@ guidance_scale        w: ε = ε_∅ + w · (ε_c − ε_∅)                  g
 import torch
 from PIL import Image
 from torch import Generator, Tensor
+from tqdm import tqdm
 
 from minisd.noise import randn
 from minisd.pipelines import checks, common
-from minisd.pipelines.checks import Components
+from minisd.pipelines.checks import Networks
 from minisd.samplers import Sampler
 
 
 @torch.no_grad()
 def img2img(
-    components: Components,
+    components: Networks,
     prompt: str | list[str] | None = None,
     image: Image.Image | list[Image.Image] | Tensor | None = None,
     strength: float = 0.8,
@@ -45,6 +46,7 @@ def img2img(
     callback=None,
     output_type: str = "pil",
     vae_tiling: bool = False,
+    progress_bar: bool = False,
 ):
     """Redraw `image` following the prompt; num_images_per_prompt results per prompt, at the image's size.
 
@@ -60,10 +62,12 @@ def img2img(
     vae_tiling: decode (and encode) with the VAE in overlapping 512-pixel tiles (minisd.tiling), so images
     larger than 512×512 decode in bounded memory; smaller ones are unchanged. A float16 VAE that decodes to NaN
     falls back to float32 by itself (common.decode).
+    progress_bar: show a tqdm bar of the model calls on stderr (minisd.StableDiffusion shows one by default).
     """
     unet, vae = components.unet, components.vae
     # --- every check before any compute
     checks.check_bool("vae_tiling", vae_tiling)
+    checks.check_bool("progress_bar", progress_bar)
     checks.check_unet_channels(unet, (4,), "img2img")
     checks.check_common(
         components, num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, clip_skip,
@@ -92,7 +96,7 @@ def img2img(
     latents = sampler.add_noise(image_latents, noise, sampler.timesteps[:1])  # x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε
 
     # --- the denoising loop, over the remaining timesteps
-    for i, t in enumerate(sampler.timesteps):
+    for i, t in enumerate(tqdm(sampler.timesteps, disable=not progress_bar)):
         latent_model_input = torch.cat([latents] * 2) if do_guidance else latents
         latent_model_input = sampler.scale_model_input(latent_model_input, t)
         noise_pred = unet(latent_model_input, t, context)

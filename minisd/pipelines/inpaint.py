@@ -22,18 +22,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Generator, Tensor
+from tqdm import tqdm
 
 from minisd.errors import MinisdError
 from minisd.noise import randn
 from minisd.pipelines import checks, common
-from minisd.pipelines.checks import Components
+from minisd.pipelines.checks import Networks
 from minisd.pipelines.common import INPAINT_CHANNELS
 from minisd.samplers import Sampler
 
 
 @torch.no_grad()
 def inpaint(
-    components: Components,
+    components: Networks,
     prompt: str | list[str] | None = None,
     image: Image.Image | list[Image.Image] | Tensor | None = None,
     mask_image: Image.Image | Tensor | None = None,
@@ -55,6 +56,7 @@ def inpaint(
     callback=None,
     output_type: str = "pil",
     vae_tiling: bool = False,
+    progress_bar: bool = False,
 ):
     """Repaint the masked part of `image` following the prompt; num_images_per_prompt results per prompt.
 
@@ -73,10 +75,12 @@ def inpaint(
     vae_tiling: decode (and encode) with the VAE in overlapping 512-pixel tiles (minisd.tiling), so images
     larger than 512×512 decode in bounded memory; smaller ones are unchanged. A float16 VAE that decodes to NaN
     falls back to float32 by itself (common.decode).
+    progress_bar: show a tqdm bar of the model calls on stderr (minisd.StableDiffusion shows one by default).
     """
     unet, vae = components.unet, components.vae
     # --- every check before any compute
     checks.check_bool("vae_tiling", vae_tiling)
+    checks.check_bool("progress_bar", progress_bar)
     checks.check_unet_channels(unet, (4, INPAINT_CHANNELS), "inpaint")
     checks.check_common(
         components, num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, clip_skip,
@@ -133,7 +137,7 @@ def inpaint(
         masked_image_model_input = torch.cat([masked_image_latents] * 2) if do_guidance else masked_image_latents
 
     # --- the denoising loop
-    for i, t in enumerate(sampler.timesteps):
+    for i, t in enumerate(tqdm(sampler.timesteps, disable=not progress_bar)):
         latent_model_input = torch.cat([latents] * 2) if do_guidance else latents
         latent_model_input = sampler.scale_model_input(latent_model_input, t)
         if inpainting_unet:

@@ -12,16 +12,17 @@ guidance_scale        w: ε = ε_∅ + w · (ε_c − ε_∅)                  g
 
 import torch
 from torch import Generator, Tensor
+from tqdm import tqdm
 
 from minisd.noise import randn
 from minisd.pipelines import checks, common
-from minisd.pipelines.checks import Components
+from minisd.pipelines.checks import Networks
 from minisd.samplers import Sampler
 
 
 @torch.no_grad()
 def txt2img(
-    components: Components,
+    components: Networks,
     prompt: str | list[str] | None = None,
     negative_prompt: str | list[str] | None = None,
     height: int | None = None,
@@ -41,6 +42,7 @@ def txt2img(
     callback=None,
     output_type: str = "pil",
     vae_tiling: bool = False,
+    progress_bar: bool = False,
 ):
     """Generate num_images_per_prompt images for each prompt.
 
@@ -65,10 +67,12 @@ def txt2img(
     vae_tiling: decode (and encode) with the VAE in overlapping 512-pixel tiles (minisd.tiling), so images
     larger than 512×512 decode in bounded memory; smaller ones are unchanged. A float16 VAE that decodes to NaN
     falls back to float32 by itself (common.decode).
+    progress_bar: show a tqdm bar of the model calls on stderr (minisd.StableDiffusion shows one by default).
     """
     unet, vae = components.unet, components.vae
     # --- every check before any compute
     checks.check_bool("vae_tiling", vae_tiling)
+    checks.check_bool("progress_bar", progress_bar)
     checks.check_unet_channels(unet, (4,), "txt2img")
     checks.check_common(
         components, num_inference_steps, guidance_scale, guidance_rescale, num_images_per_prompt, clip_skip,
@@ -101,7 +105,7 @@ def txt2img(
     latents = latents * sampler.init_noise_sigma  # σ_max for the σ samplers, 1 for the ᾱ ones
 
     # --- the denoising loop
-    for i, t in enumerate(sampler.timesteps):
+    for i, t in enumerate(tqdm(sampler.timesteps, disable=not progress_bar)):
         latent_model_input = torch.cat([latents] * 2) if do_guidance else latents
         latent_model_input = sampler.scale_model_input(latent_model_input, t)
         noise_pred = unet(latent_model_input, t, context)

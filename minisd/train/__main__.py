@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from minisd.cli import positive_int  # the same integer check as `minisd`
+from minisd.arguments import positive_int  # the same integer check as `minisd`
 from minisd.errors import MinisdError
 from minisd.train.common import init_distributed, read_log
 from minisd.train.diffusion_training import DiffusionTrainingConfig, train_diffusion

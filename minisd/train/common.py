@@ -9,8 +9,6 @@ import datetime
 import json
 import math
 import os
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -236,49 +234,6 @@ class LossLog:
 def read_log(path: str | os.PathLike) -> list[dict]:
     """A LossLog file back as a list of dicts."""
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
-class Progress:
-    """A one-line progress bar on stderr (tqdm-like, without the dependency): step/total, s/step, ETA, values.
-
-    Redrawn at most every `every_s` seconds; `enabled=False` (other DDP ranks, tests) draws nothing.
-    """
-
-    def __init__(self, total: int, initial: int = 0, desc: str = "", enabled: bool = True, every_s: float = 0.5):
-        self.total, self.step, self.desc, self.enabled, self.every_s = total, initial, desc, enabled, every_s
-        self.start_step, self.start_time, self.last_draw = initial, time.perf_counter(), 0.0
-
-    def update(self, step: int, **values: float) -> None:
-        self.step = step
-        now = time.perf_counter()
-        if self.enabled and (now - self.last_draw >= self.every_s or step == self.total):
-            self.last_draw = now
-            done = step - self.start_step
-            per_step = (now - self.start_time) / done if done else math.nan
-            eta = per_step * (self.total - step) if done else math.nan
-            width = 20
-            filled = int(width * step / max(self.total, 1))
-            shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
-            line = f"\r{self.desc} [{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} "
-            line += f"{per_step:.3f} s/step, ETA {_clock(eta)} {shown}"
-            sys.stderr.write(line)
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
-def _clock(seconds: float) -> str:
-    """
-    >>> _clock(3725.0), _clock(float("nan"))
-    ('1:02:05', '?')
-    """
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

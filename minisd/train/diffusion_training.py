@@ -39,6 +39,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from minisd.clip import TextEncoder, TextEncoderConfig
 from minisd.errors import MinisdError
@@ -49,7 +50,6 @@ from minisd.train.common import (
     EMA,
     Distributed,
     LossLog,
-    Progress,
     build,
     check_positive,
     config_to_json,
@@ -326,7 +326,7 @@ def train_diffusion(
         dist_.barrier()
 
     log = LossLog(run_dir / "log.jsonl", resume_step=step, enabled=dist_.is_main)
-    bar = Progress(config.steps, initial=step, desc="diffusion", enabled=progress and dist_.is_main)
+    bar = tqdm(total=config.steps, initial=step, desc="diffusion", disable=not (progress and dist_.is_main))
     while step < config.steps:
         if step == stop_at:
             checkpoint()
@@ -347,7 +347,8 @@ def train_diffusion(
             log.write(step, loss=dist_.mean(loss.detach()).item())  # the global batch's loss
         if step % config.checkpoint_every == 0 or step == config.steps:
             checkpoint()
-        bar.update(step, loss=loss.item())  # this rank's shard
+        bar.update()
+        bar.set_postfix(loss=loss.item(), refresh=False)  # this rank's shard
     bar.close()
 
     out = run_dir / "model.safetensors"

@@ -23,11 +23,29 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from minisd.errors import MinisdError
 from minisd.images import image_to_pil
 from minisd.loading import Components
 from minisd.pipelines import txt2img
+from minisd.pipelines.prompts import parse_emphasis
 from minisd.train import checker, shapes
 from minisd.train.vae_training import evaluate_vae
+from weights_convert.folders import file_metadata
+
+
+def prompt_note(source: str | os.PathLike, prompt: str) -> str | None:
+    """A one-line note when weights trained by `python -m minisd.train` (the nano model) get a prompt outside the one
+    grammar they were trained on: such a model draws *something* for any prompt, so `minisd generate` says so rather
+    than stay silent. None for other weights and for prompts in the grammar. Call it after loading: the file is
+    known to be readable."""
+    path = Path(source)
+    if not path.is_file() or "minisd.train_config" not in file_metadata(path):
+        return None
+    try:
+        shapes.parse_caption("".join(text for text, _ in parse_emphasis(prompt)))  # "(red:1.2)" is still "red"
+    except MinisdError as error:
+        return f"note: {path.name} knows only its training captions: {error}"
+    return None
 
 
 class Adherence(NamedTuple):

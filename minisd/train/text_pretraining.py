@@ -29,11 +29,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from minisd.clip import TextEncoder
 from minisd.tokenizer import Tokenizer
 from minisd.train import shapes
-from minisd.train.common import LossLog, Progress, init_weights, linear_warmup
+from minisd.train.common import LossLog, init_weights, linear_warmup
 
 END = 49407  # <|endoftext|>: CLIP's end token, and SD v1's padding
 
@@ -127,7 +128,7 @@ def pretrain_text_encoder(
     scenes = scene_ids(caption_ids)
     text_encoder.train()
     log = LossLog(log_path or "unused", enabled=log_path is not None)
-    bar = Progress(config.steps, desc="text encoder", enabled=progress)
+    bar = tqdm(total=config.steps, desc="text encoder", disable=not progress)
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * linear_warmup(step, config.warmup_steps)
@@ -140,6 +141,7 @@ def pretrain_text_encoder(
         optimizer.step()
         if (step + 1) % 10 == 0:
             log.write(step + 1, loss=loss.item(), temperature=1 / logit_scale.exp().item())
-        bar.update(step + 1, loss=loss.item())
+        bar.update()
+        bar.set_postfix(loss=loss.item(), refresh=False)
     bar.close()
     return text_encoder.eval()

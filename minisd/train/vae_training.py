@@ -31,12 +31,12 @@ import safetensors
 import safetensors.torch
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from minisd.errors import MinisdError
 from minisd.train import shapes
 from minisd.train.common import (
     LossLog,
-    Progress,
     build,
     check_positive,
     config_to_json,
@@ -175,7 +175,7 @@ def train_vae(
         save_checkpoint(checkpoint_path, {**state, "step": step, "config": config_to_json(config)})
 
     log = LossLog(run_dir / "log.jsonl", resume_step=step)
-    bar = Progress(config.steps, initial=step, desc="vae", enabled=progress)
+    bar = tqdm(total=config.steps, initial=step, desc="vae", disable=not progress)
     while step < config.steps:
         if step == stop_at:
             checkpoint()
@@ -195,7 +195,8 @@ def train_vae(
             log.write(step, **metrics)
         if step % config.checkpoint_every == 0 or step == config.steps:
             checkpoint()
-        bar.update(step, l1=metrics["l1"], psnr=metrics["psnr"])
+        bar.update()
+        bar.set_postfix(l1=metrics["l1"], psnr=metrics["psnr"], refresh=False)
     bar.close()
 
     vae.eval()
