@@ -9,7 +9,9 @@ Byte-pair encoding (BPE, Sennrich et al. 2016, arXiv:1508.07909) in four steps:
   4. merge neighbours by the 48,894 learned rules, earliest-learned (most frequent) pair first, until no rule
      applies: h o r s e</w> -> h or s e</w> -> h or se</w> -> hor se</w> -> horse</w>.
 Each resulting piece is one id in the 49,408-entry vocabulary (openai/clip-vit-large-patch14's, the one SD v1
-was trained with). Steps 1-4 run in HF `tokenizers` (Rust); this file only wires them up.
+was trained with). Steps 1-4 run in HF `tokenizers` (Rust), the fast path `Tokenizer.encode` takes; the same four
+steps are written out in plain Python below it (`Tokenizer.encode_reference`, the merge loop `bpe_reference`), as
+attention_reference is beside attention(), and tests/test_tokenizer.py checks they agree id for id.
 
 SD v1 convention (diffusers' `tokenizer(prompt, padding="max_length", max_length=77, truncation=True)`):
 <|startoftext|> (BOS = 49406), the first 75 prompt tokens, <|endoftext|> (EOS = 49407), then EOS as padding
@@ -25,7 +27,10 @@ become the special ids, as in diffusers (OpenAI's also maps them typed in capita
 
 import gzip
 import os
+import re
+import unicodedata
 from importlib import resources
+from itertools import pairwise
 
 import tokenizers
 import torch
@@ -59,6 +64,98 @@ def byte_chars() -> list[str]:
     return [chr(b) for b in visible] + [chr(256 + i) for i in range(n_hidden)]
 
 
+def bpe_reference(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word, written out (step 4; CLIP's simple_tokenizer.bpe): start from its characters,
+    the last one marked as ending the word, then merge the neighbour pair learned earliest (lowest rank) everywhere
+    it occurs, again and again, until no pair of neighbours is a learned merge.
+
+    word: one word of byte characters (byte_chars()), as the split gives it. ranks: (left, right) -> its merge's
+    priority, 0 first. Returns the word's pieces, each one vocabulary entry.
+
+    >>> ranks = {("o", "r"): 0, ("s", "e</w>"): 1, ("h", "or"): 2, ("hor", "se</w>"): 3}
+    >>> bpe_reference("horse", ranks)  # h o r s e</w> -> h or s e</w> -> h or se</w> -> hor se</w> -> horse</w>
+    ['horse</w>']
+    >>> bpe_reference("horses", ranks)  # "se" only merges at a word's end: no ("s", "e") rule here
+    ['hor', 's', 'e', 's</w>']
+    """
+    pieces = [*word[:-1], word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = set(pairwise(pieces))  # the neighbours (left, right)
+        best = min(pairs, key=lambda pair: ranks.get(pair, len(ranks)))
+        if best not in ranks:
+            break  # no neighbours form a learned merge: done
+        merged, i = [], 0
+        while i < len(pieces):  # merge every occurrence of `best`, left to right
+            if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == best:
+                merged.append(pieces[i] + pieces[i + 1])
+                i += 2
+            else:
+                merged.append(pieces[i])
+                i += 1
+        pieces = merged
+    return pieces
+
+
+def byte_to_char() -> dict[int, str]:
+    """byte -> the character standing for it (byte_chars() in byte order): a visible byte is its own character.
+
+    >>> table = byte_to_char()
+    >>> table[ord("a")], table[32], table[0]
+    ('a', 'Ġ', 'Ā')
+    """
+    chars = byte_chars()
+    hidden = [b for b in range(256) if chr(b) not in chars]  # in byte order, as they follow the visible ones
+    return {b: chr(b) for b in range(256) if chr(b) in chars} | {b: chr(256 + i) for i, b in enumerate(hidden)}
+
+
+# Unicode's White_Space property, the `\s` of the regexes above (Python's str.isspace also counts \x1c-\x1f).
+WHITE_SPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000") | {
+    chr(c) for c in range(0x2000, 0x200B)
+}
+SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+
+
+def char_kind(c: str) -> str:
+    """Which run of the word split a character belongs to: "letter" (\\p{L}), "number" (\\p{N}), "space", "other"."""
+    if c in WHITE_SPACE:
+        return "space"
+    return {"L": "letter", "N": "number"}.get(unicodedata.category(c)[0], "other")
+
+
+def split_words(text: str) -> list[str]:
+    """Step 2 written out: WORD_PATTERN's alternatives tried in order at each position, spaces dropped. A special
+    token spelled in the cleaned-up text (typed in another case) is three words, "<|", "endoftext", "|>", as the
+    byte-level step re-splits it.
+
+    >>> split_words("it's a (red:1.2) cat!!")
+    ['it', "'s", 'a', '(', 'red', ':', '1', '.', '2', ')', 'cat', '!!']
+    """
+    words, i = [], 0
+    while i < len(text):
+        special = next((s for s in SPECIALS if text.startswith(s, i)), None)
+        contraction = next((c for c in CONTRACTIONS if text.startswith(c, i)), None)
+        kind = char_kind(text[i])
+        if special:
+            words += ["<|", special[2:-2], "|>"]
+            i += len(special)
+        elif contraction:
+            words.append(contraction)
+            i += len(contraction)
+        elif kind == "number":  # one digit at a time
+            words.append(text[i])
+            i += 1
+        elif kind == "space":
+            i += 1
+        else:  # a run of letters, or a run of other symbols
+            j = i + 1
+            while j < len(text) and char_kind(text[j]) == kind:
+                j += 1
+            words.append(text[i:j])
+            i = j
+    return words
+
+
 class Tokenizer:
     """SD v1's CLIP tokenizer. `tokenizer(prompts)` -> (b, 77) ids; `tokenizer.encode(text)` -> BPE ids only."""
 
@@ -87,6 +184,8 @@ class Tokenizer:
         specials = ["<|startoftext|>", "<|endoftext|>"]
         backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
         self.backend = backend
+        self.vocab = vocab
+        self.merge_ranks = {tuple(pair): rank for rank, pair in enumerate(merges)}  # for encode_reference
 
     @classmethod
     def from_default(cls) -> "Tokenizer":
@@ -118,6 +217,30 @@ class Tokenizer:
             raise MinisdError(f"text must be a str, got {type(text).__name__}")
         return self.backend.encode(text, add_special_tokens=False).ids
 
+    def encode_reference(self, text: str) -> list[int]:
+        """encode(text), computed in plain Python instead of `tokenizers`: the four steps written out.
+
+        >>> tokenizer = Tokenizer.from_default()
+        >>> tokenizer.encode_reference("A photo of an astronaut, riding a horse!") == tokenizer.encode(
+        ...     "A photo of an astronaut, riding a horse!")
+        True
+        """
+        if not isinstance(text, str):
+            raise MinisdError(f"text must be a str, got {type(text).__name__}")
+        char_of_byte = byte_to_char()
+        ids = []
+        for part in re.split("(" + "|".join(map(re.escape, SPECIALS)) + ")", text):  # special tokens as typed first
+            if part in SPECIALS:
+                ids.append(self.vocab[part])
+                continue
+            part = unicodedata.normalize("NFC", part)  # step 1: clean up (whitespace runs become one space)
+            # each character lower-cased alone: str.lower would make a word's last Σ a ς, the fast path never does
+            part = "".join(" " if c in WHITE_SPACE else c.lower() for c in part)
+            for word in split_words(part):  # step 2: words
+                word = "".join(char_of_byte[b] for b in word.encode("utf-8"))  # step 3: one character per byte
+                ids += [self.vocab[piece] for piece in bpe_reference(word, self.merge_ranks)]  # step 4: merges
+        return ids
+
     def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         """ids -> text, as transformers' CLIPTokenizer.decode: the tokens' bytes joined, each "</w>" (end of a word)
         a space, start/end/padding dropped (skip_special_tokens). Lower case and CLIP's spacing: not the original.
@@ -133,9 +256,7 @@ class Tokenizer:
         if skip_special_tokens:
             ids = [i for i in ids if i not in (BOS, EOS)]
         text = "".join(self.backend.id_to_token(i) for i in ids)
-        chars = byte_chars()  # a visible byte stands for itself; the others, in byte order, for U+0100 onwards
-        hidden = [b for b in range(256) if chr(b) not in chars]
-        byte_of = {c: ord(c) if ord(c) < 256 else hidden[ord(c) - 256] for c in chars}
+        byte_of = {c: b for b, c in byte_to_char().items()}
         pieces = [bytes(byte_of[c] for c in part) for part in text.split("</w>")]  # specials are kept as text
         return b" ".join(pieces).decode("utf-8", errors="replace").strip()
 

@@ -389,3 +389,11 @@ def test_decode_equals_reference(ours, reference):
     assert not bad, f"{len(bad)} differ, e.g. {bad[:2]}"
     with pytest.raises(MinisdError, match="ids must be"):
         ours.decode([49408])
+
+
+def test_written_out_bpe_equals_the_fast_path(ours):
+    """The four steps in plain Python (encode_reference: clean-up, split_words, bytes, the bpe_reference merge loop)
+    give the Rust `tokenizers` path's ids, id for id, on every test prompt."""
+    bad = [p for p in ALL_PROMPTS if ours.encode_reference(p) != ours.encode(p)]
+    details = [f"{p!r:.60}: reference {ours.encode_reference(p)} fast {ours.encode(p)}" for p in bad[:3]]
+    assert not bad, f"{len(bad)}/{len(ALL_PROMPTS)} prompts differ, e.g.\n" + "\n".join(details)
