@@ -309,6 +309,13 @@ def build_parser() -> ArgumentParser:
     regenerate = commands.add_parser("regenerate", help="make a PNG minisd wrote again, from its parameters")
     regenerate.add_argument("png", help="a PNG written by minisd")
     add_weights_args(regenerate)
+    explain = commands.add_parser("explain", help='a local web page that steps through one run (needs ".[web]")')
+    weights = explain.add_mutually_exclusive_group()
+    weights.add_argument("--checkpoint", metavar="FILE", help="a single weights file (default: the nano model)")
+    weights.add_argument("--model", metavar="ID|DIR", help="a Hugging Face hub id or a diffusers folder")
+    explain.add_argument("--device", help="cpu (default), cuda, cuda:1, mps")
+    explain.add_argument("--port", type=positive_int, default=7860, help="http://127.0.0.1:PORT (7860)")
+    explain.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     info = commands.add_parser("info", help="what a weights file, diffusers folder or hub id holds")
     info.add_argument("source", metavar="FILE_OR_ID")
     return parser
@@ -320,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "info":
             command_info(args)
+        elif args.command == "explain":
+            from minisd.explain import launch
+
+            launch(weights_source(args), args.device, args.port, open_browser=not args.no_browser)
         elif args.command == "regenerate":
             if args.output is not None:
                 check_output(args.output)
