@@ -170,8 +170,8 @@ class Explainer:
         weight, bias = self.rgb_map
         x0 = self.decode(i)
         size = tuple(x0.shape[:2])
-        if step.noise_pred_uncond is None:
-            guidance = torch.zeros(size[0] // 8, size[1] // 8)
+        if step.noise_pred_uncond is None:  # guidance off (w <= 1): one half only
+            guidance = torch.zeros(step.noise_pred.shape[-2:])
         else:
             guidance = (step.noise_pred_text - step.noise_pred_uncond)[0].norm(dim=0)  # (h/8, w/8)
         maps = F.interpolate(step.attention, size=size, mode="bilinear", align_corners=False)[0]  # (77, h, w)

@@ -17,19 +17,25 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
 from minisd.api import default_model
+from minisd.clip import TextEncoder
 from minisd.errors import MinisdError
 from minisd.explain import PANELS, ROOT, Explainer, title, where
 from minisd.loading import load_components
 from minisd.pipelines import img2img, txt2img
 from minisd.pipelines.trace import trace
+from minisd.tokenizer import Tokenizer
 from minisd.train import shapes
 from minisd.train.checker import check
+from minisd.unet import UNet
+from minisd.vae import VAE
+from tests import fakes
 
 PROMPT = "a red circle above a blue square"
 
@@ -87,6 +93,24 @@ def test_explainer_draws_every_panel_of_every_step(nano):
         assert labels[0].startswith("1: a") and labels[2].startswith("3: circle") and "<pad>" in labels[-1]
     final = panels["panel-final"]
     assert final.size == (256, 256) and len(set(final.getdata())) > 10  # a picture, not a blank
+
+
+def test_explainer_runs_other_sd_v1_shaped_models_with_sd_colours_and_without_guidance():
+    state = fakes.tiny_components(seed=3)
+    nets = {
+        "unet": UNet(fakes.TINY_UNET),
+        "vae": VAE(fakes.TINY_VAE),
+        "text_encoder": TextEncoder(fakes.TINY_TEXT_ENCODER),
+    }
+    for name, net in nets.items():
+        net.load_state_dict(state[name], strict=True)
+    components = SimpleNamespace(tokenizer=Tokenizer.from_default(), sample_size=32, guidance_scale=7.5, **nets)
+    explainer = Explainer(components, "tiny")
+    assert explainer.rgb_map == (None, None)  # not the nano size: SD v1's published latent colours
+    run = explainer.start("a watercolour fox", "", 1, "Euler a", 3, 1.0, None, 0.6)  # w = 1: no guidance
+    assert run.steps[0].noise_pred_uncond is None
+    panels = explainer.panels(2)
+    assert panels["panel-x0"].size == (256, 256) and len(panels["panel-attention"]) == 5  # 3 words, end, pad
 
 
 def free_port() -> int:

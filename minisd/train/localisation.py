@@ -198,31 +198,35 @@ def two_object_captions(n: int) -> list[str]:
     return [pairs[i * len(pairs) // n] for i in range(n)]
 
 
+def batched(run, components: Components, captions: list[str], seed: int, guidance_scale: float, batch_size: int = 20):
+    """run_with_maps or edit_maps over the captions in batches (batch k draws its noise from seed + k); returns the
+    pictures and the maps, concatenated."""
+    batches = [captions[i : i + batch_size] for i in range(0, len(captions), batch_size)]
+    results = [run(components, batch, seed + k, guidance_scale) for k, batch in enumerate(batches)]
+    return torch.cat([p for p, _ in results]), torch.cat([m for _, m in results])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minisd.train.localisation", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a nano model file (default: the shipped one)")
     parser.add_argument("--captions", type=int, default=60, help="two-object training captions (60)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=20)
     args = parser.parse_args(argv)
     from minisd.api import default_model
     from minisd.loading import load_components
 
-    torch.set_num_threads(1)  # reproducible
-    components = load_components(args.model or default_model(), dtype=torch.float32)
+    model = args.model or default_model()
+    components = load_components(model, dtype=torch.float32)
     w = components.guidance_scale
     captions = two_object_captions(args.captions)
-    print(f"{args.model or default_model()}: {len(captions)} two-object captions, DPM++ 2M, 25 steps, guidance {w:g}")
-    batches = [captions[i : i + args.batch_size] for i in range(0, len(captions), args.batch_size)]
-    runs = [run_with_maps(components, batch, args.seed + k, w) for k, batch in enumerate(batches)]
-    pictures, maps = torch.cat([p for p, _ in runs]), torch.cat([m for _, m in runs])
+    print(f"{model}: {len(captions)} two-object captions, DPM++ 2M, 25 steps, guidance {w:g}")
+    pictures, maps = batched(run_with_maps, components, captions, args.seed, w)
     print(f"cross-attention maps peak inside their object's box: {score(maps, pictures, captions).line()}")
     share = attention_share(maps, captions)
     print("a pixel's attention goes to: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in share.items()))
     for name, rate in context_swap(components, captions, args.seed, w).items():
         print(f"adherence, {name}: {100 * rate:.0f}%")
-    runs = [edit_maps(components, batch, args.seed + k, w) for k, batch in enumerate(batches)]
-    pictures, maps = torch.cat([p for p, _ in runs]), torch.cat([m for _, m in runs])
+    pictures, maps = batched(edit_maps, components, captions, args.seed, w)
     print(f"edit maps peak inside their object's box: {score(maps, pictures, captions, slot_maps=True).line()}")
     return 0
 

@@ -1,0 +1,137 @@
+"""Run the lesson notebooks and store them with their outputs: `python -m minisd.notebooks [NAME ...]`.
+
+Each notebook in the repository's notebooks/ folder runs top to bottom in a fresh kernel, on the shipped nano model
+(MINISD_WEIGHTS unset), in a temporary folder, with fixed settings (the agg plot backend, PNG figures, 2 CPU
+threads), and is written back with its outputs, so a reader sees the pictures without running anything. The
+outputs are deterministic: the notebooks fix their seeds and print no wall-clock times or memory addresses, and
+the run records no timings.
+
+tests/test_notebooks.py executes every notebook the same way and compares its fresh outputs with the stored ones
+(`stale_outputs`): text must be equal, pictures close (same size, mean absolute difference at most PIXEL_BAR of
+255 per channel). When the library or the model changes, run this command again and commit the notebooks.
+
+Needs the test extra (nbclient, nbformat, ipykernel, matplotlib); imported only when used.
+"""
+
+import argparse
+import base64
+import io
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
+from minisd.errors import MinisdError
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+CELL_TIMEOUT = 180  # seconds a cell may take (the budget is 3 minutes a notebook on 2 CPU cores)
+PIXEL_BAR = 2.0  # mean |stored − fresh| per channel on 0…255; a changed model or sampler moves pictures by 10+
+KERNEL_ENV = {"MPLBACKEND": "agg", "OMP_NUM_THREADS": "2", "PYTHONHASHSEED": "0"}
+
+
+def execute(path: Path):
+    """Run the notebook at `path` top to bottom in a fresh kernel; return it (an nbformat node) with its outputs."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(path, as_version=4)
+    env = {k: v for k, v in os.environ.items() if k != "MINISD_WEIGHTS"} | KERNEL_ENV
+    root = str(Path(__file__).resolve().parent.parent)  # this checkout's minisd, whatever is installed
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    with tempfile.TemporaryDirectory() as folder:  # what a notebook writes lands here, not in the repository
+        client = NotebookClient(
+            notebook, timeout=CELL_TIMEOUT, kernel_name="python3", record_timing=False,
+            resources={"metadata": {"path": folder}},
+        )  # fmt: skip
+        client.execute(env=env)
+    for cell in notebook.cells:
+        cell.metadata.pop("execution", None)  # timestamps, when a kernel adds them anyway
+    return notebook
+
+
+def outputs(notebook) -> list[list[tuple[str, str]]]:
+    """Per code cell, its outputs as (kind, content): ("text", …) for streams, results and errors,
+    ("png", base64) for pictures."""
+    cells = []
+    for cell in notebook.cells:
+        if cell.cell_type != "code":
+            continue
+        found = []
+        for output in cell.get("outputs", []):
+            if output.output_type == "stream":
+                found.append(("text", f"{output.name}: {output.text}"))
+            elif output.output_type == "error":
+                found.append(("text", f"error: {output.ename}: {output.evalue}"))
+            else:
+                data = output.get("data", {})
+                if "image/png" in data:
+                    found.append(("png", data["image/png"]))
+                elif "text/plain" in data:
+                    found.append(("text", data["text/plain"]))
+        cells.append(found)
+    return cells
+
+
+def png_distance(a: str, b: str) -> float:
+    """Mean absolute difference per channel (0…255) of two base64 PNGs; infinity when their sizes differ."""
+    images = [Image.open(io.BytesIO(base64.b64decode(x))).convert("RGB") for x in (a, b)]
+    if images[0].size != images[1].size:
+        return float("inf")
+    pairs = zip(images[0].tobytes(), images[1].tobytes(), strict=True)
+    return sum(abs(p - q) for p, q in pairs) / len(images[0].tobytes())
+
+
+def stale_outputs(stored, fresh) -> list[str]:
+    """What differs between a stored notebook's outputs and a fresh run's, one line each (empty: up to date)."""
+    problems = []
+    old_cells, new_cells = outputs(stored), outputs(fresh)
+    if len(old_cells) != len(new_cells):
+        return [f"{len(old_cells)} code cells stored, {len(new_cells)} run"]
+    for i, (old, new) in enumerate(zip(old_cells, new_cells, strict=True)):
+        if [kind for kind, _ in old] != [kind for kind, _ in new]:
+            problems.append(f"code cell {i}: outputs {[k for k, _ in old]} stored, {[k for k, _ in new]} now")
+            continue
+        for (kind, before), (_, now) in zip(old, new, strict=True):
+            if kind == "text" and before != now:
+                problems.append(f"code cell {i}: stored {before.strip()[:120]!r}, now {now.strip()[:120]!r}")
+            elif kind == "png" and (distance := png_distance(before, now)) > PIXEL_BAR:
+                problems.append(f"code cell {i}: picture differs by {distance:.2f} of 255 (bar {PIXEL_BAR})")
+    return problems
+
+
+def notebook_paths(names: list[str]) -> list[Path]:
+    """The notebooks named (a prefix such as "03" or a file name), or all of them."""
+    if not NOTEBOOK_DIR.is_dir():
+        raise MinisdError(f"no notebooks folder at {NOTEBOOK_DIR}: run this from a checkout of the repository")
+    paths = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+    if not names:
+        return paths
+    chosen = [p for p in paths if any(p.name.startswith(n) or p.stem == n for n in names)]
+    if not chosen:
+        raise MinisdError(f"no notebook matches {names}; have {[p.name for p in paths]}")
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    import nbformat
+
+    parser = argparse.ArgumentParser(prog="python -m minisd.notebooks", description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="notebooks to run, e.g. 03 (default: all)")
+    args = parser.parse_args(argv)
+    try:
+        paths = notebook_paths(args.names)
+    except MinisdError as error:
+        print(f"python -m minisd.notebooks: error: {error}", file=sys.stderr)
+        return 2
+    for path in paths:
+        notebook = execute(path)
+        nbformat.write(notebook, path)
+        kb = path.stat().st_size / 1024
+        print(f"{path.name}: {sum(len(o) for o in outputs(notebook))} outputs, {kb:.0f} KB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
