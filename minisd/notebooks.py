@@ -3,8 +3,8 @@
 Each notebook in the repository's notebooks/ folder runs top to bottom in a fresh kernel, on the shipped nano model
 (MINISD_WEIGHTS unset), in a temporary folder, with fixed settings (the agg plot backend, PNG figures, 2 CPU
 threads), and is written back with its outputs, so a reader sees the pictures without running anything. The
-outputs are deterministic: the notebooks fix their seeds and print no wall-clock times or memory addresses, and
-the run records no timings.
+outputs are deterministic: the notebooks fix their seeds and print no wall-clock times or memory addresses, the
+run records no timings, and paths inside the checkout are written from its root (minisd/data/nano.safetensors).
 
 tests/test_notebooks.py executes every notebook the same way and compares its fresh outputs with the stored ones
 (`stale_outputs`): text must be equal, pictures close (same size, mean absolute difference at most PIXEL_BAR of
@@ -28,7 +28,7 @@ from minisd.errors import MinisdError
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 CELL_TIMEOUT = 180  # seconds a cell may take (the budget is 3 minutes a notebook on 2 CPU cores)
 PIXEL_BAR = 2.0  # mean |stored − fresh| per channel on 0…255; a changed model or sampler moves pictures by 10+
-KERNEL_ENV = {"MPLBACKEND": "agg", "OMP_NUM_THREADS": "2", "PYTHONHASHSEED": "0"}
+KERNEL_ENV = {"MPLBACKEND": "agg", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}  # 1 thread: reproducible
 
 
 def execute(path: Path):
@@ -48,6 +48,11 @@ def execute(path: Path):
         client.execute(env=env)
     for cell in notebook.cells:
         cell.metadata.pop("execution", None)  # timestamps, when a kernel adds them anyway
+        for output in cell.get("outputs", []):  # paths as from the repository root: the same in every checkout
+            if output.output_type == "stream":
+                output.text = output.text.replace(root + os.sep, "")
+            elif "text/plain" in output.get("data", {}):
+                output.data["text/plain"] = output.data["text/plain"].replace(root + os.sep, "")
     return notebook
 
 
