@@ -4,7 +4,7 @@ Type a prompt, choose seed, sampler, steps and guidance (and, for img2img, an im
 step slider and see, at every model call, what the lessons draw:
 
     x_t          the sampler's latents, through the cheap 4 → 3 colour map (previews.latents_to_rgb)
-    x̂_0          the clean picture this step predicts, decoded (previews.predicted_x0, common.decode)
+    x̂_0          the clean picture this step predicts, decoded (the sampler's x0_pred, common.decode)
     ε            the guided noise prediction, its 4 latent channels side by side
     guidance     ‖ε_c − ε_∅‖ per latent pixel: where the prompt changes the prediction (classifier-free guidance)
     attention    each prompt token's cross-attention map at this step (pipelines.attention_maps)
@@ -29,7 +29,7 @@ from minisd.attention import attention_weights
 from minisd.errors import MinisdError
 from minisd.pipelines import common, trace
 from minisd.pipelines.attention_maps import CrossAttentionMaps, token_labels
-from minisd.pipelines.previews import fit_latent_rgb, image_to_pixels, latents_to_rgb, predicted_x0
+from minisd.pipelines.previews import fit_latent_rgb, image_to_pixels, latents_to_rgb
 from minisd.samplers import sampler_names
 from minisd.unet import UNet
 
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def where(function, text: str | None = None) -> str:
-    """'minisd/pipelines/previews.py:97 predicted_x0': the file (from the repository root) and line of a function,
+    """'minisd/pipelines/previews.py:66 latents_to_rgb': the file (from the repository root) and line of a function,
     or of the first line in it that contains `text`."""
     function = inspect.unwrap(function)
     path = Path(inspect.getsourcefile(function)).resolve()
@@ -56,7 +56,7 @@ PANELS = {  # elem_id: (title, (function, the text of its line or None for its d
     ),
     "panel-x0": (
         "x̂₀, the predicted clean picture",
-        ((trace.trace, "x0_pred = predicted_x0("), (predicted_x0, None), (common.decode, None)),
+        ((trace.trace, "x0_pred = sampler.x0_pred("), (common.decode, None)),  # the sampler's: in `describe`
     ),
     "panel-eps": (
         "ε, the guided noise prediction (4 channels)",
@@ -150,7 +150,10 @@ class Explainer:
     def describe(self, i: int) -> str:
         run, step = self.run, self.run.steps[i]
         n, skipped = len(run.scheduled), run.start
-        lines = [f"**model call {i + 1} of {len(run.steps)}**, timestep t = {step.t}"]
+        lines = [
+            f"**model call {i + 1} of {len(run.steps)}**, timestep t = {step.t}; {type(run.sampler).__name__}, "
+            f"its x̂₀: `{where(type(run.sampler).x0_pred)}`"
+        ]
         if skipped:
             lines.append(
                 f"img2img: of the {n} scheduled steps the first {skipped} are skipped (strength "

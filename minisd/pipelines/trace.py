@@ -13,7 +13,7 @@ latents              x_t, the sampler's latents before the step      latents
 noise_pred_uncond    ε_θ(x_t, t, ∅)                                  noise_pred_uncond
 noise_pred_text      ε_θ(x_t, t, c)                                  noise_pred_text
 noise_pred           ε = ε_∅ + w · (ε_c − ε_∅)                       noise_pred
-x0_pred              x̂_0, previews.predicted_x0                      pred_original_sample
+x0_pred              x̂_0, sampler.x0_pred (its family's formula)     pred_original_sample
 attention            per-token cross-attention maps (b, 77, h, w)    (attention_probs, aggregated)
 start                img2img: the scheduled steps skipped (samplers.base.img2img_start)
 """
@@ -28,8 +28,7 @@ from minisd.errors import MinisdError
 from minisd.pipelines import common
 from minisd.pipelines.attention_maps import CrossAttentionMaps
 from minisd.pipelines.common import Components
-from minisd.pipelines.previews import predicted_x0
-from minisd.samplers.base import img2img_start
+from minisd.samplers.base import Sampler, img2img_start
 
 
 @dataclass
@@ -48,11 +47,12 @@ class Step:
 
 @dataclass
 class Trace:
-    """A whole run: its settings, `scheduled` (every timestep of the full n-step plan, for strength's marker),
-    `start` (how many of them img2img skipped; 0 for txt2img), one Step per model call, the final latents."""
+    """A whole run: its settings and sampler, `scheduled` (every timestep of the full n-step plan, for strength's
+    marker), `start` (how many of them img2img skipped; 0 for txt2img), one Step per model call, the final latents."""
 
     prompt: str
     guidance_scale: float
+    sampler: Sampler
     scheduled: list[int]
     start: int
     steps: list[Step] = field(default_factory=list)
@@ -108,7 +108,7 @@ def trace(
         image_latents = image_latents.repeat_interleave(1, dim=0)  # img2img's repeat: also its memory layout
         noise = common.draw_noise(tuple(image_latents.shape), generator, device, dtype)
         latents = sampler.add_noise(image_latents, noise, sampler.timesteps[:1])
-    run = Trace(prompt, guidance_scale, scheduled, start)
+    run = Trace(prompt, guidance_scale, sampler, scheduled, start)
 
     # --- the denoising loop (txt2img.py's), keeping every intermediate
     with CrossAttentionMaps(unet, guided=do_guidance) as recorder:
@@ -119,7 +119,7 @@ def trace(
             noise_pred_uncond, noise_pred_text = noise_pred.chunk(2) if do_guidance else (None, noise_pred)
             if do_guidance:
                 noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
-            x0_pred = predicted_x0(sampler, noise_pred, t, latents)
+            x0_pred = sampler.x0_pred(noise_pred, t, latents)
             run.steps.append(
                 Step(int(t), _cpu(latents), _cpu(noise_pred_uncond), _cpu(noise_pred_text), _cpu(noise_pred),
                      _cpu(x0_pred), recorder.calls[-1])
