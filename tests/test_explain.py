@@ -4,7 +4,7 @@ the step images, move the step slider, take a screenshot).
 
 The browser test needs Debian's chromium and chromium-driver (`apt-get install chromium chromium-driver`, as .ci/run
 does) and the web extra (`pip install -e ".[web]"`: gradio, selenium). It skips, saying why, only when no Chromium
-binary is installed. MINISD_SCREENSHOT=path.png keeps its screenshot (README's picture is made so).
+binary is installed. MINISD_SCREENSHOT=path.png keeps its screenshot, shrunk (README's picture is made so).
 """
 
 import io
@@ -16,7 +16,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -195,8 +194,13 @@ def test_page_in_headless_chromium(tmp_path):
         assert early.size == (256, 256) and early.tobytes() != x0_last.tobytes()  # step 3's guess, not the last
         for elem_id in PANELS:  # each panel's title on the page names the functions, files and lines
             assert title(elem_id) in browser.find_element(By.ID, elem_id).text, elem_id
-        screenshot = Path(os.environ.get("MINISD_SCREENSHOT") or tmp_path / "explain.png")
+        screenshot = tmp_path / "explain.png"
         assert browser.save_screenshot(str(screenshot)) and Image.open(screenshot).size[0] >= 1000
+        if os.environ.get("MINISD_SCREENSHOT"):  # README's picture: 1000 px wide, 256 colours
+            shot = Image.open(screenshot).convert("RGB")
+            shot = shot.resize((1000, round(shot.height * 1000 / shot.width)), Image.Resampling.LANCZOS)
+            shot = shot.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+            shot.save(os.environ["MINISD_SCREENSHOT"], optimize=True)
     finally:
         if browser is not None:
             browser.quit()
