@@ -1,10 +1,11 @@
 """Run the lesson notebooks and store them with their outputs: `python -m minisd.notebooks [NAME ...]`.
 
 Each notebook in the repository's notebooks/ folder runs top to bottom in a fresh kernel, on the shipped nano model
-(MINISD_WEIGHTS unset), in a temporary folder, with fixed settings (the agg plot backend, PNG figures, 2 CPU
-threads), and is written back with its outputs, so a reader sees the pictures without running anything. The
-outputs are deterministic: the notebooks fix their seeds and print no wall-clock times or memory addresses, the
-run records no timings, and paths inside the checkout are written from its root (minisd/data/nano.safetensors).
+(MINISD_WEIGHTS unset), in a temporary folder, with fixed settings (KERNEL_ENV: the agg plot backend, one CPU
+thread, no progress bars), and is written back with its outputs, so a reader sees the pictures without running
+anything. The outputs are deterministic: the notebooks fix their seeds and print no wall-clock times or memory
+addresses, the run records no timings, and paths inside the checkout are written from its root
+(minisd/data/nano.safetensors).
 
 tests/test_notebooks.py executes every notebook the same way and compares its fresh outputs with the stored ones
 (`stale_outputs`): text must be equal, pictures close (same size, mean absolute difference at most PIXEL_BAR of
@@ -15,6 +16,7 @@ Needs the test extra (nbclient, nbformat, ipykernel, matplotlib); imported only 
 
 import argparse
 import base64
+import copy
 import io
 import os
 import sys
@@ -28,7 +30,8 @@ from minisd.errors import MinisdError
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 CELL_TIMEOUT = 180  # seconds a cell may take (the budget is 3 minutes a notebook on 2 CPU cores)
 PIXEL_BAR = 2.0  # mean |stored − fresh| per channel on 0…255; a changed model or sampler moves pictures by 10+
-KERNEL_ENV = {"MPLBACKEND": "agg", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}  # 1 thread: reproducible
+# 1 thread: reproducible (and faster than 2 on a shared 2-core machine); no tqdm bars (their rates are wall time)
+KERNEL_ENV = {"MPLBACKEND": "agg", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "TQDM_DISABLE": "1"}
 
 
 def execute(path: Path):
@@ -48,12 +51,28 @@ def execute(path: Path):
         client.execute(env=env)
     for cell in notebook.cells:
         cell.metadata.pop("execution", None)  # timestamps, when a kernel adds them anyway
+        if cell.cell_type == "code":
+            cell.outputs = merge_streams(cell.outputs)
         for output in cell.get("outputs", []):  # paths as from the repository root: the same in every checkout
             if output.output_type == "stream":
                 output.text = output.text.replace(root + os.sep, "")
             elif "text/plain" in output.get("data", {}):
                 output.data["text/plain"] = output.data["text/plain"].replace(root + os.sep, "")
     return notebook
+
+
+def merge_streams(cell_outputs: list) -> list:
+    """One output for each run of consecutive prints to the same stream: the kernel sends a print in one message
+    or several depending on when it flushes, so the split is not part of what the cell printed."""
+    merged = []
+    for output in cell_outputs:
+        last = merged[-1] if merged else None
+        if output.output_type == "stream" and last is not None and last.output_type == "stream":
+            if last.name == output.name:
+                last.text += output.text
+                continue
+        merged.append(output)
+    return merged
 
 
 def outputs(notebook) -> list[list[tuple[str, str]]]:
@@ -64,7 +83,7 @@ def outputs(notebook) -> list[list[tuple[str, str]]]:
         if cell.cell_type != "code":
             continue
         found = []
-        for output in cell.get("outputs", []):
+        for output in merge_streams(copy.deepcopy(cell.get("outputs", []))):
             if output.output_type == "stream":
                 found.append(("text", f"{output.name}: {output.text}"))
             elif output.output_type == "error":
