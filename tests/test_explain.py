@@ -206,3 +206,11 @@ def test_page_in_headless_chromium(tmp_path):
             browser.quit()
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_explain_without_gradio_says_how_to_install_it(monkeypatch, capsys):
+    from minisd.cli import main
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # what `import gradio` meets where the extra is missing
+    assert main(["explain", "--no-browser"]) == 2
+    assert capsys.readouterr().err.strip() == 'minisd: error: minisd explain needs gradio: pip install -e ".[web]"'
