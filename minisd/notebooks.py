@@ -28,7 +28,7 @@ from PIL import Image
 from minisd.errors import MinisdError
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-CELL_TIMEOUT = 180  # seconds a cell may take (the budget is 3 minutes a notebook on 2 CPU cores)
+CELL_TIMEOUT = 300  # seconds: a guard against hangs (the budget is 3 minutes a notebook; a loaded machine is slower)
 PIXEL_BAR = 2.0  # mean |stored − fresh| per channel on 0…255; a changed model or sampler moves pictures by 10+
 # 1 thread: reproducible (and faster than 2 on a shared 2-core machine); no tqdm bars (their rates are wall time)
 KERNEL_ENV = {"MPLBACKEND": "agg", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "TQDM_DISABLE": "1"}

@@ -6,7 +6,7 @@ Each runs in a fresh kernel in a temporary folder with MINISD_WEIGHTS unset (min
 are compared with the stored ones (minisd.notebooks.stale_outputs): text equal, pictures of the same size within a
 mean absolute difference of PIXEL_BAR (2 of 255 per channel). A stale notebook fails with the line that differs;
 `python -m minisd.notebooks` stores them again. The wall time of each is printed at the end of the run (the budget
-is 3 minutes a notebook on 2 CPU cores; a cell taking more than 3 minutes fails).
+is 3 minutes a notebook on 2 CPU cores; a cell taking more than 5 minutes fails as hung).
 """
 
 import base64
