@@ -27,9 +27,10 @@ from torch import Tensor
 
 from minisd.attention import attention_weights
 from minisd.errors import MinisdError
+from minisd.images import image_to_pixels
 from minisd.pipelines import common, trace
 from minisd.pipelines.attention_maps import CrossAttentionMaps, token_labels
-from minisd.pipelines.previews import fit_latent_rgb, image_to_pixels, latents_to_rgb
+from minisd.pipelines.previews import fit_latent_rgb, latents_to_rgb
 from minisd.samplers import sampler_names
 from minisd.unet import UNet
 

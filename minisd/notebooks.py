@@ -19,6 +19,7 @@ import base64
 import copy
 import io
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +31,8 @@ from minisd.errors import MinisdError
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 CELL_TIMEOUT = 300  # seconds: a guard against hangs (the budget is 3 minutes a notebook; a loaded machine is slower)
 PIXEL_BAR = 2.0  # mean |stored − fresh| per channel on 0…255; a changed model or sampler moves pictures by 10+
-# 1 thread: reproducible (and faster than 2 on a shared 2-core machine); no tqdm bars (their rates are wall time)
+# 1 thread: reproducible (and faster than 2 on a shared 2-core machine); tqdm off where its caller leaves the default
+# (the pipelines' own bars are cut out of the outputs: without_progress_bars)
 KERNEL_ENV = {"MPLBACKEND": "agg", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "TQDM_DISABLE": "1"}
 
 
@@ -52,13 +54,36 @@ def execute(path: Path):
     for cell in notebook.cells:
         cell.metadata.pop("execution", None)  # timestamps, when a kernel adds them anyway
         if cell.cell_type == "code":
-            cell.outputs = merge_streams(cell.outputs)
+            cell.outputs = without_progress_bars(merge_streams(cell.outputs))
         for output in cell.get("outputs", []):  # paths as from the repository root: the same in every checkout
             if output.output_type == "stream":
                 output.text = output.text.replace(root + os.sep, "")
             elif "text/plain" in output.get("data", {}):
                 output.data["text/plain"] = output.data["text/plain"].replace(root + os.sep, "")
     return notebook
+
+
+# tqdm's bar as a kernel captures it: "\r 40%|████      | 10/25 [00:01<00:01, 9.8it/s]", redrawn after each "\r"
+PROGRESS_BAR = re.compile(r"\r?[^\r\n]*\d+%\|[^|\r\n]*\| \d+/\d+ \[[^\]\r\n]*\][\r\n]*")
+
+
+def without_progress_bars(cell_outputs: list) -> list:
+    """The outputs with tqdm's progress bars cut out of stderr (the pipelines' bar of model calls: its rates and
+    times are wall-clock, so they are neither stored nor compared); a stderr output left empty goes.
+
+    >>> from nbformat.v4 import new_output
+    >>> bar = "\\r 40%|████  | 10/25 [00:01<00:01, 9.8it/s]\\r100%|██████| 25/25 [00:02<00:00, 9.9it/s]\\n"
+    >>> [o.text for o in without_progress_bars([new_output("stream", name="stderr", text=bar + "a warning\\n")])]
+    ['a warning\\n']
+    """
+    kept = []
+    for output in cell_outputs:
+        if output.output_type == "stream" and output.name == "stderr":
+            output.text = PROGRESS_BAR.sub("", output.text)
+            if not output.text.strip():
+                continue
+        kept.append(output)
+    return kept
 
 
 def merge_streams(cell_outputs: list) -> list:
@@ -83,7 +108,7 @@ def outputs(notebook) -> list[list[tuple[str, str]]]:
         if cell.cell_type != "code":
             continue
         found = []
-        for output in merge_streams(copy.deepcopy(cell.get("outputs", []))):
+        for output in without_progress_bars(merge_streams(copy.deepcopy(cell.get("outputs", [])))):
             if output.output_type == "stream":
                 found.append(("text", f"{output.name}: {output.text}"))
             elif output.output_type == "error":

@@ -25,9 +25,10 @@ from PIL import Image
 from torch import Tensor
 
 from minisd.errors import MinisdError
-from minisd.pipelines import common
+from minisd.noise import randn
+from minisd.pipelines import checks, common
 from minisd.pipelines.attention_maps import CrossAttentionMaps
-from minisd.pipelines.common import Components
+from minisd.pipelines.checks import Networks
 from minisd.samplers.base import Sampler, img2img_start
 
 
@@ -65,7 +66,7 @@ def _cpu(x: Tensor | None) -> Tensor | None:
 
 @torch.no_grad()
 def trace(
-    components: Components,
+    components: Networks,
     prompt: str,
     negative_prompt: str = "",
     num_inference_steps: int = 25,
@@ -78,13 +79,13 @@ def trace(
     """Run txt2img (image None) or img2img (image given, strength in (0, 1]) for one prompt at the model's size (or
     the image's), keeping every step. Arguments as in txt2img / img2img; seed: an integer."""
     unet, vae = components.unet, components.vae
-    common.check_unet_channels(unet, (4,), "trace")
-    common.check_common(components, num_inference_steps, guidance_scale, 0.0, 1, None, "pt", None)
-    common.check_prompts(unet, prompt, negative_prompt, None, None)
+    checks.check_unet_channels(unet, (4,), "trace")
+    checks.check_common(components, num_inference_steps, guidance_scale, 0.0, 1, None, "pt", None)
+    checks.check_prompts(unet, prompt, negative_prompt, None, None)
     if not isinstance(prompt, str):
         raise MinisdError(f"prompt must be one str, got {type(prompt).__name__}")
-    sampler_name, sampler = sampler, common.make_sampler(sampler, 0.0)
-    generator = common.make_generator(None, seed)
+    sampler_name, sampler = sampler, checks.make_sampler(sampler, 0.0)
+    generator = checks.make_generator(None, seed)
     device, dtype = common.device_dtype(unet)
     do_guidance = guidance_scale > 1.0
     context = common.encode_prompts(components, prompt, negative_prompt, None, None, 1, do_guidance, None)
@@ -94,19 +95,20 @@ def trace(
     if image is None:  # txt2img's start: pure noise at the sampler's starting noise level
         start = 0
         f, size = vae.config.downscale_factor, getattr(components, "sample_size", 512)
-        common.check_size(components, size, size)
+        checks.check_size(components, size, size)
         shape = (1, unet.config.in_channels, size // f, size // f)
-        latents = common.draw_noise(shape, generator, device, dtype) * sampler.init_noise_sigma
+        latents = randn(shape, generator, torch.float32, "cpu").to(device=device, dtype=dtype)  # as txt2img
+        latents = latents * sampler.init_noise_sigma
     else:  # img2img's start: the image's latents, noised to the first timestep that runs
-        common.check_strength(strength, num_inference_steps)
+        checks.check_strength(strength, num_inference_steps)
         start = img2img_start(num_inference_steps, strength)
-        image = common.to_image("image", image, common.size_multiple(components))
-        common.check_image_count(image.shape[0], 1)
-        sampler = common.make_sampler(sampler_name, 0.0)
+        image = checks.to_image("image", image, checks.size_multiple(components))
+        checks.check_image_count(image.shape[0], 1)
+        sampler = checks.make_sampler(sampler_name, 0.0)
         sampler.set_timesteps(num_inference_steps, strength=strength)  # keeps the last ⌊n · strength⌋ steps
         image_latents = common.encode_image(vae, image, generator, dtype, False)
         image_latents = image_latents.repeat_interleave(1, dim=0)  # img2img's repeat: also its memory layout
-        noise = common.draw_noise(tuple(image_latents.shape), generator, device, dtype)
+        noise = randn(image_latents.shape, generator, torch.float32, "cpu").to(device=device, dtype=dtype)
         latents = sampler.add_noise(image_latents, noise, sampler.timesteps[:1])
     run = Trace(prompt, guidance_scale, sampler, scheduled, start)
 
