@@ -64,6 +64,12 @@ def test_the_staleness_check_catches_changed_text_and_pictures():
     text = copy.deepcopy(notebook)
     text.cells[0].outputs[0].text = "2\n"
     assert "stored" in stale_outputs(notebook, text)[0]
+    rounding = copy.deepcopy(notebook)  # another CPU's float32 rounding in a printed error: still current
+    notebook.cells[0].outputs[0].text, rounding.cells[0].outputs[0].text = "error 3.58e-07\n", "error 4.1e-07\n"
+    assert stale_outputs(notebook, rounding) == []
+    rounding.cells[0].outputs[0].text = "error 2.3e-03\n"  # an error 6,000 times larger is a change
+    assert "stored" in stale_outputs(notebook, rounding)[0]
+    notebook.cells[0].outputs[0].text = "1\n"
     picture = copy.deepcopy(notebook)
     picture.cells[0].outputs[1].data["image/png"] = png((10, 20, 60))  # 10 of 255 on average
     assert "picture differs by 10.00" in stale_outputs(notebook, picture)[0]
