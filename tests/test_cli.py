@@ -172,11 +172,18 @@ def test_nano_model_notes_a_prompt_outside_its_captions(work, capsys):
     assert "note:" not in capsys.readouterr().err
     assert cli.main(["generate", "a cat", "--steps", "2", "--seed", "1", "-o", str(work / "cat.png")]) == 0
     err = capsys.readouterr().err
-    assert "nano.safetensors knows only its training captions" in err and "'a cat'" in err
+    assert err.count("\n") == 1 and "nano.safetensors does not know 'cat'; it draws only captions '<a|the>" in err
     assert (work / "cat.png").is_file()
     assert cli.main(["generate", "a cat", *tiny, "--seed", "1", "-o", str(work / "cat-tiny.png")]) == 0
-    assert "knows only" not in capsys.readouterr().err  # weights not made by minisd.train: no grammar to hold to
-    assert prompt_note(str(default_model()), "(a red circle:1.2) above a [blue] square") is None
+    assert "note:" not in capsys.readouterr().err  # weights not made by minisd.train: no grammar to hold to
+    nano = str(default_model())
+    for paraphrase in ["(a red circle:1.2) above a [blue] square", "The red circle left of the blue square."]:
+        assert prompt_note(nano, paraphrase) is None
+    note = prompt_note(nano, "a big red circle next to a blue square")
+    assert "does not know 'big', 'next';" in note  # "to" is known: "to the left of"
+    assert "knows every word of 'red circle above blue square', but" in prompt_note(
+        nano, "red circle above blue square"
+    )
 
 
 def test_overwrite_replaces_and_unrecordable_prompt_is_noted(work, capsys):

@@ -41,6 +41,7 @@ documented one included). So every training scene is seen in every phrasing, and
 any phrasing), so a held-out scene is held out in every phrasing.
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -157,12 +158,34 @@ def parse_caption(caption: str) -> Scene:
                 first, second = thing(words[:3]), thing(words[3 + len(r) :])
                 if first and second and first.colour != second.colour:
                     return Scene(first, relation, second)
-    phrases = "; ".join(f"{r}: {', '.join(p[1:])}" for r, p in RELATION_PHRASES.items())
-    raise MinisdError(
-        f"caption must read '<a|the> <colour> <shape>[ <relation> <a|the> <colour> <shape>][.|!]' with colours in "
-        f"{list(COLOURS)} (two different), shapes in {list(SHAPES)}, relations in {list(RELATIONS)} (or {phrases}); "
-        f"got {caption!r}"
+    raise MinisdError(f"caption must read {grammar()}; got {caption!r}")
+
+
+def grammar() -> str:
+    """The caption grammar in one line (parse_caption's error, the CLI's note on the nano model, README).
+
+    >>> grammar()[:62]
+    "'<a|the> <colour> <shape> [<relation> <a|the> <colour> <shape>]"
+    """
+    relations = " | ".join(p for ps in RELATION_PHRASES.values() for p in ps)
+    return (
+        f"'<a|the> <colour> <shape> [<relation> <a|the> <colour> <shape>][.|!]' with <colour> {' | '.join(COLOURS)} "
+        f"(two different), <shape> {' | '.join(SHAPES)}, <relation> {relations}"
     )
+
+
+RELATION_WORDS = {w for ps in RELATION_PHRASES.values() for p in ps for w in p.split()}  # above, on, top, of, ...
+WORDS = frozenset([*ARTICLES, *COLOURS, *SHAPES, *RELATION_WORDS])  # every word a caption uses: 23
+
+
+def unknown_words(text: str) -> list[str]:
+    """The words of `text` that no caption uses, in order, each once; case and punctuation do not count.
+
+    >>> unknown_words("A red cat, left of the big blue square!")
+    ['cat', 'big']
+    """
+    words = re.findall(r"[^\W_]+", text.lower())  # runs of letters and digits
+    return list(dict.fromkeys(w for w in words if w not in WORDS))
 
 
 def _layout(scene: Scene) -> tuple[Thing, Thing, int]:
