@@ -12,10 +12,11 @@ venv=.venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 python="$venv/bin/python"
 
-# 1. torch first, pinned to the version minisd is tested with, from the CPU build's index: `pip install torch`
-#    alone would pull the latest release with multi-GB CUDA libraries.
+# 1. torch first, pinned to the version minisd is tested with, from the CPU build's index (`pip install torch`
+#    alone would pull the latest release with multi-GB CUDA libraries); then its dependencies from PyPI.
 if ! "$python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
-    "$python" -m pip install -q torch==2.13.0 --index-url "${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+    "$python" -m pip install -q --no-deps torch==2.13.0 --index-url "${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+    "$python" -m pip install -q torch==2.13.0
 fi
 
 # 2. minisd itself, editable, with its test extras (the references diffusers and transformers, pytest, ruff, the
