@@ -164,7 +164,7 @@ def parse_caption(caption: str) -> Scene:
 def grammar() -> str:
     """The caption grammar in one line (parse_caption's error, the CLI's note on the nano model, README).
 
-    >>> grammar()[:62]
+    >>> grammar()[:63]
     "'<a|the> <colour> <shape> [<relation> <a|the> <colour> <shape>]"
     """
     relations = " | ".join(p for ps in RELATION_PHRASES.values() for p in ps)
