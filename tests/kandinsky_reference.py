@@ -1,0 +1,214 @@
+"""The references of the Kandinsky 2.2 parity tests: diffusers' and transformers' own models, built at a config and
+given random weights (every tensor, norms and biases included, so a wrong bias or norm path cannot hide).
+
+Configs: KANDINSKY22 holds the published ones (kandinsky-community/kandinsky-2-2-{prior,decoder,decoder-inpaint}
+config.json files: unet, movq, prior, text_encoder, image_encoder, schedulers); TINY the same structures with small
+numbers. `randomize` fills a module from one seeded generator with scales that keep activations near 1; full-size
+models are built on the meta device first, then materialised once (no throwaway init of a billion parameters).
+"""
+
+import math
+
+import torch
+from torch import nn
+
+POOL_SIZE = 2**24  # windows of up to 16.8 M values from a pool twice that size; larger tensors repeat the pool
+
+# --- the published configs (read from the Hub's config.json files; see tests/data/kandinsky22/README.md) -------
+
+DECODER_UNET = {
+    "act_fn": "silu",
+    "addition_embed_type": "image",
+    "addition_embed_type_num_heads": 64,
+    "attention_head_dim": 64,
+    "block_out_channels": [384, 768, 1152, 1536],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "cross_attention_dim": 768,
+    "down_block_types": [
+        "ResnetDownsampleBlock2D",
+        "SimpleCrossAttnDownBlock2D",
+        "SimpleCrossAttnDownBlock2D",
+        "SimpleCrossAttnDownBlock2D",
+    ],
+    "downsample_padding": 1,
+    "encoder_hid_dim": 1280,
+    "encoder_hid_dim_type": "image_proj",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 3,
+    "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 8,
+    "resnet_time_scale_shift": "scale_shift",
+    "sample_size": 64,
+    "up_block_types": [
+        "SimpleCrossAttnUpBlock2D",
+        "SimpleCrossAttnUpBlock2D",
+        "SimpleCrossAttnUpBlock2D",
+        "ResnetUpsampleBlock2D",
+    ],
+}
+INPAINT_UNET = {**DECODER_UNET, "in_channels": 9}
+MOVQ = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 256, 512],
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "norm_type": "spatial",
+    "num_vq_embeddings": 16384,
+    "out_channels": 3,
+    "sample_size": 32,
+    "scaling_factor": 0.18215,
+    "up_block_types": ["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "vq_embed_dim": 4,
+}
+PRIOR = {
+    "added_emb_type": "prd",
+    "additional_embeddings": 4,
+    "attention_head_dim": 64,
+    "clip_embed_dim": None,
+    "dropout": 0.0,
+    "embedding_dim": 1280,
+    "embedding_proj_dim": None,
+    "embedding_proj_norm_type": None,
+    "encoder_hid_proj_type": "linear",
+    "norm_in_type": None,
+    "num_attention_heads": 32,
+    "num_embeddings": 77,
+    "num_layers": 20,
+    "time_embed_act_fn": "silu",
+    "time_embed_dim": None,
+}
+TEXT_ENCODER = {
+    "architectures": ["CLIPTextModelWithProjection"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "pad_token_id": 1,
+    "projection_dim": 1280,
+    "vocab_size": 49408,
+}
+IMAGE_ENCODER = {
+    "architectures": ["CLIPVisionModelWithProjection"],
+    "attention_dropout": 0.0,
+    "dropout": 0.0,
+    "hidden_act": "gelu",
+    "hidden_size": 1664,
+    "image_size": 224,
+    "intermediate_size": 8192,
+    "layer_norm_eps": 1e-05,
+    "model_type": "clip_vision_model",
+    "num_attention_heads": 16,
+    "num_channels": 3,
+    "num_hidden_layers": 48,
+    "patch_size": 14,
+    "projection_dim": 1280,
+}
+DECODER_SCHEDULER = {  # kandinsky-2-2-decoder(-inpaint)/scheduler/scheduler_config.json
+    "_class_name": "DDPMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "thresholding": False,
+}
+PRIOR_SCHEDULER = {  # kandinsky-2-2-prior/scheduler/scheduler_config.json
+    "_class_name": "UnCLIPScheduler",
+    "clip_sample": True,
+    "clip_sample_range": 10.0,
+    "num_train_timesteps": 1000,
+    "prediction_type": "sample",
+    "variance_type": "fixed_small_log",
+}
+IMAGE_PROCESSOR = {  # kandinsky-2-2-prior/image_processor/preprocessor_config.json (OpenAI CLIP's preprocessing)
+    "crop_size": 224,
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "size": 224,
+}
+
+# --- tiny configs: the same structures, small numbers ------------------------------------------------------------
+
+TINY_UNET = {
+    **DECODER_UNET,
+    "block_out_channels": [32, 64, 96],
+    "layers_per_block": 2,
+    "attention_head_dim": 16,
+    "cross_attention_dim": 48,
+    "encoder_hid_dim": 40,
+    "down_block_types": DECODER_UNET["down_block_types"][:3],
+    "up_block_types": DECODER_UNET["up_block_types"][1:],
+    "sample_size": 8,
+}
+TINY_MOVQ = {
+    **MOVQ,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+    "up_block_types": ["AttnUpDecoderBlock2D", "UpDecoderBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "num_vq_embeddings": 24,
+}
+
+
+def diffusers_config(config: dict) -> dict:
+    """The constructor arguments of a config.json dict (without the `_`-keys the Hub files carry)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def randomize(module: nn.Module, seed: int) -> nn.Module:
+    """Give every parameter a random value from one seeded generator, at scales that keep activations near 1:
+    matrices U(±√3/√fan_in) (unit-variance outputs for unit inputs), norm weights 1 ± 0.2, biases ± 0.05,
+    embeddings and learned tokens U(±1). Materialises a meta-device module on the CPU first."""
+    if any(p.is_meta for p in module.parameters()):
+        module.to_empty(device="cpu")
+        for name, buffer in module.named_buffers():  # the only buffers these models have: position ids
+            assert name.endswith("position_ids"), name
+            buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
+    generator = torch.Generator().manual_seed(seed)
+    # One pool of U(-1, 1) values; each parameter copies a window at a random offset: memcpy speed instead of RNG
+    # speed for a billion parameters, and tensors of one shape still differ (a swapped pair of keys is caught).
+    pool = torch.rand(2 * POOL_SIZE, generator=generator).mul_(2).sub_(1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            n = p.numel()
+            start = int(torch.randint(0, POOL_SIZE, (), generator=generator))
+            u = pool[start : start + n] if n <= POOL_SIZE else pool.repeat(n // POOL_SIZE + 1)[:n]
+            u = u.reshape(p.shape).clone()
+            leaf = name.rsplit(".", 1)[-1]
+            embedding = name.endswith(
+                ("token_embedding.weight", "position_embedding.weight", "quantize.embedding.weight")
+            )
+            if leaf == "clip_std" or ("norm" in name and leaf == "weight" and p.ndim == 1):
+                value = u.mul_(0.2).add_(1)
+            elif leaf == "bias" or leaf == "clip_mean":
+                value = u.mul_(0.05 if leaf == "bias" else 0.5)
+            elif p.ndim >= 2 and "embedding" not in leaf and not embedding:
+                value = u.mul_(math.sqrt(3 / p[0].numel()))
+            else:  # token / position / class embeddings, the prior's learned tokens, the MoVQ codebook
+                value = u
+            p.copy_(value)
+    return module.eval()
