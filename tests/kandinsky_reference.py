@@ -185,9 +185,12 @@ def randomize(module: nn.Module, seed: int) -> nn.Module:
     embeddings and learned tokens U(±1). Materialises a meta-device module on the CPU first."""
     if any(p.is_meta for p in module.parameters()):
         module.to_empty(device="cpu")
-        for name, buffer in module.named_buffers():  # the only buffers these models have: position ids
-            assert name.endswith("position_ids"), name
-            buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
+        for name, buffer in module.named_buffers():  # the only buffers these models have, made as their inits do
+            if name.endswith("position_ids"):
+                buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
+            else:
+                assert name == "causal_attention_mask", name  # diffusers PriorTransformer: −10000 above the diagonal
+                buffer.copy_(torch.full(buffer.shape, -10000.0).triu_(1))
     generator = torch.Generator().manual_seed(seed)
     # One pool of U(-1, 1) values; each parameter copies a window at a random offset: memcpy speed instead of RNG
     # speed for a billion parameters, and tensors of one shape still differ (a swapped pair of keys is caught).

@@ -135,7 +135,7 @@ def twins(tmp_path_factory):
         up_block_types=("UpDecoderBlock2D",) * n,
         **{k: v for k, v in asdict(TINY_VAE).items()},
     )
-    ref_text_encoder = CLIPTextModel(CLIPTextConfig(**asdict(TINY_TEXT), hidden_act="quick_gelu"))
+    ref_text_encoder = CLIPTextModel(CLIPTextConfig(**asdict(TINY_TEXT)))
     unet = twin(UNet(TINY_UNET), ref_unet, seed=1)
     unet9 = twin(UNet(UNetConfig(**{**asdict(TINY_UNET), "in_channels": 9})), ref_unet9, seed=2)
     vae = twin(VAE(TINY_VAE), ref_vae, seed=3)
@@ -530,7 +530,7 @@ def test_full_size_sd_v1_txt2img_matches_diffusers(twins):
         unet, vae, text_encoder = UNet(UNetConfig()), VAE(VAEConfig()), TextEncoder(TextEncoderConfig())
     # Not on meta: CLIPTextModel computes its position_ids buffer in __init__ (not in the state dict, so it would stay
     # on meta and the forward would read garbage).
-    ref_text_encoder = CLIPTextModel(CLIPTextConfig(**asdict(TextEncoderConfig()), hidden_act="quick_gelu"))
+    ref_text_encoder = CLIPTextModel(CLIPTextConfig(**asdict(TextEncoderConfig())))
     for ref_module, module in ((ref_unet, unet), (ref_vae, vae), (ref_text_encoder, text_encoder)):
         ref_module.load_state_dict(random_full_size(ref_module, pool, generator), strict=True, assign=True)
         module.load_state_dict(ref_module.state_dict(), strict=True, assign=True)

@@ -156,14 +156,16 @@ class Sampler:
 
 
 class AlphaBarSampler(Sampler):
-    """What the ᾱ samplers (DDPM, DDIM, PLMS) share: SD v1's ᾱ table, a timestep spacing, a plan of integer
-    timesteps (one model call each; PLMS adds its warm-up call), and the forward process in x_t space."""
+    """What the ᾱ samplers (DDPM, DDIM, PLMS) share: an ᾱ table (SD v1's unless `betas` are given), a timestep
+    spacing, a plan of integer timesteps (one model call each; PLMS adds its warm-up call), and the forward process
+    in x_t space. betas: another model's β_t (T,), e.g. schedule.linear_betas() for Kandinsky 2.2's decoder."""
 
-    def __init__(self, timestep_spacing: str = "leading") -> None:
+    def __init__(self, timestep_spacing: str = "leading", betas: Tensor | None = None) -> None:
         if timestep_spacing not in schedule.SPACINGS:
             raise MinisdError(f"timestep_spacing must be one of {schedule.SPACINGS}, got {timestep_spacing!r}")
         self.timestep_spacing = timestep_spacing
-        self.alphas_cumprod = schedule.alphas_cumprod_from_betas(schedule.scaled_linear_betas())  # float64 (T,)
+        betas = schedule.scaled_linear_betas() if betas is None else betas.to(torch.float64)
+        self.alphas_cumprod = schedule.alphas_cumprod_from_betas(betas)  # float64 (T,)
         self.set_timesteps(50)
 
     def set_timesteps(
