@@ -8,9 +8,20 @@ models are built on the meta device first, then materialised once (no throwaway 
 """
 
 import math
+import types
+from pathlib import Path
 
 import torch
+from diffusers import PriorTransformer, UNet2DConditionModel, VQModel
 from torch import nn
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 POOL_SIZE = 2**24  # windows of up to 16.8 M values from a pool twice that size; larger tensors repeat the pool
 
@@ -215,3 +226,69 @@ def randomize(module: nn.Module, seed: int) -> nn.Module:
                 value = u
             p.copy_(value)
     return module.eval()
+
+
+# --- tiny twins of every part, for the pipeline and loading tests ------------------------------------------------
+
+D = 40  # the CLIP embedding width every tiny part agrees on (TINY_UNET's encoder_hid_dim)
+TEXT = {**TEXT_ENCODER, "hidden_size": D, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+        "projection_dim": D}  # fmt: skip
+VISION = {**IMAGE_ENCODER, "hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4,
+          "num_hidden_layers": 2, "projection_dim": D, "image_size": 28}  # fmt: skip
+PRIOR_TINY = {"num_attention_heads": 2, "attention_head_dim": 12, "embedding_dim": D, "num_layers": 2}
+
+
+def tiny_reference(tokenizer_dir: Path) -> types.SimpleNamespace:
+    """diffusers' and transformers' parts of Kandinsky 2.2 at tiny sizes, random weights, tamed where random
+    weights would amplify rounding beyond anything a trained model does: the UNet's ε to unit size (random
+    weights give ~5), and MoVQ's SpatialNorm to a mild modulation, y ≈ 1 + small (random conv_y read the latents,
+    ~25 after a random UNet's steps, as gains of ~25 at every norm of the decoder)."""
+    assert TINY_UNET["encoder_hid_dim"] == D
+    ref = types.SimpleNamespace(
+        unet=randomize(UNet2DConditionModel(**diffusers_config(TINY_UNET)), 10),
+        inpaint_unet=randomize(UNet2DConditionModel(**diffusers_config({**TINY_UNET, "in_channels": 9})), 11),
+        movq=randomize(VQModel(**diffusers_config(TINY_MOVQ)), 12),
+        prior=randomize(PriorTransformer(**diffusers_config({**PRIOR, **PRIOR_TINY})), 13),
+        text_encoder=randomize(CLIPTextModelWithProjection(CLIPTextConfig(**TEXT)), 14),
+        image_encoder=randomize(CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION)), 15),
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
+        image_processor=CLIPImageProcessor(**IMAGE_PROCESSOR),
+    )
+    with torch.no_grad():
+        for unet in (ref.unet, ref.inpaint_unet):
+            unet.conv_out.weight.mul_(0.2)
+        for name, p in ref.movq.decoder.named_parameters():
+            if ".conv_y." in name or ".conv_b." in name:
+                p.mul_(0.02)
+                if name.endswith("conv_y.bias"):
+                    p.add_(1)
+    return ref
+
+
+# --- the published repos' exact key sets (tests/data/kandinsky22/*.json) ------------------------------------------
+
+KEY_SET_DIR = Path(__file__).parent / "data" / "kandinsky22"
+REPOS = {  # repo name -> component -> (how diffusers / transformers build it, its published config)
+    "kandinsky-2-2-prior": {
+        "prior": (lambda c: PriorTransformer(**diffusers_config(c)), PRIOR),
+        "text_encoder": (lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**c)), TEXT_ENCODER),
+        "image_encoder": (lambda c: CLIPVisionModelWithProjection(CLIPVisionConfig(**c)), IMAGE_ENCODER),
+    },
+    "kandinsky-2-2-decoder": {
+        "unet": (lambda c: UNet2DConditionModel(**diffusers_config(c)), DECODER_UNET),
+        "movq": (lambda c: VQModel(**diffusers_config(c)), MOVQ),
+    },
+    "kandinsky-2-2-decoder-inpaint": {
+        "unet": (lambda c: UNet2DConditionModel(**diffusers_config(c)), INPAINT_UNET),
+        "movq": (lambda c: VQModel(**diffusers_config(c)), MOVQ),
+    },
+}
+
+
+def reference_key_set(repo: str, component: str) -> list[list]:
+    """[name, shape, dtype] of every tensor diffusers' / transformers' own model saves for this component at its
+    published config, in state_dict order (built on the meta device: no memory)."""
+    build, config = REPOS[repo][component]
+    with torch.device("meta"):
+        model = build(config)
+    return [[name, list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in model.state_dict().items()]

@@ -14,21 +14,10 @@ from diffusers import (
     KandinskyV22InpaintCombinedPipeline,
     KandinskyV22Pipeline,
     KandinskyV22PriorPipeline,
-    PriorTransformer,
     UnCLIPScheduler,
-    UNet2DConditionModel,
-    VQModel,
 )
 from diffusers.pipelines.kandinsky2_2.pipeline_kandinsky2_2_inpainting import prepare_mask
 from PIL import Image
-from transformers import (
-    CLIPImageProcessor,
-    CLIPTextConfig,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-)
 
 from minisd.clip import TextEncoder, TextEncoderConfig
 from minisd.errors import MinisdError
@@ -44,27 +33,19 @@ from minisd.kandinsky.unet import DecoderUNet
 from minisd.tokenizer import Tokenizer
 from tests.kandinsky_reference import (
     DECODER_SCHEDULER,
-    IMAGE_ENCODER,
-    IMAGE_PROCESSOR,
-    PRIOR,
     PRIOR_SCHEDULER,
-    TEXT_ENCODER,
-    TINY_MOVQ,
-    TINY_UNET,
+    PRIOR_TINY,
+    TEXT,
+    VISION,
+    D,
     diffusers_config,
-    randomize,
+    tiny_reference,
 )
 from tests.parity import assert_parity
 from tests.reference import write_reference_tokenizer_folder
 from tests.test_kandinsky_models import MOVQ_TINY, UNET_TINY
 from tests.test_kandinsky_prior import without_prefix
 
-D = UNET_TINY.encoder_hid_dim  # 40: the CLIP embedding width every tiny part agrees on
-TEXT = {**TEXT_ENCODER, "hidden_size": D, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
-        "projection_dim": D}  # fmt: skip
-VISION = {**IMAGE_ENCODER, "hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4,
-          "num_hidden_layers": 2, "projection_dim": D, "image_size": 28}  # fmt: skip
-PRIOR_TINY = {"num_attention_heads": 2, "attention_head_dim": 12, "embedding_dim": D, "num_layers": 2}
 SIZE = 32  # pixels: 16×16 tiny-MoVQ latents, a multiple of the tiny UNet's 4
 
 # Both sides run the same fp32 networks (bit-equal module by module, see test_kandinsky_models/prior) and the same
@@ -81,28 +62,7 @@ EMBEDS_TOL = 2e-3  # the prior's own outputs: measured 5.3e-4 (that float32 weig
 def twins(tmp_path_factory):
     """diffusers' parts and minisd's modules holding the same tiny random weights."""
     tokenizer_dir = write_reference_tokenizer_folder(tmp_path_factory.mktemp("tokenizer"))
-    ref = types.SimpleNamespace(
-        unet=randomize(UNet2DConditionModel(**diffusers_config(TINY_UNET)), 10),
-        inpaint_unet=randomize(UNet2DConditionModel(**diffusers_config({**TINY_UNET, "in_channels": 9})), 11),
-        movq=randomize(VQModel(**diffusers_config(TINY_MOVQ)), 12),
-        prior=randomize(PriorTransformer(**diffusers_config({**PRIOR, **PRIOR_TINY})), 13),
-        text_encoder=randomize(CLIPTextModelWithProjection(CLIPTextConfig(**TEXT)), 14),
-        image_encoder=randomize(CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION)), 15),
-        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
-        image_processor=CLIPImageProcessor(**IMAGE_PROCESSOR),
-    )
-
-    with torch.no_grad():
-        # Random weights, tamed where they would amplify rounding beyond anything a trained model does: the UNet's
-        # ε to unit size (random weights give ~5), and MoVQ's SpatialNorm to a mild modulation, y ≈ 1 + small
-        # (random conv_y read the latents, ~25 here, as gains of ~25 at every norm of the decoder).
-        for unet in (ref.unet, ref.inpaint_unet):
-            unet.conv_out.weight.mul_(0.2)
-        for name, p in ref.movq.decoder.named_parameters():
-            if ".conv_y." in name or ".conv_b." in name:
-                p.mul_(0.02)
-                if name.endswith("conv_y.bias"):
-                    p.add_(1)
+    ref = tiny_reference(tokenizer_dir)
 
     def load(module, state_dict):
         module.load_state_dict(state_dict, strict=True)
