@@ -12,7 +12,16 @@ import types
 from pathlib import Path
 
 import torch
-from diffusers import PriorTransformer, UNet2DConditionModel, VQModel
+from diffusers import (
+    DDPMScheduler,
+    KandinskyV22InpaintPipeline,
+    KandinskyV22Pipeline,
+    KandinskyV22PriorPipeline,
+    PriorTransformer,
+    UnCLIPScheduler,
+    UNet2DConditionModel,
+    VQModel,
+)
 from torch import nn
 from transformers import (
     CLIPImageProcessor,
@@ -238,7 +247,7 @@ VISION = {**IMAGE_ENCODER, "hidden_size": 32, "intermediate_size": 48, "num_atte
 PRIOR_TINY = {"num_attention_heads": 2, "attention_head_dim": 12, "embedding_dim": D, "num_layers": 2}
 
 
-def tiny_reference(tokenizer_dir: Path) -> types.SimpleNamespace:
+def tiny_reference(tokenizer_dir: Path, movq: dict | None = None) -> types.SimpleNamespace:
     """diffusers' and transformers' parts of Kandinsky 2.2 at tiny sizes, random weights, tamed where random
     weights would amplify rounding beyond anything a trained model does: the UNet's ε to unit size (random
     weights give ~5), and MoVQ's SpatialNorm to a mild modulation, y ≈ 1 + small (random conv_y read the latents,
@@ -247,7 +256,7 @@ def tiny_reference(tokenizer_dir: Path) -> types.SimpleNamespace:
     ref = types.SimpleNamespace(
         unet=randomize(UNet2DConditionModel(**diffusers_config(TINY_UNET)), 10),
         inpaint_unet=randomize(UNet2DConditionModel(**diffusers_config({**TINY_UNET, "in_channels": 9})), 11),
-        movq=randomize(VQModel(**diffusers_config(TINY_MOVQ)), 12),
+        movq=randomize(VQModel(**diffusers_config(movq or TINY_MOVQ)), 12),
         prior=randomize(PriorTransformer(**diffusers_config({**PRIOR, **PRIOR_TINY})), 13),
         text_encoder=randomize(CLIPTextModelWithProjection(CLIPTextConfig(**TEXT)), 14),
         image_encoder=randomize(CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION)), 15),
@@ -263,6 +272,39 @@ def tiny_reference(tokenizer_dir: Path) -> types.SimpleNamespace:
                 if name.endswith("conv_y.bias"):
                     p.add_(1)
     return ref
+
+
+PRIOR_ID = "kandinsky-community/kandinsky-2-2-prior"
+DECODER_ID = "kandinsky-community/kandinsky-2-2-decoder"
+INPAINT_ID = "kandinsky-community/kandinsky-2-2-decoder-inpaint"
+README = f"---\nlicense: apache-2.0\nprior:\n- {PRIOR_ID}\ntags:\n- kandinsky\n---\n# Kandinsky 2.2\n"
+
+
+def save_tiny_repos(root: Path, ref: types.SimpleNamespace) -> Path:
+    """The three repos (prior, decoder, decoder-inpaint) as diffusers' save_pretrained writes them, each decoder with
+    the README front matter that names its prior. Returns root."""
+    KandinskyV22PriorPipeline(
+        prior=ref.prior, image_encoder=ref.image_encoder, text_encoder=ref.text_encoder, tokenizer=ref.tokenizer,
+        scheduler=UnCLIPScheduler(**diffusers_config(PRIOR_SCHEDULER)), image_processor=ref.image_processor,
+    ).save_pretrained(root / "prior")  # fmt: skip
+    for name, pipeline_class, unet in (
+        ("decoder", KandinskyV22Pipeline, ref.unet),
+        ("decoder-inpaint", KandinskyV22InpaintPipeline, ref.inpaint_unet),
+    ):
+        pipe = pipeline_class(unet=unet, scheduler=DDPMScheduler.from_config(DECODER_SCHEDULER), movq=ref.movq)
+        pipe.save_pretrained(root / name)
+        (root / name / "README.md").write_text(README)
+    return root
+
+
+def write_hub_cache(cache: Path, repo_id: str, folder: Path, revision: str = "0123456789abcdef" * 2 + "01234567"):
+    """A Hugging Face cache entry laid out by hand: models--org--name/{refs/main, snapshots/<revision>/...}."""
+    import shutil
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
 
 
 # --- the published repos' exact key sets (tests/data/kandinsky22/*.json) ------------------------------------------

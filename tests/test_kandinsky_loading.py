@@ -8,47 +8,29 @@ import shutil
 
 import pytest
 import torch
-from diffusers import (
-    DDPMScheduler,
-    KandinskyV22InpaintPipeline,
-    KandinskyV22Pipeline,
-    KandinskyV22PriorPipeline,
-    UnCLIPScheduler,
-)
 
 from minisd.errors import MinisdError
 from minisd.kandinsky.loading import NETWORKS, is_kandinsky, load_kandinsky
 from tests.kandinsky_reference import (
-    DECODER_SCHEDULER,
+    DECODER_ID,
     DECODER_UNET,
     IMAGE_ENCODER,
+    INPAINT_ID,
     INPAINT_UNET,
     KEY_SET_DIR,
     MOVQ,
     PRIOR,
-    PRIOR_SCHEDULER,
+    PRIOR_ID,
     REPOS,
     TEXT_ENCODER,
-    diffusers_config,
     reference_key_set,
+    save_tiny_repos,
     tiny_reference,
+    write_hub_cache,
 )
 from tests.reference import write_reference_tokenizer_folder
 from weights_convert.configs import fields_from
 from weights_convert.kandinsky import kandinsky_config, to_diffusers, to_minisd
-
-PRIOR_ID = "kandinsky-community/kandinsky-2-2-prior"
-DECODER_ID = "kandinsky-community/kandinsky-2-2-decoder"
-INPAINT_ID = "kandinsky-community/kandinsky-2-2-decoder-inpaint"
-README = f"---\nlicense: apache-2.0\nprior:\n- {PRIOR_ID}\ntags:\n- kandinsky\n---\n# Kandinsky 2.2\n"
-
-
-def write_hub_cache(cache, repo_id, folder, revision="0123456789abcdef0123456789abcdef01234567"):
-    """A Hugging Face cache entry laid out by hand: models--org--name/{refs/main, snapshots/<revision>/...}."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    shutil.copytree(folder, repo / "snapshots" / revision)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(revision)
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +38,7 @@ def saved(tmp_path_factory):
     """The three repos as diffusers' save_pretrained writes them, from tiny random models."""
     root = tmp_path_factory.mktemp("kandinsky")
     ref = tiny_reference(write_reference_tokenizer_folder(root / "tokenizer"))
-    KandinskyV22PriorPipeline(
-        prior=ref.prior, image_encoder=ref.image_encoder, text_encoder=ref.text_encoder, tokenizer=ref.tokenizer,
-        scheduler=UnCLIPScheduler(**diffusers_config(PRIOR_SCHEDULER)), image_processor=ref.image_processor,
-    ).save_pretrained(root / "prior")  # fmt: skip
-    for name, pipeline_class, unet in (
-        ("decoder", KandinskyV22Pipeline, ref.unet),
-        ("decoder-inpaint", KandinskyV22InpaintPipeline, ref.inpaint_unet),
-    ):
-        pipe = pipeline_class(unet=unet, scheduler=DDPMScheduler.from_config(DECODER_SCHEDULER), movq=ref.movq)
-        pipe.save_pretrained(root / name)
-        (root / name / "README.md").write_text(README)
-    return root, ref
+    return save_tiny_repos(root, ref), ref
 
 
 def assert_weights_equal(components, ref, unet):
