@@ -7,8 +7,8 @@
     minisd regenerate fox.png                          # the same image again, from the parameters in the PNG
 
 Weights: --checkpoint FILE, or --model ID_OR_FOLDER (a hub id through the Hugging Face cache, or a diffusers
-folder). Images are written as PNGs with A1111's "parameters" text; without -o to outputs/00001.png, 00002.png, ...
-An existing file is never replaced without --overwrite: a fresh name is taken and printed instead. With
+folder; a Kandinsky 2.2 decoder: see minisd/kandinsky/cli.py). PNGs hold A1111's "parameters" text; without -o
+they go to outputs/00001.png, 00002.png, ... An existing file is never replaced without --overwrite: a fresh name is taken and printed instead. With
 --num-images N, image i uses seed + i and goes to its own file (OUT-1.png ... OUT-N.png with -o OUT.png).
 Bad arguments or files: one line on stderr, exit status 2. Progress goes to stderr when it is a terminal.
 """
@@ -25,6 +25,7 @@ from minisd.api import StableDiffusion, default_model
 from minisd.arguments import DTYPES, ArgumentParser, number, positive_int
 from minisd.errors import MinisdError
 from minisd.images import open_image, read_png_parameters, save_png
+from minisd.kandinsky import cli as kandinsky_cli
 from minisd.loading import HUB_ID
 from minisd.parameters import GenerationParameters, draw_seed
 from minisd.samplers import sampler_names
@@ -173,7 +174,7 @@ def write_png(pil, path: Path, text: str, overwrite: bool) -> Path:
 def save(pil, params: GenerationParameters, path: Path, overwrite: bool) -> None:
     """Write one image with its parameters and print where it went."""
     text = params.text()
-    if GenerationParameters.from_text(text) != params:
+    if type(params).from_text(text) != params:
         print(
             "note: the prompt cannot be written exactly in A1111's format (spaces at a line's ends, or a line "
             "starting 'Negative prompt:'); regenerate will use the recorded text",
@@ -189,6 +190,13 @@ def save(pil, params: GenerationParameters, path: Path, overwrite: bool) -> None
 
 def command_generate(args, status: Status) -> None:
     source = weights_source(args)
+    if kandinsky_cli.is_kandinsky(source):  # its model_index.json names a Kandinsky 2.2 pipeline
+        return kandinsky_cli.generate(args, source, status, save, output_paths)
+    if args.prior is not None or (args.command != "generate" and (args.height or args.width)):
+        raise MinisdError("--prior, and --height/--width with an input image, are Kandinsky 2.2 options")
+    args.steps, args.sampler = args.steps or 50, args.sampler or "PLMS"  # SD v1's defaults
+    if args.command != "generate" and args.strength is None:
+        args.strength = 0.8 if args.command == "img2img" else 1.0
     if args.image is not None:
         open_image("--image", args.image)  # a missing or unreadable file fails before loading
     if args.mask is not None:
@@ -217,6 +225,8 @@ def command_regenerate(args, status: Status) -> None:
     text = read_png_parameters(args.png)
     if text is None:
         raise MinisdError(f"{args.png} holds no 'parameters' text: not written by minisd")
+    if kandinsky_cli.is_kandinsky_text(text):
+        return kandinsky_cli.regenerate(args, text, status, save, output_paths, weights_source)
     params = GenerationParameters.from_text(text)
     if args.checkpoint is not None or args.model is not None:
         source = weights_source(args)
@@ -289,10 +299,10 @@ def build_parser() -> ArgumentParser:
         if name == "inpaint":
             command.add_argument("--mask", required=True, help="the mask, the image's size (white = repaint)")
         command.add_argument("--negative-prompt", default="", help="what to steer away from")
-        command.add_argument("--steps", type=positive_int, default=50, help="sampling steps (default 50)")
+        command.add_argument("--steps", type=positive_int, help="sampling steps (50; Kandinsky 2.2: 100)")
         command.add_argument("--guidance", type=number, help="classifier-free guidance scale (default: the model's, "
                              "7.5 for SD v1)")  # fmt: skip
-        command.add_argument("--sampler", default="PLMS", help=f"one of: {', '.join(sampler_names())} (PLMS)")
+        command.add_argument("--sampler", help=f"one of: {', '.join(sampler_names())} (PLMS; Kandinsky 2.2: DDPM)")
         command.add_argument("--eta", type=number, default=0.0, help="DDIM's eta (0)")
         command.add_argument("--seed", type=int, help="random seed (default: drawn, then printed)")
         command.add_argument("--clip-skip", type=int, help="CLIP layers skipped at the end (A1111's Clip skip 2 = 1)")
@@ -302,13 +312,15 @@ def build_parser() -> ArgumentParser:
             command.add_argument("--height", type=positive_int, help=size)
             command.add_argument("--width", type=positive_int, help=size)
         else:
-            default = 0.8 if name == "img2img" else 1.0
-            command.add_argument("--strength", type=number, default=default, help=f"in (0, 1] ({default})")
+            default = "0.8; Kandinsky 2.2: 0.3" if name == "img2img" else "1"
+            command.add_argument("--strength", type=number, help=f"in (0, 1] ({default})")
         command.add_argument("--num-images", type=positive_int, default=1, help="images, seed, seed+1, ... (1)")
         add_weights_args(command)
+        kandinsky_cli.add_arguments(command, name, positive_int, number)
     regenerate = commands.add_parser("regenerate", help="make a PNG minisd wrote again, from its parameters")
     regenerate.add_argument("png", help="a PNG written by minisd")
     add_weights_args(regenerate)
+    regenerate.add_argument("--prior", metavar="ID|DIR", help="Kandinsky 2.2: another prior than the recorded one")
     explain = commands.add_parser("explain", help='a local web page that steps through one run (needs ".[web]")')
     weights = explain.add_mutually_exclusive_group()
     weights.add_argument("--checkpoint", metavar="FILE", help="a single weights file (default: the nano model)")

@@ -1,0 +1,114 @@
+"""The command line's Kandinsky 2.2 side: `minisd generate|img2img|inpaint --model <a Kandinsky decoder>` and
+`minisd regenerate` of the PNGs it writes. minisd/cli.py parses the arguments and hands over here when the weights
+are Kandinsky's (their model_index.json says so).
+
+    minisd img2img "cat wizard, gandalf" --image cat.png --model kandinsky-community/kandinsky-2-2-decoder
+    minisd inpaint "a black cat" --image inpaint.png --mask inpaint_mask.png \\
+        --model kandinsky-community/kandinsky-2-2-decoder-inpaint --negative-prompt "bad anatomy"
+
+Defaults are diffusers': 100 decoder steps (DDPM), guidance 4, 25 prior steps, prior guidance 4, 512 × 512 (input
+images are resized to it), img2img strength 0.3. The prior is the one the decoder's README names, or --prior.
+"""
+
+import secrets
+import sys
+
+import torch
+
+from minisd.errors import MinisdError
+from minisd.kandinsky.api import Kandinsky, KandinskyParameters, is_kandinsky_text
+from minisd.kandinsky.loading import AUTO, is_kandinsky
+from minisd.kandinsky.pipelines.common import DECODER_SAMPLERS, decoder_sampler
+
+__all__ = ["add_arguments", "generate", "is_kandinsky", "is_kandinsky_text", "regenerate"]  # what minisd/cli.py uses
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULTS = {"steps": 100, "guidance": 4.0, "sampler": "DDPM", "size": 512, "strength": 0.3}
+
+
+def add_arguments(command, name: str, positive_int, number) -> None:
+    """The options only Kandinsky 2.2 reads, on the generate / img2img / inpaint commands."""
+    group = command.add_argument_group("Kandinsky 2.2 (--model a Kandinsky decoder)")
+    group.add_argument("--prior", metavar="ID|DIR", help="the prior (default: the one the decoder's README names)")
+    group.add_argument("--prior-steps", type=positive_int, default=25, help="prior sampling steps (25)")
+    group.add_argument("--prior-guidance", type=number, default=4.0, help="the prior's guidance scale (4)")
+    if name != "generate":  # the output size (generate has --height/--width for every model)
+        group.add_argument("--height", type=positive_int, help="pixels, a multiple of 64 (512; the image is resized)")
+        group.add_argument("--width", type=positive_int, help="pixels, a multiple of 64 (512)")
+
+
+def check(args) -> None:
+    """Options that mean nothing for Kandinsky 2.2: one line rather than silently ignored."""
+    if args.clip_skip is not None:
+        raise MinisdError("--clip-skip is an SD option; Kandinsky 2.2's prior reads its text encoder's last layer")
+    if args.eta:
+        raise MinisdError("--eta is an SD option (DDIM's η); Kandinsky 2.2's samplers here take none")
+    if args.fast:
+        raise MinisdError("--fast applies to SD v1's networks, not Kandinsky 2.2's")
+    if args.sampler is not None and args.sampler not in DECODER_SAMPLERS:
+        raise MinisdError(
+            f"--sampler must be one of {', '.join(DECODER_SAMPLERS)} for Kandinsky 2.2, got {args.sampler!r}"
+        )
+
+
+def load(source: str, prior: str | None, dtype: str | None, device: str | None, progress) -> Kandinsky:
+    progress.phase(f"loading {source}")
+    pipe = Kandinsky.from_pretrained(source, prior=prior or AUTO, dtype=DTYPES[dtype] if dtype else None,
+                                     device=device or "cpu")  # fmt: skip
+    progress.done(f"loaded {source} with the prior {pipe.prior}")
+    return pipe
+
+
+def decoder_calls(sampler: str, steps: int, strength: float) -> int:
+    """How many decoder steps a run makes (the progress bar's length)."""
+    plan = decoder_sampler(sampler)
+    plan.set_timesteps(steps, strength=strength)
+    return len(plan.timesteps)
+
+
+def generate(args, source: str, progress, save, output_paths) -> None:
+    """`minisd generate|img2img|inpaint` with a Kandinsky 2.2 decoder: one image at a time, each written at once."""
+    check(args)
+    steps = args.steps or DEFAULTS["steps"]
+    sampler = args.sampler or DEFAULTS["sampler"]
+    strength = 1.0 if args.command != "img2img" else DEFAULTS["strength"] if args.strength is None else args.strength
+    total = decoder_calls(sampler, steps, strength)  # also refuses a strength too small for the steps
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    paths = output_paths(args.output, args.num_images)
+    pipe = load(source, args.prior, args.dtype, args.device, progress)
+    shared = {
+        "negative_prompt": args.negative_prompt, "height": args.height or DEFAULTS["size"],
+        "width": args.width or DEFAULTS["size"], "num_inference_steps": steps,
+        "guidance_scale": DEFAULTS["guidance"] if args.guidance is None else args.guidance,
+        "prior_num_inference_steps": args.prior_steps, "prior_guidance_scale": args.prior_guidance,
+        "sampler": sampler,
+    }  # fmt: skip
+    for i, path in enumerate(paths):
+        callback = progress.bar(f"image {i + 1}/{len(paths)}", total)
+        if args.command == "generate":
+            output = pipe(args.prompt, seed=seed + i, callback=callback, **shared)
+        elif args.command == "img2img":
+            output = pipe.img2img(args.prompt, args.image, strength, seed=seed + i, callback=callback, **shared)
+        else:
+            output = pipe.inpaint(args.prompt, args.image, args.mask, seed=seed + i, callback=callback, **shared)
+        progress.done(f"image {i + 1}/{len(paths)} sampled and decoded")
+        save(output.images[0], output.parameters[0], path, args.overwrite)
+    if args.seed is None:
+        print(f"seed {seed} was drawn (--seed {seed} repeats this run)", file=sys.stderr)
+
+
+def regenerate(args, text: str, progress, save, output_paths, weights_source) -> None:
+    """`minisd regenerate` of a Kandinsky 2.2 PNG: the recorded decoder and prior (or --model / --prior)."""
+    params = KandinskyParameters.from_text(text)
+    source = weights_source(args) if args.model is not None or args.checkpoint is not None else params.weights
+    if source is None:
+        raise MinisdError(f"{args.png} names no decoder (no 'Weights:' parameter): pass --model")
+    dtype = args.dtype or params.dtype
+    if dtype is not None and dtype not in DTYPES:
+        raise MinisdError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    pipe = load(source, args.prior or params.prior, dtype, args.device or params.device, progress)
+    total = decoder_calls(params.sampler, params.num_inference_steps, params.strength or 1.0)
+    params.weights, params.prior, params.model_name = pipe.weights, pipe.prior, pipe.model_name
+    params.dtype, params.device = str(pipe.dtype).removeprefix("torch."), pipe.device.type
+    pil = pipe.generate(params, callback=progress.bar("regenerating", total))
+    progress.done("regenerated: sampled and decoded")
+    save(pil, params, output_paths(args.output, 1)[0], args.overwrite)
