@@ -9,7 +9,6 @@ on their own).
 
 from typing import Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -156,8 +155,8 @@ def to_masks(mask: object, height: int, width: int) -> Tensor:
         mask = [mask]
     if isinstance(mask, list) and mask and all(isinstance(p, Image.Image) for p in mask):
         return torch.cat([mask_to_tensor(p, height, width) for p in mask])
-    if isinstance(mask, np.ndarray):
-        mask = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None] if mask.ndim == 2 else None
+    if type(mask).__name__ == "ndarray":  # a numpy array (numpy is not a dependency: torch reads it)
+        mask = torch.as_tensor(mask, dtype=torch.float32)[None, None] if mask.ndim == 2 else None
     if not isinstance(mask, Tensor) or mask.ndim != 4 or mask.shape[1] != 1 or not mask.is_floating_point():
         got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise MinisdError(f"mask_image must be a PIL image, an (h, w) array or a (k, 1, h, w) tensor, got {got}")
