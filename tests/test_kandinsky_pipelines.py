@@ -18,6 +18,7 @@ from diffusers import (
 )
 from diffusers.pipelines.kandinsky2_2.pipeline_kandinsky2_2_inpainting import prepare_mask
 from PIL import Image
+from transformers import CLIPImageProcessor
 
 from minisd.clip import TextEncoder, TextEncoderConfig
 from minisd.errors import MinisdError
@@ -26,13 +27,14 @@ from minisd.kandinsky.movq import MoVQ
 from minisd.kandinsky.pipelines.common import grow_repaint_area
 from minisd.kandinsky.pipelines.img2img import img2img
 from minisd.kandinsky.pipelines.inpaint import inpaint
-from minisd.kandinsky.pipelines.prior import prior
+from minisd.kandinsky.pipelines.prior import interpolate, prior
 from minisd.kandinsky.pipelines.txt2img import txt2img
 from minisd.kandinsky.prior import Prior, PriorConfig
 from minisd.kandinsky.unet import DecoderUNet
 from minisd.tokenizer import Tokenizer
 from tests.kandinsky_reference import (
     DECODER_SCHEDULER,
+    IMAGE_PROCESSOR,
     PRIOR_SCHEDULER,
     PRIOR_TINY,
     TEXT,
@@ -126,6 +128,25 @@ def test_prior_equals_diffusers(twins, prompt, negative_prompt, n, guidance):
     assert_parity(
         test, "prior negative_image_embeds", got.negative_image_embeds, want.negative_image_embeds, EMBEDS_TOL
     )
+
+
+def test_interpolate_equals_diffusers(twins):
+    """A mix of two prompts and a picture (CLIP's preprocessing of a 60×40 image: resize, centre crop)."""
+    ref, ours, _ = twins
+    pipe = KandinskyV22PriorPipeline(
+        prior=ref.prior, image_encoder=ref.image_encoder, text_encoder=ref.text_encoder, tokenizer=ref.tokenizer,
+        scheduler=UnCLIPScheduler(**diffusers_config(PRIOR_SCHEDULER)), image_processor=ref.image_processor,
+    )  # fmt: skip
+    pipe.image_processor = CLIPImageProcessor(**{**IMAGE_PROCESSOR, "size": 28, "crop_size": 28})  # the tiny tower
+    items = ["a red fox", picture(60, 40, seed=8), "snow"]
+    want = pipe.interpolate(items, [0.5, 0.3, 0.2], num_images_per_prompt=2, num_inference_steps=3,
+                            generator=generator(4))  # fmt: skip
+    got = interpolate(ours, items, [0.5, 0.3, 0.2], num_images_per_prompt=2, num_inference_steps=3,
+                      generator=generator(4))  # fmt: skip
+    assert_parity("test_interpolate_equals_diffusers", "interpolate image_embeds", got.image_embeds,
+                  want.image_embeds, EMBEDS_TOL)  # fmt: skip
+    assert_parity("test_interpolate_equals_diffusers", "interpolate negative", got.negative_image_embeds,
+                  want.negative_image_embeds, EMBEDS_TOL)  # fmt: skip
 
 
 def test_decoder_from_image_embeds_equals_diffusers(twins):

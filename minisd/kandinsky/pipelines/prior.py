@@ -19,6 +19,7 @@ becomes the decoder's negative. Without one, the negative is CLIP's embedding of
 from typing import NamedTuple, Protocol
 
 import torch
+from PIL import Image
 from torch import Generator, Tensor
 
 from minisd.clip import TextEncoder
@@ -153,3 +154,45 @@ def prior(
     else:
         negative_image_embeds = zero_image_embeds(components.image_encoder, shape[0]).to(image_embeds)
     return PriorOutput(image_embeds, negative_image_embeds)
+
+
+@torch.no_grad()
+def interpolate(
+    components: PriorComponents,
+    images_and_prompts: list,
+    weights: list[float],
+    num_images_per_prompt: int = 1,
+    num_inference_steps: int = 25,
+    generator: Generator | None = None,
+    seed: int | None = None,
+    negative_prior_prompt: str | None = None,
+    negative_prompt: str = "",
+    guidance_scale: float = 4.0,
+) -> PriorOutput:
+    """A weighted mix of prompts and pictures in CLIP's image space: Σ w_i · embedding_i, each prompt's embedding
+    from the prior, each PIL image's from the vision tower (CLIP's preprocessing: ImageEncoder.preprocess). Equal
+    to diffusers' KandinskyV22PriorPipeline.interpolate, draws included (the prior runs once per prompt, in order,
+    then once more for the negative: its embedding, or a zero image's when negative_prompt is "").
+    Returns (mix (n, d), negative (n, d)) for the decoder."""
+    if not isinstance(images_and_prompts, list) or not isinstance(weights, list) or not images_and_prompts:
+        raise MinisdError("images_and_prompts and weights must be non-empty lists")
+    if len(images_and_prompts) != len(weights):
+        raise MinisdError(f"images_and_prompts holds {len(images_and_prompts)} items, weights {len(weights)}")
+    generator = common.make_generator(generator, seed)
+    weight_of = components.prior.proj_in.weight
+    mix = 0
+    for item, w in zip(images_and_prompts, weights, strict=True):
+        common.check_number("weights", w, -1e6, 1e6)
+        if isinstance(item, str):
+            embeds = prior(components, item, negative_prior_prompt, num_images_per_prompt, num_inference_steps,
+                           guidance_scale, generator).image_embeds  # fmt: skip
+        elif isinstance(item, Image.Image):
+            encoder = components.image_encoder
+            pixels = encoder.preprocess(item).to(encoder.visual_projection.weight)
+            embeds = encoder(pixels).repeat(num_images_per_prompt, 1).to(weight_of)
+        else:
+            raise MinisdError(f"images_and_prompts holds str prompts and PIL images, got {type(item).__name__}")
+        mix = mix + w * embeds
+    zero = prior(components, negative_prompt, negative_prior_prompt, num_images_per_prompt, num_inference_steps,
+                 guidance_scale, generator)  # fmt: skip
+    return PriorOutput(mix, zero.negative_image_embeds if negative_prompt == "" else zero.image_embeds)
