@@ -8,8 +8,9 @@
 
 Weights: --checkpoint FILE, or --model ID_OR_FOLDER (a hub id through the Hugging Face cache, or a diffusers
 folder; a Kandinsky 2.2 decoder: see minisd/kandinsky/cli.py). PNGs hold A1111's "parameters" text; without -o
-they go to outputs/00001.png, 00002.png, ... An existing file is never replaced without --overwrite: a fresh name is taken and printed instead. With
---num-images N, image i uses seed + i and goes to its own file (OUT-1.png ... OUT-N.png with -o OUT.png).
+they go to outputs/00001.png, 00002.png, ... An existing file is never replaced without --overwrite: a fresh
+name is taken and printed instead. With --num-images N, image i uses seed + i and goes to its own file (OUT-1.png
+... OUT-N.png with -o OUT.png).
 Bad arguments or files: one line on stderr, exit status 2. Progress goes to stderr when it is a terminal.
 """
 

@@ -14,21 +14,20 @@ KandinskyParameters records beside GenerationParameters' fields: Prior (its fold
 """
 
 import os
-import secrets
 from dataclasses import dataclass, fields, replace
 
 import torch
 from PIL import Image
 
-from minisd.api import MAX_SEED, GenerationOutput, GenerationParameters, _recorded_image, _source_image
+from minisd.api import GenerationOutput
 from minisd.errors import MinisdError
-from minisd.images import parse_parameters, quote_value
 from minisd.kandinsky.loading import AUTO, KandinskyComponents, load_kandinsky
 from minisd.kandinsky.pipelines.common import DECODER_SAMPLERS
 from minisd.kandinsky.pipelines.img2img import img2img
 from minisd.kandinsky.pipelines.inpaint import inpaint
 from minisd.kandinsky.pipelines.txt2img import txt2img
-from minisd.pipelines.common import make_generator
+from minisd.parameters import GenerationParameters, draw_seed, parse_parameters, quote_value, source_image
+from minisd.pipelines.checks import check_seed, make_generator
 
 PRIOR_KEYS = {"prior": "Prior", "prior_steps": "Prior steps", "prior_guidance_scale": "Prior CFG scale"}
 
@@ -126,7 +125,7 @@ class Kandinsky:
                 sampler: str = "DDPM", seed: int | None = None, num_images_per_prompt: int = 1,
                 callback=None) -> GenerationOutput:  # fmt: skip
         """Redraw `image` (a PIL image or a path; resized to height × width) following the prompt."""
-        pil, path, pixels = _source_image("image", image)
+        pil, path, pixels = source_image("image", image)
         params = self._parameters("img2img", prompt, negative_prompt, num_inference_steps, sampler, guidance_scale,
                                   width, height, prior_num_inference_steps, prior_guidance_scale)  # fmt: skip
         params.strength, params.image, params.image_hash = strength, path, pixels
@@ -138,8 +137,8 @@ class Kandinsky:
                 sampler: str = "DDPM", seed: int | None = None, num_images_per_prompt: int = 1,
                 callback=None) -> GenerationOutput:  # fmt: skip
         """Repaint the white part of mask_image (both resized to height × width) following the prompt."""
-        pil, path, pixels = _source_image("image", image)
-        mask, mask_path, mask_pixels = _source_image("mask_image", mask_image)
+        pil, path, pixels = source_image("image", image)
+        mask, mask_path, mask_pixels = source_image("mask_image", mask_image)
         params = self._parameters("inpaint", prompt, negative_prompt, num_inference_steps, sampler, guidance_scale,
                                   width, height, prior_num_inference_steps, prior_guidance_scale)  # fmt: skip
         params.image, params.image_hash, params.mask_image, params.mask_hash = path, pixels, mask_path, mask_pixels
@@ -147,12 +146,7 @@ class Kandinsky:
 
     def generate(self, params: KandinskyParameters, callback=None) -> Image.Image:
         """One image again from its parameters (its source images read again from their paths and checked)."""
-        sources = []
-        if params.mode in ("img2img", "inpaint"):
-            sources.append(_recorded_image("image", params.image, params.image_hash))
-        if params.mode == "inpaint":
-            sources.append(_recorded_image("mask_image", params.mask_image, params.mask_hash))
-        return self._run(params, params.seed, 1, callback, *sources).images[0]
+        return self._run(params, params.seed, 1, callback, *params.source_images()).images[0]
 
     def _parameters(self, mode, prompt, negative_prompt, steps, sampler, guidance_scale, width, height, prior_steps,
                     prior_guidance_scale) -> KandinskyParameters:  # fmt: skip
@@ -175,10 +169,7 @@ class Kandinsky:
             raise MinisdError("this Kandinsky was loaded without a prior (prior=None): use the pipelines' image_embeds")
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise MinisdError(f"num_images_per_prompt must be an integer >= 1, got {num_images!r}")
-        if seed is None:
-            seed = secrets.randbelow(MAX_SEED)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**64 - num_images:
-            raise MinisdError(f"seed must be an integer in [0, 2**64 - num_images_per_prompt], got {seed!r}")
+        seed = check_seed(draw_seed() if seed is None else seed, num_images)
         shared = {
             "negative_prompt": params.negative_prompt or None,  # "" is none: the zero-image negative
             "height": params.height, "width": params.width, "num_inference_steps": params.num_inference_steps,

@@ -10,18 +10,16 @@ Defaults are diffusers': 100 decoder steps (DDPM), guidance 4, 25 prior steps, p
 images are resized to it), img2img strength 0.3. The prior is the one the decoder's README names, or --prior.
 """
 
-import secrets
 import sys
 
-import torch
-
+from minisd.arguments import DTYPES
 from minisd.errors import MinisdError
 from minisd.kandinsky.api import Kandinsky, KandinskyParameters, is_kandinsky_text
 from minisd.kandinsky.loading import AUTO, is_kandinsky
-from minisd.kandinsky.pipelines.common import DECODER_SAMPLERS, decoder_sampler
+from minisd.kandinsky.pipelines.common import DECODER_SAMPLERS
+from minisd.parameters import draw_seed
 
 __all__ = ["add_arguments", "generate", "is_kandinsky", "is_kandinsky_text", "regenerate"]  # what minisd/cli.py uses
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULTS = {"steps": 100, "guidance": 4.0, "sampler": "DDPM", "size": 512, "strength": 0.3}
 
 
@@ -50,53 +48,44 @@ def check(args) -> None:
         )
 
 
-def load(source: str, prior: str | None, dtype: str | None, device: str | None, progress) -> Kandinsky:
-    progress.phase(f"loading {source}")
+def load(source: str, prior: str | None, dtype: str | None, device: str | None, status) -> Kandinsky:
+    status.phase(f"loading {source}")
     pipe = Kandinsky.from_pretrained(source, prior=prior or AUTO, dtype=DTYPES[dtype] if dtype else None,
                                      device=device or "cpu")  # fmt: skip
-    progress.done(f"loaded {source} with the prior {pipe.prior}")
+    status.done(f"loaded {source} with the prior {pipe.prior}")
     return pipe
 
 
-def decoder_calls(sampler: str, steps: int, strength: float) -> int:
-    """How many decoder steps a run makes (the progress bar's length)."""
-    plan = decoder_sampler(sampler)
-    plan.set_timesteps(steps, strength=strength)
-    return len(plan.timesteps)
-
-
-def generate(args, source: str, progress, save, output_paths) -> None:
+def generate(args, source: str, status, save, output_paths) -> None:
     """`minisd generate|img2img|inpaint` with a Kandinsky 2.2 decoder: one image at a time, each written at once."""
     check(args)
-    steps = args.steps or DEFAULTS["steps"]
-    sampler = args.sampler or DEFAULTS["sampler"]
     strength = 1.0 if args.command != "img2img" else DEFAULTS["strength"] if args.strength is None else args.strength
-    total = decoder_calls(sampler, steps, strength)  # also refuses a strength too small for the steps
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    seed = args.seed if args.seed is not None else draw_seed()
     paths = output_paths(args.output, args.num_images)
-    pipe = load(source, args.prior, args.dtype, args.device, progress)
+    pipe = load(source, args.prior, args.dtype, args.device, status)
     shared = {
         "negative_prompt": args.negative_prompt, "height": args.height or DEFAULTS["size"],
-        "width": args.width or DEFAULTS["size"], "num_inference_steps": steps,
+        "width": args.width or DEFAULTS["size"], "num_inference_steps": args.steps or DEFAULTS["steps"],
         "guidance_scale": DEFAULTS["guidance"] if args.guidance is None else args.guidance,
         "prior_num_inference_steps": args.prior_steps, "prior_guidance_scale": args.prior_guidance,
-        "sampler": sampler,
+        "sampler": args.sampler or DEFAULTS["sampler"],
     }  # fmt: skip
     for i, path in enumerate(paths):
-        callback = progress.bar(f"image {i + 1}/{len(paths)}", total)
+        label = f"image {i + 1}/{len(paths)}"
+        status.phase(label)
         if args.command == "generate":
-            output = pipe(args.prompt, seed=seed + i, callback=callback, **shared)
+            output = pipe(args.prompt, seed=seed + i, **shared)
         elif args.command == "img2img":
-            output = pipe.img2img(args.prompt, args.image, strength, seed=seed + i, callback=callback, **shared)
+            output = pipe.img2img(args.prompt, args.image, strength, seed=seed + i, **shared)
         else:
-            output = pipe.inpaint(args.prompt, args.image, args.mask, seed=seed + i, callback=callback, **shared)
-        progress.done(f"image {i + 1}/{len(paths)} sampled and decoded")
+            output = pipe.inpaint(args.prompt, args.image, args.mask, seed=seed + i, **shared)
+        status.done(f"{label}: prior, decoder and MoVQ done")
         save(output.images[0], output.parameters[0], path, args.overwrite)
     if args.seed is None:
         print(f"seed {seed} was drawn (--seed {seed} repeats this run)", file=sys.stderr)
 
 
-def regenerate(args, text: str, progress, save, output_paths, weights_source) -> None:
+def regenerate(args, text: str, status, save, output_paths, weights_source) -> None:
     """`minisd regenerate` of a Kandinsky 2.2 PNG: the recorded decoder and prior (or --model / --prior)."""
     params = KandinskyParameters.from_text(text)
     source = weights_source(args) if args.model is not None or args.checkpoint is not None else params.weights
@@ -105,10 +94,10 @@ def regenerate(args, text: str, progress, save, output_paths, weights_source) ->
     dtype = args.dtype or params.dtype
     if dtype is not None and dtype not in DTYPES:
         raise MinisdError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    pipe = load(source, args.prior or params.prior, dtype, args.device or params.device, progress)
-    total = decoder_calls(params.sampler, params.num_inference_steps, params.strength or 1.0)
+    pipe = load(source, args.prior or params.prior, dtype, args.device or params.device, status)
     params.weights, params.prior, params.model_name = pipe.weights, pipe.prior, pipe.model_name
     params.dtype, params.device = str(pipe.dtype).removeprefix("torch."), pipe.device.type
-    pil = pipe.generate(params, callback=progress.bar("regenerating", total))
-    progress.done("regenerated: sampled and decoded")
+    status.phase("regenerating")
+    pil = pipe.generate(params)
+    status.done("regenerated: prior, decoder and MoVQ done")
     save(pil, params, output_paths(args.output, 1)[0], args.overwrite)

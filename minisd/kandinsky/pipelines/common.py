@@ -18,7 +18,7 @@ from minisd.errors import MinisdError
 from minisd.images import mask_to_tensor, pil_to_image
 from minisd.kandinsky.movq import MoVQ
 from minisd.kandinsky.unet import DecoderUNet
-from minisd.pipelines.common import check_int, check_number
+from minisd.pipelines.checks import check_int, check_number
 from minisd.samplers import Sampler
 from minisd.samplers.ddim import DDIMSampler
 from minisd.samplers.ddpm import DDPMSampler

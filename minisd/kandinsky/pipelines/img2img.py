@@ -19,6 +19,8 @@ from torch import Generator, Tensor
 
 from minisd.kandinsky.pipelines import common
 from minisd.kandinsky.pipelines.txt2img import image_embeds_for
+from minisd.noise import randn
+from minisd.pipelines import checks
 from minisd.pipelines import common as sd_common
 from minisd.samplers import Sampler
 
@@ -59,10 +61,10 @@ def img2img(
     common.check_decoder(components, num_inference_steps, guidance_scale, num_images_per_prompt, output_type, callback)
     common.check_unet_channels(components.unet, 4, "img2img")
     common.check_size(components, height, width)
-    sd_common.check_strength(strength, num_inference_steps)
+    checks.check_strength(strength, num_inference_steps)
     image = common.to_images("image", image, height, width)  # (k, 3, H, W) in [-1, 1]
     sampler = common.decoder_sampler(sampler)
-    generator = sd_common.make_generator(generator, seed)
+    generator = checks.make_generator(generator, seed)
 
     # --- stage 1, the prior: the prompt -> CLIP image embeddings (b·n, d), and the negatives
     image_embeds, negative_image_embeds = image_embeds_for(
@@ -80,7 +82,7 @@ def img2img(
     sampler.set_timesteps(num_inference_steps, strength=strength)  # keeps the last ⌊n · strength⌋ steps
     weight = movq.quant_conv.weight
     image_latents = movq.encode(image.to(device=weight.device, dtype=weight.dtype)).to(device=device, dtype=dtype)
-    noise = sd_common.draw_noise(tuple(image_latents.shape), generator, device, dtype)
+    noise = randn(tuple(image_latents.shape), generator, torch.float32, "cpu").to(device=device, dtype=dtype)
     latents = sampler.add_noise(image_latents, noise, sampler.timesteps[:1])  # x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε
 
     # --- stage 2, the decoder: denoise over the remaining timesteps

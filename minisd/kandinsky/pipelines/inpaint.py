@@ -25,6 +25,8 @@ from torch import Generator, Tensor
 
 from minisd.kandinsky.pipelines import common
 from minisd.kandinsky.pipelines.txt2img import image_embeds_for
+from minisd.noise import randn
+from minisd.pipelines import checks
 from minisd.pipelines import common as sd_common
 from minisd.samplers import Sampler
 
@@ -69,7 +71,7 @@ def inpaint(
     image = common.to_images("image", image, height, width)  # (k, 3, H, W) in [-1, 1]
     mask = common.to_masks(mask_image, height, width)  # (k', 1, H, W): 1 = repaint
     sampler = common.decoder_sampler(sampler)
-    generator = sd_common.make_generator(generator, seed)
+    generator = checks.make_generator(generator, seed)
 
     # --- stage 1, the prior: the prompt -> CLIP image embeddings (b·n, d), and the negatives
     image_embeds, negative_image_embeds = image_embeds_for(
@@ -82,7 +84,7 @@ def inpaint(
     f = movq.config.downscale_factor
     shape = (batch, movq.config.latent_channels, height // f, width // f)
     if latents is not None:
-        sd_common.check_latents(latents, shape, device, dtype)
+        checks.check_latents(latents, shape, device, dtype)
 
     # --- the image's latents, and the mask at latent size: grown by one pixel, then flipped to "keep"
     weight = movq.quant_conv.weight
@@ -98,7 +100,7 @@ def inpaint(
     embeds = common.guidance_embeds(image_embeds, negative_image_embeds, unet, do_guidance)
     sampler.set_timesteps(num_inference_steps)
     if latents is None:
-        latents = sd_common.draw_noise(shape, generator, device, dtype)
+        latents = randn(shape, generator, torch.float32, "cpu").to(device=device, dtype=dtype)
     latents = latents * sampler.init_noise_sigma
     noise = latents.clone()
     masked_image_model_input = torch.cat([masked_image_latents] * 2) if do_guidance else masked_image_latents

@@ -26,7 +26,8 @@ from minisd.clip import TextEncoder
 from minisd.errors import MinisdError
 from minisd.kandinsky.image_encoder import ImageEncoder
 from minisd.kandinsky.prior import Prior
-from minisd.pipelines import common
+from minisd.noise import randn
+from minisd.pipelines import checks, common
 from minisd.samplers.unclip import UnCLIPSampler
 from minisd.tokenizer import BOS, EOS, MAX_LENGTH, Tokenizer
 
@@ -100,12 +101,12 @@ def prior(
     latents): after every step; False stops there (the embeddings reached so far are returned).
     """
     # --- every check before any compute
-    prompts = common.prompt_list("prompt", prompt)
+    prompts = checks.prompt_list("prompt", prompt)
     negatives = (
-        None if negative_prompt is None else common.prompt_list("negative_prompt", negative_prompt, len(prompts))
+        None if negative_prompt is None else checks.prompt_list("negative_prompt", negative_prompt, len(prompts))
     )
-    common.check_number("guidance_scale", guidance_scale, 0.0)
-    common.check_int("num_images_per_prompt", num_images_per_prompt, 1)
+    checks.check_number("guidance_scale", guidance_scale, 0.0)
+    checks.check_int("num_images_per_prompt", num_images_per_prompt, 1)
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise MinisdError(f"prior num_inference_steps must be an integer in [1, 1000], got {num_inference_steps!r}")
     if callback is not None and not callable(callback):
@@ -113,7 +114,7 @@ def prior(
     for name in ("tokenizer", "text_encoder", "prior") + (("image_encoder",) if negatives is None else ()):
         if getattr(components, name, None) is None:
             raise MinisdError(f"the prior stage needs components.{name}; load kandinsky-community/kandinsky-2-2-prior")
-    generator = common.make_generator(generator, seed)
+    generator = checks.make_generator(generator, seed)
     model = components.prior
     weight = model.proj_in.weight
     # diffusers' way with a negative prompt: the negatives run as prompts too, each with itself as unconditional
@@ -121,7 +122,7 @@ def prior(
     unconds = negatives + negatives if negatives is not None else [""] * len(prompts)
     shape = (len(conds) * num_images_per_prompt, model.config.embedding_dim)
     if latents is not None:
-        common.check_latents(latents, shape, weight.device, weight.dtype)
+        checks.check_latents(latents, shape, weight.device, weight.dtype)
 
     # --- the text -> the prior's conditioning: (b'·n, …), or (2·b'·n, …) [unconditional; prompt] with guidance
     do_guidance = guidance_scale > 1.0
@@ -135,7 +136,7 @@ def prior(
     sampler = UnCLIPSampler()
     sampler.set_timesteps(num_inference_steps)
     if latents is None:
-        latents = common.draw_noise(shape, generator, weight.device, weight.dtype)
+        latents = randn(shape, generator, torch.float32, "cpu").to(device=weight.device, dtype=weight.dtype)
     latents = latents * sampler.init_noise_sigma
     for i, t in enumerate(sampler.timesteps):
         latent_model_input = torch.cat([latents] * 2) if do_guidance else latents
@@ -178,11 +179,11 @@ def interpolate(
         raise MinisdError("images_and_prompts and weights must be non-empty lists")
     if len(images_and_prompts) != len(weights):
         raise MinisdError(f"images_and_prompts holds {len(images_and_prompts)} items, weights {len(weights)}")
-    generator = common.make_generator(generator, seed)
+    generator = checks.make_generator(generator, seed)
     weight_of = components.prior.proj_in.weight
     mix = 0
     for item, w in zip(images_and_prompts, weights, strict=True):
-        common.check_number("weights", w, -1e6, 1e6)
+        checks.check_number("weights", w, -1e6, 1e6)
         if isinstance(item, str):
             embeds = prior(components, item, negative_prior_prompt, num_images_per_prompt, num_inference_steps,
                            guidance_scale, generator).image_embeds  # fmt: skip

@@ -19,6 +19,8 @@ from torch import Generator, Tensor
 from minisd.errors import MinisdError
 from minisd.kandinsky.pipelines import common
 from minisd.kandinsky.pipelines.prior import prior, zero_image_embeds
+from minisd.noise import randn
+from minisd.pipelines import checks
 from minisd.pipelines import common as sd_common
 from minisd.samplers import Sampler
 
@@ -90,7 +92,7 @@ def txt2img(
     common.check_unet_channels(components.unet, 4, "txt2img")
     common.check_size(components, height, width)
     sampler = common.decoder_sampler(sampler)
-    generator = sd_common.make_generator(generator, seed)
+    generator = checks.make_generator(generator, seed)
 
     # --- stage 1, the prior: the prompt -> CLIP image embeddings (b·n, d), and the negatives
     image_embeds, negative_image_embeds = image_embeds_for(
@@ -102,14 +104,14 @@ def txt2img(
     f = movq.config.downscale_factor
     shape = (image_embeds.shape[0], movq.config.latent_channels, height // f, width // f)
     if latents is not None:
-        sd_common.check_latents(latents, shape, device, dtype)
+        checks.check_latents(latents, shape, device, dtype)
 
     # --- stage 2, the decoder: pure noise, denoised steered by the image embedding
     do_guidance = guidance_scale > 1.0
     embeds = common.guidance_embeds(image_embeds, negative_image_embeds, unet, do_guidance)  # (2·b·n, d)
     sampler.set_timesteps(num_inference_steps)
     if latents is None:
-        latents = sd_common.draw_noise(shape, generator, device, dtype)
+        latents = randn(shape, generator, torch.float32, "cpu").to(device=device, dtype=dtype)
     latents = latents * sampler.init_noise_sigma
 
     for i, t in enumerate(sampler.timesteps):
