@@ -61,7 +61,7 @@ def test_commands_write_pngs_that_regenerate_to_the_same_bytes(work, command):
     [
         (["--clip-skip", "1"], "--clip-skip is an SD option"),
         (["--sampler", "Euler a"], "--sampler must be one of DDPM, DDIM"),
-        (["--height", "36"], "--height must be a multiple of 8"),
+        (["--height", "36"], "height must be a multiple of 8 pixels"),  # the pipeline's check, in its words
         (["--prior", "nowhere/missing-prior"], "is not in the Hugging Face cache"),
     ],
 )
