@@ -32,7 +32,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from minisd import clip, unet, vae
-from minisd.attention import attention
+from minisd.attention import attention, attention_in_float32
 from minisd.errors import MinisdError
 
 
@@ -61,7 +61,7 @@ class FusedSelfAttention(nn.Module):
 
     def __init__(self, attn: unet.CrossAttention):
         super().__init__()
-        self.heads = attn.heads
+        self.heads, self.upcast = attn.heads, attn.upcast
         self.to_q, self.to_k, self.to_v, self.to_out = attn.to_q, attn.to_k, attn.to_v, attn.to_out
         weight, _ = fuse_linears([self.to_q, self.to_k, self.to_v])  # SD v1's to_q/k/v have no bias
         self.register_buffer("qkv_weight", weight, persistent=False)  # not a key: the rows are to_q/k/v's
@@ -70,7 +70,7 @@ class FusedSelfAttention(nn.Module):
         assert context is None, "self-attention only: attn2 (cross-attention) is not fused"
         qkv = F.linear(x, self.qkv_weight)  # (b, s, 3d): [q | k | v]
         q, k, v = rearrange(qkv, "b s (three nh hd) -> three b nh s hd", three=3, nh=self.heads)
-        out = attention(q, k, v)
+        out = attention_in_float32(q, k, v) if self.upcast else attention(q, k, v)  # SD 2.1: upcast_attention
         return self.to_out(rearrange(out, "b nh s hd -> b s (nh hd)"))
 
 
