@@ -20,8 +20,8 @@ from minisd.samplers.heun import HeunSampler
 from minisd.samplers.lms import LMSSampler
 from minisd.samplers.pndm import PNDMSampler
 
-# A1111's display name -> how to build it, set up for SD v1 (each class's defaults are SD v1's).
-SAMPLERS: dict[str, Callable[[], Sampler]] = {
+# A1111's display name -> how to build it (each class's defaults are SD v1's; prediction settings as keywords).
+SAMPLERS: dict[str, Callable[..., Sampler]] = {
     "DDPM": DDPMSampler,
     "DDIM": DDIMSampler,
     "PLMS": PNDMSampler,
@@ -73,20 +73,25 @@ def sampler_names() -> list[str]:
     return list(SAMPLERS)
 
 
-def get_sampler(name: str, eta: float = 0.0) -> Sampler:
-    """A new sampler set up for SD v1, by A1111 name or diffusers class name (case-insensitive).
+def get_sampler(
+    name: str, eta: float = 0.0, *, prediction_type: str = "epsilon", rescale_betas_zero_snr: bool = False
+) -> Sampler:
+    """A new sampler set up for SD, by A1111 name or diffusers class name (case-insensitive).
 
     eta: DDIM's η (0 = deterministic DDIM, 1 = DDPM-like noise); the other samplers take none, so a non-zero eta
-    with them is an error rather than silently ignored.
+    with them is an error rather than silently ignored. prediction_type: what the model predicts, "epsilon"
+    (SD v1, SD 2's 512 models) or "v_prediction" (SD 2's 768 models). rescale_betas_zero_snr: zero terminal SNR
+    (v_prediction only; DDIM, DDPM, Euler, Euler a and the DPM++ 2M family, as diffusers).
     """
     if not isinstance(name, str) or _key(name) not in _LOOKUP:
         raise MinisdError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
     display = _LOOKUP[_key(name)]
+    prediction = {"prediction_type": prediction_type, "rescale_betas_zero_snr": rescale_betas_zero_snr}
     if display == "DDIM":
-        return DDIMSampler(eta=eta)
+        return DDIMSampler(eta=eta, **prediction)
     if eta != 0.0:
         raise MinisdError(f"eta applies to the DDIM sampler only, got eta={eta!r} with {display!r}")
-    return SAMPLERS[display]()
+    return SAMPLERS[display](**prediction)
 
 
 __all__ = ["SAMPLERS", "Sampler", "get_sampler", "sampler_names"]
