@@ -18,7 +18,8 @@ from torch import Tensor
 from minisd.clip import TextEncoder, TextEncoderConfig
 from minisd.unet import UNet, UNetConfig
 from minisd.vae import VAE, VAEConfig
-from weights_convert.keymap_ldm import SCHEDULE_BUFFERS, ema_name, minisd_to_ldm
+from weights_convert.keymap_ldm import SCHEDULE_BUFFERS, ema_name
+from weights_convert.official import minisd_to_ldm
 
 DATA = Path(__file__).parent / "data" / "sd15"
 MANIFESTS = {
@@ -115,7 +116,7 @@ def tiny_official_state_dict(variant: str = "emaonly", dtype: torch.dtype = torc
         "model_ema.decay": torch.tensor(0.9999, dtype=dtype),
         "model_ema.num_updates": torch.tensor(840000, dtype=torch.int32),
     }
-    state_dict = minisd_to_ldm(components, model_ema_scalars=scalars)
+    state_dict = minisd_to_ldm(components, kept=scalars)
     if variant == "pruned":
         generator = torch.Generator().manual_seed(seed + 1)
         unet_keys = [name for name in state_dict if name.startswith("model.diffusion_model.")]

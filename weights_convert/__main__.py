@@ -1,4 +1,4 @@
-"""`python -m weights_convert`: inspect SD v1 weights and convert them between layouts.
+"""`python -m weights_convert`: inspect SD v1 / SD 2.x weights and convert them between layouts.
 
     python -m weights_convert info FILE_OR_FOLDER
     python -m weights_convert convert IN OUT_FOLDER        # -> a diffusers-style folder
@@ -7,6 +7,8 @@
 
 IN may be an official single file (.safetensors / .ckpt), a minisd single file or a diffusers-style folder.
 An existing OUT is never replaced unless --overwrite is given. Errors: one line on stderr, exit status 2.
+What the model predicts travels with it (a folder's scheduler_config, a minisd file's metadata); an SD 2 single
+file does not record it: --prediction-type says it, else the file's name decides (768 = v) and a note says so.
 """
 
 import shutil
@@ -17,9 +19,10 @@ import torch
 
 from minisd.arguments import DTYPES, ArgumentParser
 from minisd.errors import MinisdError
+from minisd.samplers.base import PREDICTION_TYPES
 from weights_convert.detect import LAYOUT_NAMES, MINISD_METADATA, join_minisd_file
-from weights_convert.folders import cast_floats, describe, read_weights, save_safetensors, write_folder
-from weights_convert.keymap_ldm import minisd_to_ldm
+from weights_convert.folders import cast_floats, describe, prediction_of, read_weights, save_safetensors, write_folder
+from weights_convert.official import minisd_to_ldm
 
 
 def _check_out(src: Path, out: Path, overwrite: bool, want_file: bool) -> None:
@@ -46,29 +49,38 @@ def _remove(out: Path) -> None:
 # The three commands (info is folders.describe).
 
 
-def command_convert(src: Path, out: Path, use_ema: bool, dtype: torch.dtype | None, overwrite: bool) -> str:
+def command_convert(
+    src: Path, out: Path, use_ema: bool, dtype: torch.dtype | None, overwrite: bool, prediction_type: str | None
+) -> str:
     to_file = out.suffix == ".safetensors"
     _check_out(src, out, overwrite, want_file=False)
     weights = read_weights(src, use_ema)
-    layout = weights.info.layout
+    layout, variant = weights.info.layout, weights.info.variant
+    prediction, note = prediction_of(weights.info, prediction_type, str(src))
     components = {c: cast_floats(sd, dtype) for c, sd in weights.state_dicts.items()}
     _remove(out)
     if to_file:
-        variant = "v1-inpainting" if components["unet"]["conv_in.weight"].shape[1] == 9 else "v1"
-        save_safetensors(join_minisd_file(components), out, {**MINISD_METADATA, "minisd.variant": variant})
-        return f"wrote {out} (minisd single file, from the {LAYOUT_NAMES[layout]})"
-    written = write_folder(components, out)
-    return f"wrote {out}/: {', '.join(written)} (from the {LAYOUT_NAMES[layout]})"
+        metadata = {**MINISD_METADATA, "minisd.variant": variant, "minisd.prediction_type": prediction}
+        save_safetensors(join_minisd_file(components), out, metadata)
+        return f"wrote {out} (minisd single file, from the {LAYOUT_NAMES[layout]})" + (
+            f"\nnote: {note}" if note else ""
+        )
+    sample_size = 768 if variant == "v2" and prediction == "v_prediction" else 512  # SD 2's v models: 768 px
+    written = write_folder(components, out, variant, prediction, sample_size)
+    return f"wrote {out}/: {', '.join(written)} (from the {LAYOUT_NAMES[layout]})" + (f"\nnote: {note}" if note else "")
 
 
 def command_export(src: Path, out: Path, use_ema: bool, dtype: torch.dtype | None, overwrite: bool) -> str:
     _check_out(src, out, overwrite, want_file=True)
     weights = read_weights(src, use_ema)
     layout = weights.info.layout
-    state_dict = cast_floats(minisd_to_ldm(weights.state_dicts, model_ema_scalars=weights.ema_scalars), dtype)
+    variant = weights.info.variant
+    state_dict = minisd_to_ldm(weights.state_dicts, variant=variant, kept=weights.kept)
+    state_dict = cast_floats(state_dict, dtype)
     _remove(out)
     save_safetensors(state_dict, out, {"format": "pt"})
-    return f"wrote {out} (official SD v1 layout, {len(state_dict)} tensors, from the {LAYOUT_NAMES[layout]})"
+    family = "SD 2" if variant.startswith("v2") else "SD v1"
+    return f"wrote {out} (official {family} layout, {len(state_dict)} tensors, from the {LAYOUT_NAMES[layout]})"
 
 
 def build_parser() -> ArgumentParser:
@@ -86,6 +98,10 @@ def build_parser() -> ArgumentParser:
         command.add_argument("--raw-unet", action="store_true", help="take the non-EMA UNet of a v1-5-pruned file")
         command.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: keep)")
         command.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+        if name == "convert":
+            command.add_argument(
+                "--prediction-type", choices=PREDICTION_TYPES, help="what an SD 2 single file's model predicts"
+            )
     return parser
 
 
@@ -95,9 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             message = describe(args.path)
         else:
-            run = command_convert if args.command == "convert" else command_export
             dtype = DTYPES[args.dtype] if args.dtype else None
-            message = run(args.src, args.out, not args.raw_unet, dtype, args.overwrite)
+            if args.command == "convert":
+                message = command_convert(
+                    args.src, args.out, not args.raw_unet, dtype, args.overwrite, args.prediction_type
+                )
+            else:
+                message = command_export(args.src, args.out, not args.raw_unet, dtype, args.overwrite)
     except (MinisdError, OSError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
