@@ -21,7 +21,7 @@ from minisd.clip import TextEncoder
 from minisd.errors import MinisdError
 from minisd.images import mask_to_tensor, pil_to_image
 from minisd.samplers import Sampler, get_sampler
-from minisd.samplers.base import img2img_start
+from minisd.samplers.base import check_prediction_type, img2img_start
 from minisd.samplers.schedule import check_num_inference_steps
 from minisd.tokenizer import Tokenizer
 from minisd.unet import UNet
@@ -112,14 +112,35 @@ def check_size(components: Networks, height: object, width: object) -> None:
             )
 
 
-def make_sampler(sampler: str | Sampler, eta: float) -> Sampler:
-    """A sampler by name (minisd.samplers.get_sampler: "PLMS", "Euler a", "DPMSolverMultistepScheduler", ...) or
-    the caller's own Sampler object, which is re-planned by every run."""
+def model_prediction(
+    components: Networks, prediction_type: str | None, rescale_betas_zero_snr: bool | None
+) -> tuple[str, bool]:
+    """What the model predicts and whether its β are rescaled for zero terminal SNR: the caller's choice, else the
+    model's own (loading.Components records both; SD v1's ε and no rescaling for any other object)."""
+    if prediction_type is None:
+        prediction_type = getattr(components, "prediction_type", "epsilon")
+    if rescale_betas_zero_snr is None:
+        rescale_betas_zero_snr = getattr(components, "rescale_betas_zero_snr", False)
+    return check_prediction_type(prediction_type, rescale_betas_zero_snr), rescale_betas_zero_snr
+
+
+def make_sampler(
+    sampler: str | Sampler, eta: float, prediction_type: str = "epsilon", rescale_betas_zero_snr: bool = False
+) -> Sampler:
+    """A sampler by name (minisd.samplers.get_sampler: "PLMS", "Euler a", "DPMSolverMultistepScheduler", ...) set up
+    for the model (model_prediction's settings), or the caller's own Sampler object, which is re-planned by every
+    run and must be set up for the model itself."""
     if isinstance(sampler, Sampler):
         if eta != 0.0:
             raise MinisdError(f"eta applies when sampler is given by name; set it on the sampler object, got {eta!r}")
+        ours = (sampler.prediction_type, sampler.rescale_betas_zero_snr)
+        if ours != (prediction_type, rescale_betas_zero_snr):
+            raise MinisdError(
+                f"the sampler object has prediction_type={ours[0]!r}, rescale_betas_zero_snr={ours[1]} but the model "
+                f"{prediction_type!r}, {rescale_betas_zero_snr}: build it with those (or pass the sampler's name)"
+            )
         return sampler
-    return get_sampler(sampler, eta=eta)
+    return get_sampler(sampler, eta=eta, prediction_type=prediction_type, rescale_betas_zero_snr=rescale_betas_zero_snr)
 
 
 def check_seed(seed: object, count: int = 1) -> int:
