@@ -20,6 +20,7 @@ line (cli.py) calls the same two.
 """
 
 import os
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -55,7 +56,8 @@ class GenerationOutput:
 
 
 class StableDiffusion:
-    """SD v1 ready to generate: the four networks (.tokenizer .text_encoder .vae .unet), and where they came from.
+    """SD (v1 or 2.x) ready to generate: the four networks (.tokenizer .text_encoder .vae .unet), and where they came
+    from.
 
     Build it with from_pretrained (a file, a diffusers folder or a hub id); call it for text-to-image, .img2img and
     .inpaint for the others. Each call returns a GenerationOutput. Device and dtype are the UNet's. Each image's
@@ -91,19 +93,25 @@ class StableDiffusion:
         variant: str | None = None,
         local_files_only: bool = False,
         fast: bool = False,
+        prediction_type: str | None = None,
     ) -> "StableDiffusion":
-        """Load SD v1 from a single file (.safetensors / .ckpt), a diffusers folder or a hub id ("org/name", through
-        the Hugging Face cache). The arguments are minisd.loading.load_components', except that dtype None on the CPU
-        means float32 (CPUs compute float16 slowly and some ops not at all); on a GPU it keeps the file's dtype.
-        fast: apply minisd.fast.make_fast to the three networks (fused QKV, channels_last, prepacked CPU convs):
-        faster, equal to the eager networks up to float rounding; recorded in each image's parameters."""
+        """Load SD v1 or 2.x from a single file (.safetensors / .ckpt), a diffusers folder or a hub id ("org/name",
+        through the Hugging Face cache). The arguments are minisd.loading.load_components', except that dtype None on
+        the CPU means float32 (CPUs compute float16 slowly and some ops not at all); on a GPU it keeps the file's
+        dtype. fast: apply minisd.fast.make_fast to the three networks (fused QKV, channels_last, prepacked CPU
+        convs): faster, equal to the eager networks up to float rounding; recorded in each image's parameters.
+        prediction_type: for SD 2 single files, which do not record it; what loading had to assume instead (the
+        file's name decides) comes as a UserWarning of one line, and stays in .components.note."""
         if not isinstance(fast, bool):  # before loading: a typo should not cost a multi-GB load
             raise MinisdError(f"fast must be True or False, got {fast!r}")
         if dtype is None and str(device).startswith("cpu"):
             dtype = torch.float32
         components = load_components(
-            source, dtype=dtype, device=device, use_ema=use_ema, variant=variant, local_files_only=local_files_only
-        )
+            source, dtype=dtype, device=device, use_ema=use_ema, variant=variant, local_files_only=local_files_only,
+            prediction_type=prediction_type,
+        )  # fmt: skip
+        if components.note:
+            warnings.warn(components.note, stacklevel=2)
         path = Path(source)
         if path.exists():
             weights, name = str(path.resolve()), path.stem if path.is_file() else path.resolve().name
@@ -257,6 +265,8 @@ class StableDiffusion:
             dtype=str(self.dtype).removeprefix("torch."),
             device=self.device.type,
             fast=self.fast,
+            prediction_type=self._recorded_prediction_type(),
+            rescale_betas_zero_snr=self.components.rescale_betas_zero_snr,
         )
         sources = []
         if mode != "txt2img":
@@ -267,6 +277,13 @@ class StableDiffusion:
             mask, params.mask_image, params.mask_hash = source_image("mask_image", mask_image)
             sources.append(mask)
         return params, sources
+
+    def _recorded_prediction_type(self) -> str | None:
+        """What an image's record says about the prediction type: SD 2's always (its single files cannot say it),
+        any v-prediction model's; None for SD v1's ε (the default)."""
+        prediction = self.components.prediction_type
+        sd2 = self.components.info.variant.startswith("v2")
+        return prediction if sd2 or prediction != "epsilon" else None
 
     def run(
         self,
@@ -294,6 +311,8 @@ class StableDiffusion:
             "eta": params.eta,
             "clip_skip": params.clip_skip,
             "sampler": params.sampler,
+            "prediction_type": params.prediction_type,  # None: the model's own (ε unless recorded)
+            "rescale_betas_zero_snr": params.rescale_betas_zero_snr,
             "callback": callback,
             "progress_bar": self.progress_bar,
         }

@@ -3,14 +3,16 @@
     minisd generate "a watercolour fox" --checkpoint v1-5-pruned-emaonly.safetensors --steps 25 --seed 1 -o fox.png
     minisd img2img "a fox in winter" --image fox.png --strength 0.6 --model stable-diffusion-v1-5/stable-diffusion-v1-5
     minisd inpaint "a red hat" --image fox.png --mask hat-mask.png --checkpoint sd-v1-5-inpainting.ckpt
+    minisd generate "a lighthouse at dusk" --checkpoint v2-1_768-ema-pruned.safetensors   # SD 2.1: 768 px, v
     minisd info v1-5-pruned-emaonly.safetensors      # what a file, folder or hub id holds
     minisd regenerate fox.png                          # the same image again, from the parameters in the PNG
 
 Weights: --checkpoint FILE, or --model ID_OR_FOLDER (a hub id through the Hugging Face cache, or a diffusers
-folder; a Kandinsky 2.2 decoder: see minisd/kandinsky/cli.py). PNGs hold A1111's "parameters" text; without -o
-they go to outputs/00001.png, 00002.png, ... An existing file is never replaced without --overwrite: a fresh
-name is taken and printed instead. With --num-images N, image i uses seed + i and goes to its own file (OUT-1.png
-... OUT-N.png with -o OUT.png).
+folder; a Kandinsky 2.2 decoder: see minisd/kandinsky/cli.py); SD v1 or SD 2.x (an SD 2 file does not record
+whether it predicts ε or v: --prediction-type, else its name decides, 768 = v, and a "note:" line says so). PNGs
+hold A1111's "parameters" text; without -o they go to outputs/00001.png, 00002.png, ... An existing file is never
+replaced without --overwrite: a fresh name is taken and printed instead. With --num-images N, image i uses
+seed + i and goes to its own file (OUT-1.png ... OUT-N.png with -o OUT.png).
 Bad arguments or files: one line on stderr, exit status 2. Progress goes to stderr when it is a terminal.
 """
 
@@ -18,6 +20,7 @@ import argparse
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +33,7 @@ from minisd.kandinsky import cli as kandinsky_cli
 from minisd.loading import HUB_ID
 from minisd.parameters import GenerationParameters, draw_seed
 from minisd.samplers import sampler_names
+from minisd.samplers.base import PREDICTION_TYPES
 
 OUTPUT_DIR = Path("outputs")
 MODES = {"generate": "txt2img", "img2img": "img2img", "inpaint": "inpaint"}  # command -> GenerationParameters.mode
@@ -120,10 +124,18 @@ def weights_source(args) -> str:
     return str(model)
 
 
-def load(source: str, dtype: str | None, device: str | None, fast: bool, status: Status) -> StableDiffusion:
+def load(
+    source: str, dtype: str | None, device: str | None, fast: bool, status: Status, prediction_type: str | None = None
+) -> StableDiffusion:
     status.phase(f"loading {source}")
     dtype = DTYPES[dtype] if dtype else None
-    pipe = StableDiffusion.from_pretrained(source, dtype=dtype, device=device or "cpu", fast=fast)
+    with warnings.catch_warnings(record=True) as caught:  # what loading assumed: one "note:" line each
+        warnings.simplefilter("always")
+        pipe = StableDiffusion.from_pretrained(
+            source, dtype=dtype, device=device or "cpu", fast=fast, prediction_type=prediction_type
+        )
+    for warning in caught:
+        print(f"note: {warning.message}", file=sys.stderr)
     pipe.set_progress_bar_config(disable=not status.live)  # the steps' bar on a terminal only, as the status lines
     status.done(f"loaded {source}")
     if Path(source).is_file():
@@ -204,7 +216,7 @@ def command_generate(args, status: Status) -> None:
         open_image("--mask", args.mask)
     seed = args.seed if args.seed is not None else draw_seed()
     paths = output_paths(args.output, args.num_images)
-    pipe = load(source, args.dtype, args.device, args.fast, status)
+    pipe = load(source, args.dtype, args.device, args.fast, status, args.prediction_type)
     from minisd.train.evaluate import prompt_note  # the nano model's grammar: a note for prompts outside it
 
     note = prompt_note(source, args.prompt)
@@ -241,7 +253,8 @@ def command_regenerate(args, status: Status) -> None:
     device = args.device or params.device
     if device is not None:
         check_device(device)
-    pipe = load(source, dtype, device, args.fast or params.fast, status)
+    prediction_type = args.prediction_type or params.prediction_type  # an SD 2 file does not record it: the PNG does
+    pipe = load(source, dtype, device, args.fast or params.fast, status, prediction_type)
     if params.model_hash is not None and pipe.model_hash is not None and pipe.model_hash != params.model_hash:
         raise MinisdError(f"{source} has model hash {pipe.model_hash}, the PNG was made with {params.model_hash}")
     params.model_name, params.weights = pipe.model_name, pipe.weights  # as loaded now (the same unless overridden)
@@ -279,6 +292,10 @@ def add_weights_args(command) -> None:
     command.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} (default: the file's)")
     command.add_argument("--device", help="cpu (default), cuda, cuda:1, mps")
     command.add_argument("--fast", action="store_true", help="minisd.fast: fused QKV, channels_last, prepacked convs")
+    command.add_argument(
+        "--prediction-type", choices=PREDICTION_TYPES,
+        help="what an SD 2 single file's model predicts (default: its name decides, 768 = v_prediction)",
+    )  # fmt: skip
     command.add_argument("-o", "--output", metavar="OUT", help="a .png path or a folder (default: outputs/, numbered)")
     command.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 

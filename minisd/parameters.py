@@ -19,6 +19,9 @@ Steps, Sampler, CFG scale, Seed, Size, Model and Model hash:
     Weights             what from_pretrained was given: an absolute file or folder path, or the hub id
     Dtype, Device       the UNet's: other arithmetic gives other bytes
     Fast                minisd.fast applied: the same image up to float rounding, not to the byte
+    Prediction type     what the model predicts, for SD 2 models and any v-prediction model (an SD 2 single file
+                        does not record it: regenerate passes it back to the loader)
+    Zero terminal SNR   β rescaled for zero terminal SNR (Lin et al. 2023), when on
 Not recorded: the hub snapshot revision of a hub id (the cached `main` is used), library versions and GPU model.
 Same recorded parameters, same weights, same device kind and dtype, same torch version -> same bytes.
 """
@@ -252,6 +255,8 @@ class GenerationParameters:
     dtype: str | None = None
     device: str | None = None
     fast: bool = False  # minisd.fast.make_fast applied: the same image up to float rounding, not to the byte
+    prediction_type: str | None = None  # "epsilon" / "v_prediction"; recorded for SD 2 and v models (None: ε)
+    rescale_betas_zero_snr: bool = False
 
     def source_images(self) -> list[Image.Image]:
         """The source images its mode needs (none, the image, or the image and the mask), read again from their
@@ -279,6 +284,8 @@ class GenerationParameters:
             "Dtype": self.dtype,
             "Device": self.device,
             "Fast": "True" if self.fast else None,
+            "Prediction type": self.prediction_type,
+            "Zero terminal SNR": "True" if self.rescale_betas_zero_snr else None,
         }
         return format_parameters(
             self.prompt, self.negative_prompt, self.num_inference_steps, self.sampler, self.guidance_scale,
@@ -321,6 +328,8 @@ class GenerationParameters:
                 dtype=fields.get("Dtype"),
                 device=fields.get("Device"),
                 fast=fields.get("Fast") == "True",
+                prediction_type=fields.get("Prediction type"),
+                rescale_betas_zero_snr=fields.get("Zero terminal SNR") == "True",
             )
         except ValueError as error:
             raise MinisdError(f"parameters hold a value that is not a number: {error}") from None

@@ -48,7 +48,7 @@ def count(names: Iterable[str], prefix: str) -> int:
     return len({m.group(1) for m in map(pattern.match, names) if m})
 
 
-def unet_config(unet: dict[str, Tensor], sample_size: int = 512) -> dict:
+def unet_config(unet: dict[str, Tensor], latent_size: int = 64) -> dict:
     """diffusers UNet2DConditionModel config.json for these weights: sizes read from shapes, the rest the family's.
     SD 2 shows itself by its Linear proj_in ([c, c], not a [c, c, 1, 1] conv): then 64-wide heads per level and
     attention upcast (Stability's SD 2 code computes attention in float32: ATTN_PRECISION "fp32")."""
@@ -60,7 +60,7 @@ def unet_config(unet: dict[str, Tensor], sample_size: int = 512) -> dict:
     return {
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": "0.42.1",
-        "sample_size": sample_size // 8,  # latent pixels: 64 for 512 px, 96 for SD 2's 768 px
+        "sample_size": latent_size,  # latent pixels: 64 for 512 px, 96 for SD 2's 768 px
         "in_channels": unet["conv_in.weight"].shape[1],
         "out_channels": unet["conv_out.weight"].shape[0],
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
@@ -137,9 +137,11 @@ def configs_from_shapes(
     try:
         float_dtype = next(t.dtype for t in state_dicts["unet"].values() if t.is_floating_point())
         dtype_name = str(float_dtype).removeprefix("torch.")
+        vae = vae_config(state_dicts["vae"])
+        downscale = 2 ** (len(vae["block_out_channels"]) - 1)  # 8 for SD's VAE (one halving per level but the last)
         return {
-            "unet": unet_config(state_dicts["unet"], sample_size),
-            "vae": vae_config(state_dicts["vae"]),
+            "unet": unet_config(state_dicts["unet"], sample_size // downscale),
+            "vae": vae,
             "text_encoder": text_encoder_config(state_dicts["text_encoder"], dtype_name, variant),
         }
     except (KeyError, StopIteration) as error:
