@@ -196,3 +196,18 @@ def add_noise(x0: Tensor, noise: Tensor, t: Tensor | int, alphas_cumprod: Tensor
     signal = alpha_bar_t.sqrt().to(device=x0.device, dtype=x0.dtype)
     noise_level = (1.0 - alpha_bar_t).sqrt().to(device=x0.device, dtype=x0.dtype)
     return signal * x0 + noise_level * noise
+
+
+def velocity(x0: Tensor, noise: Tensor, t: Tensor | int, alphas_cumprod: Tensor) -> Tensor:
+    """v_t = √ᾱ_t · ε − √(1 − ᾱ_t) · x_0: what a v-prediction model learns to predict (Salimans & Ho 2022,
+    arXiv:2202.00512, §4; SD 2's 768 models). x0, noise: (b, c, h, w); t: an int or (b,) integer timesteps.
+    Returns (b, c, h, w) in x0's dtype, coefficients computed in alphas_cumprod's dtype (float64) as add_noise's.
+
+    >>> velocity(torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), 999, torch.full((1000,), 0.25)).flatten()
+    tensor([-0.8660])
+    """
+    t = torch.as_tensor(t, device=alphas_cumprod.device).reshape(-1)
+    alpha_bar_t = alphas_cumprod[t].reshape(-1, *([1] * (x0.ndim - 1)))  # (b, 1, 1, 1)
+    signal = alpha_bar_t.sqrt().to(device=x0.device, dtype=x0.dtype)
+    noise_level = (1.0 - alpha_bar_t).sqrt().to(device=x0.device, dtype=x0.dtype)
+    return signal * noise - noise_level * x0

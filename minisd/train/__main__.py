@@ -7,6 +7,7 @@
     torchrun --nproc_per_node=2 -m minisd.train diffusion ...             stage 2 under DDP (gloo CPU / nccl GPU)
     torchrun --nproc_per_node=2 -m minisd.train all ...                   the VAE on rank 0, then stage 2 under DDP
     python -m minisd.train evaluate --model nano.safetensors --grid g.png  adherence, PSNR, a sample grid
+    python -m minisd.train all ... --prediction-type v                    the same recipe, learning SD 2's v
 
 Every run resumes from its run directory's checkpoint.safetensors when there is one (run the same command again). The
 defaults are the nano model's recipe; the seed fixes every random draw, so the same command on the same machine
@@ -58,7 +59,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def prediction_type(text: str) -> str:
+    """An argparse type: "epsilon", or "v" / "v_prediction" (SD 2's velocity target)."""
+    names = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"expected epsilon or v (v_prediction), got {text!r}")
+    return names[text]
+
+
 def _add_text_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prediction-type", type=prediction_type, help="what the UNet learns: epsilon (default, SD v1) or v "
+        "(SD 2's velocity, v_prediction)",
+    )  # fmt: skip
     parser.add_argument("--text-steps", type=int, help="steps of the text encoder's contrastive pretraining")
     parser.add_argument(
         "--train-text-encoder",
@@ -75,6 +88,8 @@ def diffusion_config(args: argparse.Namespace) -> DiffusionTrainingConfig:
         config.text_pretraining = replace(config.text_pretraining, steps=args.text_steps)
     if args.train_text_encoder:
         config.freeze_text_encoder = False
+    if args.prediction_type is not None:
+        config.prediction_type = args.prediction_type
     return config
 
 
