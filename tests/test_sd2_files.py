@@ -167,3 +167,20 @@ def test_cli_prediction_type_flag(work, tmp_path):
     result = run(work, "minisd", "generate", "a cat", "--checkpoint", "v2-1_512-ema-pruned.ckpt", "--prediction-type",
                  "v", "-o", tmp_path / "x.png")  # fmt: skip
     assert result.returncode == 2 and "invalid choice: 'v'" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_hub_id_reads_the_scheduler_config_from_the_cache(work, tmp_path, monkeypatch):
+    """ "stabilityai/stable-diffusion-2-1" through a Hugging Face cache laid out by hand (offline): the snapshot's
+    scheduler_config says v, its tokenizer pads with "!", its UNet config says 768 px."""
+    from tests.test_loading import write_hub_cache
+
+    folder = tmp_path / "sd2"
+    assert weights_convert(["convert", str(work / "v2-1_768-ema-pruned.safetensors"), str(folder)]) == 0
+    write_hub_cache(tmp_path / "hf_home" / "hub", "stabilityai/stable-diffusion-2-1", folder)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    loaded = load_components("stabilityai/stable-diffusion-2-1", local_files_only=True)
+    assert (loaded.prediction_type, loaded.note, loaded.tokenizer.pad_id, loaded.sample_size) == (
+        "v_prediction", None, 0, 768,
+    )  # fmt: skip
+    assert loaded.info.variant == "v2" and loaded.unet.config.upcast_attention
