@@ -17,7 +17,7 @@ for. Anything that is not SD v1 is refused with a one-line MinisdError saying wh
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,6 +50,9 @@ class Components:
     info: CheckpointInfo
     sample_size: int = 512  # pixels per side the model was trained at: 512 for SD v1, 64 for minisd's nano model
     guidance_scale: float = 7.5  # the default guidance: SD v1's 7.5, or what a minisd-trained file recommends
+    # a folder's scheduler_config.json as the samplers' defaults: {"sampler": class or name, "timestep_spacing": ...,
+    # "schedule_type": ...} (weights_convert.configs.scheduler_settings); a single file's: SD v1's PLMS
+    scheduler: dict[str, str] = field(default_factory=lambda: {"sampler": "PLMS"})
 
 
 def load_components(
@@ -99,7 +102,8 @@ def load_components(
         _build(component, weights.configs[component], weights.state_dicts[component], dtype, device)
         for component in COMPONENTS  # unet, vae, text_encoder
     )
-    return Components(tokenizer, text_encoder, vae, unet, weights.info, sample_size, guidance_scale)
+    scheduler = weights.scheduler or {"sampler": "PLMS"}
+    return Components(tokenizer, text_encoder, vae, unet, weights.info, sample_size, guidance_scale, scheduler)
 
 
 # ---------------------------------------------------------------------------------------------------------------
