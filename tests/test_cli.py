@@ -403,3 +403,23 @@ def test_help_version_and_info_texts(work, capsys):
     assert cli.main(["info", str(pruned)]) == 0
     out = capsys.readouterr().out
     assert "use_ema=False" in out and "python -m weights_convert convert --raw-unet" in out
+
+
+def test_regenerate_finds_a_hub_model_in_the_cache(work, tmp_path, monkeypatch, capsys):
+    """A PNG made from a hub id names it (Model: org/name, no hash, no path); regenerate reads it from the Hugging
+    Face cache, offline, and makes the same bytes."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--CompVis--stable-diffusion-v1-4"
+    shutil.copytree(work / "folder", repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    first, again = tmp_path / "hub.png", tmp_path / "hub-again.png"
+    argv = ["generate", "a cat", "--model", "CompVis/stable-diffusion-v1-4", *SMALL, "--seed", "4", "-o", str(first)]
+    assert cli.main(argv) == 0
+    text = read_png_parameters(first)
+    assert "Model: CompVis/stable-diffusion-v1-4" in text and "Model hash" not in text and str(tmp_path) not in text
+    assert cli.main(["regenerate", str(first), "-o", str(again)]) == 0
+    assert again.read_bytes() == first.read_bytes()
+    capsys.readouterr()
