@@ -46,7 +46,8 @@ def default_model() -> Path | None:
 
 @dataclass
 class GenerationOutput:
-    """What a call returns: the images (PIL, one per seed) and, for each, the parameters that made it."""
+    """What a call returns: the images (PIL, one per seed; output_type "np" / "pt" / "latent": one array or tensor of
+    them all) and, for each, the parameters that made it (none for a run from the caller's latents or embeddings)."""
 
     images: list[Image.Image]
     parameters: list[GenerationParameters] = field(default_factory=list)
