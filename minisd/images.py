@@ -224,15 +224,16 @@ def open_image(name: str, path: str | os.PathLike) -> Image.Image:
         raise MinisdError(f"{name}: cannot read {os.fspath(path)!r} as an image ({error.__class__.__name__})") from None
 
 
-def save_png(pil: Image.Image, path: str | os.PathLike, parameters: str, overwrite: bool = False) -> None:
+def save_png(pil: Image.Image, path: str | os.PathLike, parameters: str | None, overwrite: bool = False) -> None:
     """Write `pil` as a PNG with `parameters` in a text chunk named "parameters" (tEXt; iTXt, UTF-8, when the text
-    is not Latin-1, PIL's rule), where A1111 and most SD tools look. An existing file is an error unless overwrite."""
+    is not Latin-1, PIL's rule), where A1111 and most SD tools look; None writes none (a grid, say). An existing
+    file is an error unless overwrite."""
     if not isinstance(pil, Image.Image):
         raise MinisdError(f"pil must be a PIL.Image.Image, got {type(pil).__name__}")
     if pil.mode not in PNG_MODES:
         raise MinisdError(f"pil mode must be one of {PNG_MODES} to be saved as PNG, got {pil.mode!r}")
-    if not isinstance(parameters, str):
-        raise MinisdError(f"parameters must be a str, got {type(parameters).__name__}")
+    if parameters is not None and not isinstance(parameters, str):
+        raise MinisdError(f"parameters must be a str or None, got {type(parameters).__name__}")
     if not isinstance(path, str | os.PathLike):
         raise MinisdError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
@@ -241,7 +242,8 @@ def save_png(pil: Image.Image, path: str | os.PathLike, parameters: str, overwri
     if path.is_dir():
         raise MinisdError(f"path must be a file name, got the folder {str(path)!r}")
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
+    if parameters is not None:
+        info.add_text("parameters", parameters)
     try:
         with open(path, "wb" if overwrite else "xb") as f:  # "x": fail if it exists, checked and created at once
             pil.save(f, format="PNG", pnginfo=info)

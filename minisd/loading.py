@@ -21,7 +21,7 @@ prediction_of decides, from the caller, the source's own record, or an SD 2 file
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,6 +66,9 @@ class Components:
     prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" or "v_prediction" (samplers/base.py)
     rescale_betas_zero_snr: bool = False  # a folder's scheduler_config: β rescaled for zero terminal SNR
     note: str | None = None  # what loading had to assume, in one line (an SD 2 file's prediction type from its name)
+    # a folder's scheduler_config.json as the samplers' defaults: {"sampler": class or name, "timestep_spacing": ...,
+    # "schedule_type": ...} (weights_convert.configs.scheduler_settings); a single file's: SD v1's PLMS
+    scheduler: dict[str, str] = field(default_factory=lambda: {"sampler": "PLMS"})
 
 
 def load_components(
@@ -123,7 +126,7 @@ def load_components(
     )
     return Components(
         tokenizer, text_encoder, vae, unet, weights.info, sample_size, guidance_scale, prediction,
-        weights.rescale_betas_zero_snr, note,
+        weights.rescale_betas_zero_snr, note, scheduler=weights.scheduler or {"sampler": "PLMS"},
     )  # fmt: skip
 
 

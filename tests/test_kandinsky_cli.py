@@ -49,9 +49,12 @@ def test_commands_write_pngs_that_regenerate_to_the_same_bytes(work, command):
     params = KandinskyParameters.from_text(read_png_parameters(out))
     assert (params.mode, params.seed, params.prior_steps, params.width, params.height) == (command.replace(
         "generate", "txt2img"), 7, 2, 48, 32)  # fmt: skip
-    assert params.prior == str(work / "prior") and params.negative_prompt == "blurry"
+    # named, never by path: the decoder and prior by folder name, the source images by hash
+    assert (params.prior, params.model_name, params.negative_prompt) == ("prior", decoder.name, "blurry")
+    assert str(work) not in read_png_parameters(out)
     again = work / f"{command}-again.png"
-    result = run_cli(work, "regenerate", out, "-o", again)
+    sources = [arg for arg in images if arg not in ("--strength", "0.7")]  # the source images, given again
+    result = run_cli(work, "regenerate", out, "--models-dir", work, *sources, "-o", again)
     assert result.returncode == 0, result.stderr
     assert Image.open(out).tobytes() == Image.open(again).tobytes()
 
@@ -63,6 +66,7 @@ def test_commands_write_pngs_that_regenerate_to_the_same_bytes(work, command):
         (["--sampler", "Euler a"], "--sampler must be one of DDPM, DDIM"),
         (["--height", "36"], "height must be a multiple of 8 pixels"),  # the pipeline's check, in its words
         (["--prior", "nowhere/missing-prior"], "is not in the Hugging Face cache"),
+        (["--schedule-type", "Karras", "--grid"], "--schedule-type, --grid: SD v1 options"),
     ],
 )
 def test_bad_options_are_one_line_exit_2(work, capsys, monkeypatch, extra, fragment):
@@ -87,7 +91,8 @@ def test_api_images_equal_the_pipelines_and_parameters_read_back(work):
         assert image.tobytes() == want.tobytes()
     text = out.parameters[1].text()
     assert is_kandinsky_text(text) and KandinskyParameters.from_text(text) == out.parameters[1]
-    assert pipe.generate(out.parameters[1]).tobytes() == out.images[1].tobytes()
+    again = pipe.generate(out.parameters[1], work / "cat.png", work / "mask.png")  # the sources, given again
+    assert again.tobytes() == out.images[1].tobytes()
     with pytest.raises(MinisdError, match="not written for a Kandinsky"):
         KandinskyParameters.from_text("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64")
     assert pipe.dtype == torch.float32  # dtype None on the CPU: float32, as StableDiffusion

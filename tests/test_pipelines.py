@@ -256,7 +256,7 @@ def test_txt2img_matches_diffusers(twins, sampler, case):
 def test_txt2img_options_match_diffusers(twins, case):
     case = dict(case)
     sampler, seed_only = case.pop("sampler"), case.pop("seed_only", False)
-    eta = case.pop("eta", 0.0)
+    eta = case.pop("eta", None)  # None: the sampler's own (Euler a: η = 1, diffusers' only one)
     kwargs = dict(
         prompt=["a cat", "a dog"], negative_prompt=["ugly", "dull"], guidance_scale=5.0, height=SIZE, width=SIZE
     )
@@ -266,7 +266,7 @@ def test_txt2img_options_match_diffusers(twins, case):
     latents = None if seed_only else start_latents(2, seed=11)
     ours = txt2img(twins.ours, **kwargs, latents=latents, seed=3, sampler=sampler, eta=eta)
     pipe = reference_pipeline(StableDiffusionPipeline, twins.ref, sampler)
-    want = pipe(**kwargs, latents=latents, eta=eta, generator=torch.Generator().manual_seed(3)).images
+    want = pipe(**kwargs, latents=latents, eta=eta or 0.0, generator=torch.Generator().manual_seed(3)).images
     check_pixels("test_txt2img_options", f"txt2img {sampler} {case or 'generator noise'}", ours, want)
 
 
@@ -438,7 +438,8 @@ BAD_INPUTS = [  # (pipeline, changed arguments, text the message must hold)
     ("txt2img", dict(prompt=None), "prompt"),
     ("txt2img", dict(prompt=["a", "b"], negative_prompt=["x"]), "negative_prompt"),
     ("txt2img", dict(sampler="Euler b"), "sampler"),
-    ("txt2img", dict(sampler="Euler a", eta=0.5), "eta"),
+    ("txt2img", dict(sampler="Euler", eta=0.5), "eta"),
+    ("txt2img", dict(sampler="Euler a", eta=1.5), "eta"),
     ("txt2img", dict(num_images_per_prompt=0), "num_images_per_prompt"),
     ("txt2img", dict(output_type="jpg"), "output_type"),
     ("txt2img", dict(clip_skip=3), "clip_skip"),

@@ -125,7 +125,7 @@ SIGMA_PAIRS = {  # name: (minisd class and options, diffusers class and options)
     "heun": ((HeunSampler, {}), (HeunDiscreteScheduler, {})),
     "dpmpp_2m": ((DPMSolverPP2MSampler, {}), (DPMSolverMultistepScheduler, {})),
     "dpmpp_2m_karras": (
-        (DPMSolverPP2MSampler, {"use_karras_sigmas": True}),
+        (DPMSolverPP2MSampler, {"schedule_type": "Karras"}),
         (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
     ),
     "dpmpp_2m_sde": (
@@ -173,8 +173,9 @@ def test_sigma_samplers_zero_snr_parity(name):
     Bar 5e-5: the first step from σ = 4096 to σ_next ≈ 16 cancels x ≈ 4096·ε against (σ − σ_next)·dx/dσ. Both
     sides do it in float32 (diffusers casts the sample to float32), where x is known to 4096 · 6e-8 = 2.4e-4, on a
     result of scale ~16: 1.5e-5 of it, the measured gap (Euler, n = 10), carried on by the later steps."""
-    for n in (2, 10, 50):
-        ours, ref = check_sigma_pair("test_sigma_samplers_zero_snr_parity", name, n, torch.float32, ZERO_SNR, 5e-5)
+    for n, spacing in ((2, "linspace"), (10, "linspace"), (50, "linspace"), (10, "trailing"), (50, "trailing")):
+        settings = {**ZERO_SNR, "timestep_spacing": spacing}  # "trailing": what Lin et al. pair zero SNR with
+        ours, ref = check_sigma_pair("test_sigma_samplers_zero_snr_parity", name, n, torch.float32, settings, 5e-5)
         if not name.startswith("dpm"):
             assert math.isclose(ours.init_noise_sigma, 4096.0, rel_tol=1e-6)
             assert math.isclose(float(ref.init_noise_sigma), ours.init_noise_sigma, rel_tol=1e-6)

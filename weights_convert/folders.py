@@ -13,8 +13,9 @@ A diffusers folder:
     text_encoder/  config.json + model[.fp16].safetensors (or pytorch_model.bin)
     tokenizer/     vocab.json + merges.txt (optional for loading: SD ships one vocabulary, minisd packages it),
                    special_tokens_map.json naming the padding token ("!" in SD 2.x folders)
-    scheduler/     scheduler_config.json: what the model predicts (prediction_type: epsilon or v_prediction) and
-                   whether its β are rescaled for zero terminal SNR (rescale_betas_zero_snr)
+    scheduler/     scheduler_config.json (optional): what the model predicts (prediction_type: epsilon or
+                   v_prediction), whether its β are rescaled for zero terminal SNR (rescale_betas_zero_snr), and
+                   the samplers' defaults (configs.scheduler_settings)
 """
 
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from weights_convert.configs import (
     configs_from_shapes,
     family,
     read_config_file,
+    scheduler_settings,
     sd_config,
     write_config_file,
 )
@@ -65,6 +67,7 @@ class Weights:
     kept: dict[str, Tensor] = field(default_factory=dict)  # an official file's tensors minisd does not load
     metadata: dict[str, str] = field(default_factory=dict)  # a .safetensors file's metadata (read once)
     rescale_betas_zero_snr: bool = False  # a folder's scheduler_config: β rescaled for zero terminal SNR
+    scheduler: dict[str, str] = field(default_factory=dict)  # a folder's sampler defaults (configs.scheduler_settings)
 
 
 def read_weights(path: Path, use_ema: bool = True, variant: str | None = None) -> Weights:
@@ -149,7 +152,7 @@ def read_folder(folder: Path, variant: str | None = None) -> Weights:
         unet_info = inspect_checkpoint(state_dicts["unet"])  # refuses LoRA / SDXL weights, finds the inpainting UNet
     except MinisdError as error:
         raise MinisdError(f"{folder / 'unet'}: {error}") from None
-    prediction_type, zero_snr = read_scheduler_config(folder)
+    prediction_type, zero_snr, scheduler = read_scheduler_config(folder)
     sd_variant = family(configs) + ("-inpainting" if unet_info.variant.endswith("inpainting") else "")
     info = CheckpointInfo(
         layout="diffusers",
@@ -162,7 +165,7 @@ def read_folder(folder: Path, variant: str | None = None) -> Weights:
         },
         prediction_type=prediction_type,
     )
-    return Weights(state_dicts, info, configs, rescale_betas_zero_snr=zero_snr)
+    return Weights(state_dicts, info, configs, rescale_betas_zero_snr=zero_snr, scheduler=scheduler)
 
 
 def prediction_of(info: CheckpointInfo, given: str | None, name: str) -> tuple[str, str | None]:
@@ -193,18 +196,21 @@ def prediction_of(info: CheckpointInfo, given: str | None, name: str) -> tuple[s
     return ("v_prediction" if v else "epsilon"), note + " (--prediction-type epsilon|v_prediction to choose)"
 
 
-def read_scheduler_config(folder: Path) -> tuple[str | None, bool]:
-    """(prediction_type, rescale_betas_zero_snr) of a folder's scheduler/scheduler_config.json: (None, False) without
-    one; a one-line MinisdError for values minisd cannot honour."""
+def read_scheduler_config(folder: Path) -> tuple[str | None, bool, dict[str, str]]:
+    """(prediction_type, rescale_betas_zero_snr, sampler defaults) of a folder's scheduler/scheduler_config.json,
+    read once: what the model predicts and whether its β are rescaled for zero terminal SNR (checked by
+    samplers.base.check_prediction_type), and configs.scheduler_settings. (None, False, {}) without one; a one-line
+    MinisdError for values minisd cannot honour."""
     path = folder / SCHEDULER_FILE
     if not path.is_file():
-        return None, False
+        return None, False, {}
     config = read_config_file(path)
     prediction_type, zero_snr = config.get("prediction_type", "epsilon"), config.get("rescale_betas_zero_snr", False)
     try:
-        return check_prediction_type(prediction_type, zero_snr), zero_snr
+        check_prediction_type(prediction_type, zero_snr)
     except MinisdError as error:
         raise MinisdError(f"{path}: {error}") from None
+    return prediction_type, zero_snr, scheduler_settings(config, path)
 
 
 def pad_token(folder: Path) -> str:
@@ -392,7 +398,12 @@ def describe(path: Path) -> str:
         f"variant:    {info.variant}",
         f"prediction: {_prediction_line(info, path)}",
         "ema:        "
-        + ("EMA and raw UNet (EMA used by default; --raw-unet for the raw one)" if info.has_ema else "no"),
+        + (
+            "EMA and raw UNet (EMA used by default; the raw one: use_ema=False in Python, or python -m "
+            "weights_convert convert --raw-unet)"
+            if info.has_ema
+            else "no"
+        ),
         "dtype:      " + ", ".join(f"{c} {d}" for c, d in dtypes.items()),
         "parameters:",
         *[f"  {c:<14}{n:>15,}" for c, n in counts.items()],

@@ -9,8 +9,8 @@ Seeds, A1111's rule as in minisd.api: image i of a call uses seed + i and is mad
 100 decoder steps (DDPM), guidance 4, 25 prior steps, prior guidance 4, 512 × 512, img2img strength 0.3; an empty
 negative prompt means none (the decoder then steers away from a zero image's embedding, as diffusers does).
 
-KandinskyParameters records beside GenerationParameters' fields: Prior (its folder or hub id; the decoder is
-`Weights`), Prior steps and Prior CFG scale.
+KandinskyParameters records beside GenerationParameters' fields: Prior (its hub id, or its folder's name; the
+decoder is `Model`, named the same way: never a path), Prior steps and Prior CFG scale.
 """
 
 import os
@@ -21,12 +21,13 @@ from PIL import Image
 
 from minisd.api import GenerationOutput
 from minisd.errors import MinisdError
+from minisd.hashes import source_image
 from minisd.kandinsky.loading import AUTO, KandinskyComponents, load_kandinsky
 from minisd.kandinsky.pipelines.common import DECODER_SAMPLERS
 from minisd.kandinsky.pipelines.img2img import img2img
 from minisd.kandinsky.pipelines.inpaint import inpaint
 from minisd.kandinsky.pipelines.txt2img import txt2img
-from minisd.parameters import GenerationParameters, draw_seed, parse_parameters, quote_value, source_image
+from minisd.parameters import GenerationParameters, draw_seed, parse_parameters, quote_value
 from minisd.pipelines.checks import check_seed, make_generator
 
 PRIOR_KEYS = {"prior": "Prior", "prior_steps": "Prior steps", "prior_guidance_scale": "Prior CFG scale"}
@@ -34,7 +35,7 @@ PRIOR_KEYS = {"prior": "Prior", "prior_steps": "Prior steps", "prior_guidance_sc
 
 @dataclass
 class KandinskyParameters(GenerationParameters):
-    """GenerationParameters of a Kandinsky 2.2 image: `weights` is the decoder, `prior` the prior."""
+    """GenerationParameters of a Kandinsky 2.2 image: `model_name` names the decoder, `prior` the prior."""
 
     prior: str | None = None
     prior_steps: int = 25
@@ -69,6 +70,11 @@ def number_or_text(value: str | int | float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
+def record_name(source: str | os.PathLike) -> str:
+    """What a record names a decoder or prior by: a hub id as it is, a folder by its name (never its path)."""
+    return os.path.basename(os.path.abspath(source)) if os.path.exists(source) else str(source)
+
+
 def is_kandinsky_text(text: str) -> bool:
     """Whether a "parameters" text was written for a Kandinsky 2.2 image (it has the prior's keys)."""
     return "Prior steps" in parse_parameters(text)
@@ -100,7 +106,7 @@ class Kandinsky:
         weights = str(os.path.abspath(decoder)) if os.path.exists(decoder) else str(decoder)
         prior = components.sources.get("prior")
         prior = str(os.path.abspath(prior)) if prior is not None and os.path.exists(prior) else prior
-        return cls(components, weights, prior, os.path.basename(weights.rstrip("/")))
+        return cls(components, weights, prior, record_name(decoder))
 
     @property
     def device(self) -> torch.device:
@@ -125,10 +131,10 @@ class Kandinsky:
                 sampler: str = "DDPM", seed: int | None = None, num_images_per_prompt: int = 1,
                 callback=None) -> GenerationOutput:  # fmt: skip
         """Redraw `image` (a PIL image or a path; resized to height × width) following the prompt."""
-        pil, path, pixels = source_image("image", image)
+        pil, pixels = source_image("image", image)
         params = self._parameters("img2img", prompt, negative_prompt, num_inference_steps, sampler, guidance_scale,
                                   width, height, prior_num_inference_steps, prior_guidance_scale)  # fmt: skip
-        params.strength, params.image, params.image_hash = strength, path, pixels
+        params.strength, params.image_hash = strength, pixels
         return self._run(params, seed, num_images_per_prompt, callback, pil)
 
     def inpaint(self, prompt: str, image: Image.Image | str | os.PathLike, mask_image: Image.Image | str | os.PathLike,
@@ -137,16 +143,22 @@ class Kandinsky:
                 sampler: str = "DDPM", seed: int | None = None, num_images_per_prompt: int = 1,
                 callback=None) -> GenerationOutput:  # fmt: skip
         """Repaint the white part of mask_image (both resized to height × width) following the prompt."""
-        pil, path, pixels = source_image("image", image)
-        mask, mask_path, mask_pixels = source_image("mask_image", mask_image)
+        pil, pixels = source_image("image", image)
+        mask, mask_pixels = source_image("mask_image", mask_image)
         params = self._parameters("inpaint", prompt, negative_prompt, num_inference_steps, sampler, guidance_scale,
                                   width, height, prior_num_inference_steps, prior_guidance_scale)  # fmt: skip
-        params.image, params.image_hash, params.mask_image, params.mask_hash = path, pixels, mask_path, mask_pixels
+        params.image_hash, params.mask_hash = pixels, mask_pixels
         return self._run(params, seed, num_images_per_prompt, callback, pil, mask)
 
-    def generate(self, params: KandinskyParameters, callback=None) -> Image.Image:
-        """One image again from its parameters (its source images read again from their paths and checked)."""
-        return self._run(params, params.seed, 1, callback, *params.source_images()).images[0]
+    def generate(
+        self,
+        params: KandinskyParameters,
+        image: Image.Image | str | os.PathLike | None = None,
+        mask_image: Image.Image | str | os.PathLike | None = None,
+        callback=None,
+    ) -> Image.Image:
+        """One image again from its parameters (its source images given again, checked against their hashes)."""
+        return self._run(params, params.seed, 1, callback, *params.source_images(image, mask_image)).images[0]
 
     def _parameters(self, mode, prompt, negative_prompt, steps, sampler, guidance_scale, width, height, prior_steps,
                     prior_guidance_scale) -> KandinskyParameters:  # fmt: skip
@@ -160,8 +172,10 @@ class Kandinsky:
         return KandinskyParameters(
             mode=mode, prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps, sampler=sampler,
             guidance_scale=guidance_scale, seed=0, width=width, height=height, model_name=self.model_name,
-            weights=self.weights, dtype=str(self.dtype).removeprefix("torch."), device=self.device.type,
-            prior=self.prior, prior_steps=prior_steps, prior_guidance_scale=prior_guidance_scale,
+            dtype=str(self.dtype).removeprefix("torch."), device=self.device.type,
+            threads=torch.get_num_threads() if self.device.type == "cpu" else None,
+            prior=None if self.prior is None else record_name(self.prior), prior_steps=prior_steps,
+            prior_guidance_scale=prior_guidance_scale,
         )  # fmt: skip
 
     def _run(self, params: KandinskyParameters, seed, num_images, callback, image=None, mask=None):

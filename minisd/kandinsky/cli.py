@@ -8,15 +8,20 @@ are Kandinsky's (their model_index.json says so).
 
 Defaults are diffusers': 100 decoder steps (DDPM), guidance 4, 25 prior steps, prior guidance 4, 512 × 512 (input
 images are resized to it), img2img strength 0.3. The prior is the one the decoder's README names, or --prior.
+The PNG names the decoder and prior by hub id or folder name (no paths); `regenerate` finds them again in the
+Hugging Face cache or --models-dir, and takes the source images again (--image, --mask).
 """
 
 import sys
 
+import torch
+
 from minisd.arguments import DTYPES
 from minisd.errors import MinisdError
-from minisd.kandinsky.api import Kandinsky, KandinskyParameters, is_kandinsky_text
+from minisd.kandinsky.api import Kandinsky, KandinskyParameters, is_kandinsky_text, record_name
 from minisd.kandinsky.loading import AUTO, is_kandinsky
 from minisd.kandinsky.pipelines.common import DECODER_SAMPLERS
+from minisd.locate import find_weights
 from minisd.parameters import draw_seed
 
 __all__ = ["add_arguments", "generate", "is_kandinsky", "is_kandinsky_text", "regenerate"]  # what minisd/cli.py uses
@@ -42,16 +47,25 @@ def check(args) -> None:
         raise MinisdError("--eta is an SD option (DDIM's η); Kandinsky 2.2's samplers here take none")
     if args.fast:
         raise MinisdError("--fast applies to SD v1's networks, not Kandinsky 2.2's")
+    sd_only = [option for option, value in (
+        ("--schedule-type", args.schedule_type), ("--timestep-spacing", args.timestep_spacing),
+        ("--guidance-rescale", args.guidance_rescale), ("--vae-tiling", args.vae_tiling),
+        ("--paste-unmasked", args.paste_unmasked), ("--grid", args.grid),
+    ) if value]  # fmt: skip
+    if sd_only:
+        raise MinisdError(f"{', '.join(sd_only)}: SD v1 options, not Kandinsky 2.2's")
     if args.sampler is not None and args.sampler not in DECODER_SAMPLERS:
         raise MinisdError(
             f"--sampler must be one of {', '.join(DECODER_SAMPLERS)} for Kandinsky 2.2, got {args.sampler!r}"
         )
 
 
-def load(source: str, prior: str | None, dtype: str | None, device: str | None, status) -> Kandinsky:
+def load(
+    source: str, prior: str | None, dtype: str | None, device: str | None, status, cached_only: bool = False
+) -> Kandinsky:
     status.phase(f"loading {source}")
     pipe = Kandinsky.from_pretrained(source, prior=prior or AUTO, dtype=DTYPES[dtype] if dtype else None,
-                                     device=device or "cpu")  # fmt: skip
+                                     device=device or "cpu", local_files_only=cached_only)  # fmt: skip
     status.done(f"loaded {source} with the prior {pipe.prior}")
     return pipe
 
@@ -86,18 +100,27 @@ def generate(args, source: str, status, save, output_paths) -> None:
 
 
 def regenerate(args, text: str, status, save, output_paths, weights_source) -> None:
-    """`minisd regenerate` of a Kandinsky 2.2 PNG: the recorded decoder and prior (or --model / --prior)."""
+    """`minisd regenerate` of a Kandinsky 2.2 PNG: the decoder and prior it names, found again by name
+    (minisd/locate.py: a hub id in the Hugging Face cache, a folder in --models-dir), or --model / --prior."""
     params = KandinskyParameters.from_text(text)
-    source = weights_source(args) if args.model is not None or args.checkpoint is not None else params.weights
-    if source is None:
-        raise MinisdError(f"{args.png} names no decoder (no 'Weights:' parameter): pass --model")
+    models_dirs = args.models_dir or []
+    if args.model is not None or args.checkpoint is not None:
+        source, cached_only = weights_source(args), False
+    else:
+        source, cached_only = find_weights(params.model_name, None, models_dirs)
+    prior = args.prior
+    if prior is None and params.prior is not None:
+        prior = find_weights(params.prior, None, models_dirs)[0]
+    params.source_images(args.image, args.mask)  # before loading: a missing or changed image fails fast
     dtype = args.dtype or params.dtype
     if dtype is not None and dtype not in DTYPES:
         raise MinisdError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    pipe = load(source, args.prior or params.prior, dtype, args.device or params.device, status)
-    params.weights, params.prior, params.model_name = pipe.weights, pipe.prior, pipe.model_name
+    if params.threads is not None and (args.device or params.device or "cpu").startswith("cpu"):
+        torch.set_num_threads(params.threads)  # the CPU's float sums depend on how the work is split
+    pipe = load(source, prior, dtype, args.device or params.device, status, cached_only)
+    params.prior, params.model_name = record_name(pipe.prior), pipe.model_name
     params.dtype, params.device = str(pipe.dtype).removeprefix("torch."), pipe.device.type
     status.phase("regenerating")
-    pil = pipe.generate(params)
+    pil = pipe.generate(params, args.image, args.mask)
     status.done("regenerated: prior, decoder and MoVQ done")
     save(pil, params, output_paths(args.output, 1)[0], args.overwrite)

@@ -86,6 +86,13 @@ def inference_timesteps(
     return schedule[img2img_start(len(schedule), strength) :]
 
 
+def check_eta(eta: float) -> float:
+    """η (DDIM's, or an ancestral sampler's) as a float, or a one-line error unless it is a number in [0, 1]."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:  # NaN fails too
+        raise MinisdError(f"eta must be in [0, 1], got {eta!r}")
+    return float(eta)
+
+
 def upcast(x: Tensor) -> Tensor:
     """x in at least float32: steps are computed there and cast back, so fp16 latents lose nothing to the step."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -157,6 +164,8 @@ class Sampler:
     """
 
     name: str = ""  # the A1111 name, for PNG parameters
+    schedule_type: str = "Uniform"  # A1111's "Schedule type": which noise levels a run visits (sigmas.py)
+    timestep_spacing: str  # diffusers' name for how "Uniform" spaces the timesteps
     order: int = 1
     zero_snr: bool = True  # whether this sampler can run a zero-terminal-SNR schedule
     prediction_type: str = "epsilon"
@@ -164,6 +173,16 @@ class Sampler:
     timesteps: Tensor
     init_noise_sigma: float = 1.0
     step_index: int = 0  # the index in `timesteps` of the next model call
+
+    @property
+    def num_steps(self) -> int:
+        """The method steps of this run, what a progress bar counts: one per model call here (PLMS, Heun differ)."""
+        return len(self.timesteps)
+
+    @property
+    def steps_done(self) -> int:
+        """How many of num_steps the model calls so far have completed."""
+        return self.step_index
 
     def start_run(self, timesteps: Tensor) -> None:
         """Set the model calls of a run (one timestep each) and count from the first: every set_timesteps ends here."""

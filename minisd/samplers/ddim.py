@@ -15,9 +15,8 @@ fresh noise of size σ_t when η > 0. A v-prediction model gives x̂_0 and ε̂ 
 
 from torch import Generator, Tensor
 
-from minisd.errors import MinisdError
 from minisd.noise import randn
-from minisd.samplers.base import AlphaBarSampler
+from minisd.samplers.base import AlphaBarSampler, check_eta
 
 
 def ddim_step(
@@ -69,9 +68,7 @@ class DDIMSampler(AlphaBarSampler):
         prediction_type: str = "epsilon",
         rescale_betas_zero_snr: bool = False,
     ) -> None:
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:  # NaN fails too
-            raise MinisdError(f"eta must be in [0, 1], got {eta!r}")
-        self.eta = float(eta)
+        self.eta = check_eta(eta)
         super().__init__(
             timestep_spacing, betas, prediction_type=prediction_type, rescale_betas_zero_snr=rescale_betas_zero_snr
         )
