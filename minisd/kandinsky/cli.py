@@ -44,7 +44,7 @@ def check(args) -> None:
     if args.clip_skip is not None:
         raise MinisdError("--clip-skip is an SD option; Kandinsky 2.2's prior reads its text encoder's last layer")
     if args.eta:
-        raise MinisdError("--eta is an SD option (DDIM's η); Kandinsky 2.2's samplers here take none")
+        raise MinisdError("--eta is an SD option (A1111's Eta DDIM and Eta); Kandinsky 2.2's DDPM and DDIM take none")
     if args.fast:
         raise MinisdError("--fast applies to SD v1's networks, not Kandinsky 2.2's")
     sd_only = [option for option, value in (
