@@ -270,6 +270,7 @@ def command_regenerate(args, status: Status) -> None:
     if params.model_hash is not None and Path(source).is_file() and not hash_matches(params.model_hash, source):
         raise MinisdError(f"{source} has model hash {pipe.model_hash}, the PNG was made with {params.model_hash}")
     params.model_name = pipe.model_name  # as loaded now (the same unless overridden)
+    params.model_hash = pipe.model_hash  # A1111's 10 digits, also where the PNG held its old 8
     params.dtype, params.device = str(pipe.dtype).removeprefix("torch."), pipe.device.type
     path = output_paths(args.output, 1)[0]
     make_image(pipe, params, sources, params.seed, path, args.overwrite, status, "regenerating")

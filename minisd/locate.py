@@ -19,6 +19,22 @@ from minisd.hashes import hash_matches
 from minisd.loading import HUB_ID, WEIGHT_SUFFIXES
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether a recorded Model is a hub id "org/name" by the hub's rules (no "..", "--", no part starting or ending
+    with "." or "-"): never a relative path such as "../elsewhere".
+
+    >>> is_hub_id("CompVis/stable-diffusion-v1-4"), is_hub_id("../outside")
+    (True, False)
+    """
+    parts = name.split("/")
+    return (
+        bool(HUB_ID.match(name))
+        and ".." not in name
+        and "--" not in name
+        and not any(part[0] in ".-" or part[-1] in ".-" for part in parts)
+    )
+
+
 def weight_files(folder: Path, model_name: str | None) -> list[Path]:
     """The weights files under `folder` (any depth), those whose stem is model_name first."""
     if not folder.is_dir():
@@ -41,10 +57,11 @@ def find_weights(model_name: str | None, model_hash: str | None, models_dirs: li
                 if hash_matches(model_hash, path):
                     return str(path), False
     elif model_name is not None:
-        for folder in models_dirs:
+        plain = model_name not in ("", ".", "..") and Path(model_name).name == model_name  # not "../elsewhere"
+        for folder in models_dirs if plain else []:
             if (folder / model_name).is_dir():  # a diffusers folder (a Kandinsky prior has no unet/)
                 return str(folder / model_name), False
-        if HUB_ID.match(model_name):
+        if is_hub_id(model_name):
             return model_name, True
     where = ", ".join(str(folder) for folder in models_dirs) or "no --models-dir given"
     raise MinisdError(
