@@ -5,7 +5,8 @@ regenerate` does, since no path of the maker's machine is recorded (minisd/param
     --models-dir DIR (any number)        a .safetensors / .ckpt file under DIR whose short hash (A1111's 10 digits,
                                          or its old 8) is the recorded one, files named like the model tried first;
                                          without a recorded hash, a diffusers folder DIR/<Model>
-                                         (a Kandinsky decoder's or prior's too)
+                                         (a Kandinsky decoder's or prior's too), else a file <Model>.safetensors
+                                         or .ckpt under DIR (A1111 with its model hash turned off)
     the Hugging Face cache               a Model that is a hub id ("org/name"), as cached (never downloaded here)
     minisd's nano model                  its hash
 (--checkpoint FILE or --model ID|DIR name the weights outright; the command line checks a file's hash then.)
@@ -61,6 +62,9 @@ def find_weights(model_name: str | None, model_hash: str | None, models_dirs: li
         for folder in models_dirs if plain else []:
             if (folder / model_name).is_dir():  # a diffusers folder (a Kandinsky prior has no unet/)
                 return str(folder / model_name), False
+            named = [path for path in weight_files(folder, model_name) if path.stem == model_name]
+            if named:  # A1111 with its model hash turned off writes the file's name alone
+                return str(named[0]), False
         if is_hub_id(model_name):
             return model_name, True
     where = ", ".join(str(folder) for folder in models_dirs) or "no --models-dir given"

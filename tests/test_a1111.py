@@ -302,8 +302,8 @@ def test_model_hashes_new_and_old(tmp_path):
 
 def test_find_weights_by_either_hash_and_by_plain_name(tmp_path, monkeypatch):
     """regenerate's search (minisd/locate.py): a file under --models-dir named by its 10- or 8-digit hash whatever
-    its name; a diffusers folder by its plain name only (a tampered "Model: ../x" looks nowhere else); one line
-    naming where it looked otherwise."""
+    its name, or by its name where no hash is recorded; a diffusers folder by its plain name only (a tampered
+    "Model: ../x" looks nowhere else); one line naming where it looked otherwise."""
     from minisd import locate
 
     monkeypatch.setattr(locate, "default_model", lambda: None)  # not the nano model
@@ -318,6 +318,7 @@ def test_find_weights_by_either_hash_and_by_plain_name(tmp_path, monkeypatch):
     for recorded in (hashlib.sha256(data).hexdigest()[:10], hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]):
         assert locate.find_weights("v1-5-pruned-emaonly", recorded, [models]) == (want, False)
     assert locate.find_weights("my-folder", None, [models]) == (str(models / "my-folder"), False)
+    assert locate.find_weights("renamed", None, [models]) == (want, False)  # A1111 without its model hash
     assert locate.find_weights("org/name", None, [models]) == ("org/name", True)  # a hub id: the cache only
     for name, model_hash in (("../outside", None), ("x", "0" * 10), ("x", "0" * 8)):
         with pytest.raises(MinisdError, match=r"not in .*models: pass --checkpoint") as info:
