@@ -366,7 +366,7 @@ def build_parser() -> ArgumentParser:
     regenerate = commands.add_parser("regenerate", help="make a PNG minisd or A1111 wrote again, from its parameters")
     regenerate.add_argument("png", help="a PNG with A1111's 'parameters' text (minisd's, or A1111's own)")
     regenerate.add_argument("--models-dir", metavar="DIR", type=Path, action="append", help="where to look for the "
-                            "weights the PNG names, by hash (any number of times)")  # fmt: skip
+                            "weights the PNG names, by hash or name (any number of times)")  # fmt: skip
     regenerate.add_argument("--image", help="the source image of an img2img or inpaint PNG (checked by its hash)")
     regenerate.add_argument("--mask", help="the mask of an inpaint PNG (checked by its hash)")
     add_weights_args(regenerate)
