@@ -234,6 +234,16 @@ def test_inpaint(work):
     assert params.mode == "inpaint" and params.mask_hash is not None and params.strength == 1.0
     used_generate = run_cli(work, "generate", "a hat", "--checkpoint", "inpainting.safetensors", *SMALL)
     assert used_generate.returncode == 2 and "`minisd inpaint`" in used_generate.stderr
+    args = ["--image", "in.png", "--mask", "mask.png", "--steps", "2", "--checkpoint", "inpainting.safetensors"]
+    pasted = run_cli(work, "inpaint", "a hat", *args, "--seed", "1", "--paste-unmasked", "-o", "pp.png")
+    assert_ok(pasted)
+    assert "Paste unmasked: True" in read_png_parameters(work / "pp.png")
+    with Image.open(work / "pp.png") as out, Image.open(work / "in.png") as source:
+        outside = Image.new("L", (64, 64), 255)
+        outside.paste(0, (16, 16, 48, 48))  # the mask's black part, where the image's own pixels go back
+        rgb = out.convert("RGB")
+        assert rgb.tobytes() != source.tobytes()
+        assert Image.composite(source, rgb, outside).tobytes() == rgb.tobytes()  # outside: the source's bytes
 
 
 def test_no_weights_named_uses_the_nano_model(work, capsys, monkeypatch):
