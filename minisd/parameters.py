@@ -257,6 +257,7 @@ def sampler_settings(fields: dict[str, str]) -> tuple[str, str, float | None]:
     except MinisdError as error:
         raise MinisdError(f"Sampler: {error}") from None
     label = fields.get("Schedule type")
+    label = None if label is None else samplers.schedule_type_label(label)  # A1111 reads "karras" as "Karras"
     schedule = implied or ("Uniform" if label in (None, "Automatic") else label)
     if label == "Automatic" and implied is None:
         schedule = samplers.A1111_AUTOMATIC.get(display, "Uniform")

@@ -200,6 +200,10 @@ A1111_TEXTS = {  # name: (text, (sampler, schedule type, eta)); 1.5-era first, t
         "Model hash: 6ce0161689, Eta DDIM: 0.25, Version: v1.10.1",
         ("DDIM", "Uniform", 0.25),
     ),
+    "1.9 scheduler ids (as A1111's API takes them)": (
+        "Steps: 20, Sampler: Euler, Schedule type: sgm_uniform, CFG scale: 7, Seed: 5, Size: 512x512",
+        ("Euler", "SGM Uniform", None),
+    ),
     "1.9 img2img": (
         "Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 3, Size: 512x512, "
         "Model hash: 6ce0161689, Denoising strength: 0.55, Init image hash: 6ad5a6ec2bd79457a4e9f5e2e80c2b2f, "

@@ -76,6 +76,8 @@ def test_schedule_types_and_automatic():
         get_sampler("Euler", schedule_type="Karras", timestep_spacing="leading")
     with pytest.raises(MinisdError, match="schedule_type must be one of"):
         get_sampler("Euler", schedule_type="Polyexponential")
+    for spelling, label in (("karras", "Karras"), ("sgm_uniform", "SGM Uniform"), ("automatic", "Karras")):
+        assert get_sampler("DPM++ 2M", schedule_type=spelling).schedule_type == label  # A1111's ids too
 
 
 def test_sde_variants():
