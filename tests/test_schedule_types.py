@@ -166,6 +166,32 @@ def test_karras_and_exponential_match_diffusers(name, schedule):
         assert_parity("test_karras_and_exponential", f"{name} {schedule} n={n}", traj_ours, traj_ref, bar)
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("name", ["DPM++ 2M", "DPM++ 2M SDE"])
+def test_dpm_karras_and_exponential_under_any_spacing_match_diffusers(name, spacing):
+    """A folder saved after `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)`
+    keeps PNDM's timestep_spacing "leading": diffusers' DPM++ spaces Karras and exponential σ over the whole table
+    whatever the spacing, and so does minisd (same σ, same t, every step equal). diffusers' Euler, Heun and LMS
+    take their Karras / exponential range from the spaced t instead: minisd refuses that pair in one line."""
+    for schedule in ("Karras", "Exponential"):
+        for n in (10, 25):
+            ours = get_sampler(name, schedule_type=schedule, timestep_spacing=spacing)
+            ref = diffusers_twin(name, timestep_spacing=spacing, **diffusers_options(schedule))
+            ours.set_timesteps(n)
+            ref.set_timesteps(n)
+            torch.testing.assert_close(ours.sigmas.float(), ref.sigmas, rtol=2e-5, atol=0)  # as the test above
+            truncates = schedule == "Exponential"  # diffusers truncates t there (the test above)
+            assert (ours.timesteps - ref.timesteps).abs().max() <= (1 if truncates else 0)
+            ours.set_timesteps(n)
+            twin = diffusers_twin(name, timestep_spacing=spacing, **diffusers_options(schedule))
+            traj_ours, traj_ref = step_side_by_side(name, ours, twin, n, torch.float32, same_t=truncates)
+            bar = 5e-5 if "SDE" in name else 2e-5
+            label = f"{name} {schedule} {spacing} n={n}"
+            assert_parity("test_dpm_karras_and_exponential_under_any_spacing", label, traj_ours, traj_ref, bar)
+    with pytest.raises(MinisdError, match="applies to the Uniform schedule only"):
+        get_sampler("Euler", schedule_type="Karras", timestep_spacing=spacing)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. k-diffusion's schedules and sampling loops, re-derived (k_diffusion/sampling.py, k_diffusion/external.py,
 #    A1111 modules/sd_schedulers.py), float64 throughout
