@@ -167,29 +167,31 @@ def test_karras_and_exponential_match_diffusers(name, schedule):
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
-@pytest.mark.parametrize("name", ["DPM++ 2M", "DPM++ 2M SDE"])
-def test_dpm_karras_and_exponential_under_any_spacing_match_diffusers(name, spacing):
-    """A folder saved after `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)`
-    keeps PNDM's timestep_spacing "leading": diffusers' DPM++ spaces Karras and exponential σ over the whole table
-    whatever the spacing, and so does minisd (same σ, same t, every step equal). diffusers' Euler, Heun and LMS
-    take their Karras / exponential range from the spaced t instead: minisd refuses that pair in one line."""
+@pytest.mark.parametrize("name", ["LMS", "Euler", "Heun", "DPM++ 2M", "DPM++ 2M SDE"])
+def test_karras_and_exponential_under_every_spacing_match_diffusers(name, spacing):
+    """Karras and Exponential with a timestep_spacing, as a folder saved after
+    `XScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)` holds it (PNDM's "leading"): diffusers'
+    DPM++ spans the whole table whatever the spacing; its Euler, Heun and LMS span the σ of the spaced t. minisd
+    does each (schedule_range): same σ, same t, every step equal, bars as the test above. SGM Uniform spaces its own
+    t: refused with a spacing, in one line."""
     for schedule in ("Karras", "Exponential"):
         for n in (10, 25):
             ours = get_sampler(name, schedule_type=schedule, timestep_spacing=spacing)
             ref = diffusers_twin(name, timestep_spacing=spacing, **diffusers_options(schedule))
             ours.set_timesteps(n)
             ref.set_timesteps(n)
-            torch.testing.assert_close(ours.sigmas.float(), ref.sigmas, rtol=2e-5, atol=0)  # as the test above
-            truncates = schedule == "Exponential"  # diffusers truncates t there (the test above)
-            assert (ours.timesteps - ref.timesteps).abs().max() <= (1 if truncates else 0)
+            sigmas = torch.cat([ours.call_sigmas, ours.sigmas[-1:]]) if name == "Heun" else ours.sigmas
+            torch.testing.assert_close(sigmas.float(), ref.sigmas, rtol=2e-5, atol=0)
+            truncates = name.startswith("DPM") and schedule == "Exponential"  # diffusers truncates t there
+            assert (ours.timesteps - ref.timesteps).abs().max() <= (1 if truncates else 2e-3)
             ours.set_timesteps(n)
             twin = diffusers_twin(name, timestep_spacing=spacing, **diffusers_options(schedule))
             traj_ours, traj_ref = step_side_by_side(name, ours, twin, n, torch.float32, same_t=truncates)
             bar = 5e-5 if "SDE" in name else 2e-5
             label = f"{name} {schedule} {spacing} n={n}"
-            assert_parity("test_dpm_karras_and_exponential_under_any_spacing", label, traj_ours, traj_ref, bar)
-    with pytest.raises(MinisdError, match="applies to the Uniform schedule only"):
-        get_sampler("Euler", schedule_type="Karras", timestep_spacing=spacing)
+            assert_parity("test_karras_and_exponential_under_every_spacing", label, traj_ours, traj_ref, bar)
+    with pytest.raises(MinisdError, match="SGM Uniform spaces its own t"):
+        get_sampler(name, schedule_type="SGM Uniform", timestep_spacing=spacing)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from torch import Generator, Tensor
 from minisd.errors import MinisdError
 from minisd.noise import randn
 from minisd.samplers.base import check_eta, upcast
-from minisd.samplers.schedule import NUM_TRAIN_TIMESTEPS, SPACINGS, spaced_timesteps
+from minisd.samplers.schedule import NUM_TRAIN_TIMESTEPS, spaced_timesteps
 from minisd.samplers.sigmas import SigmaSampler, linspace_exact, t_at
 
 
@@ -139,12 +139,7 @@ class DPMSolverPP2MSampler(SigmaSampler):
     def __init__(
         self, schedule_type: str = "Uniform", timestep_spacing: str = "linspace", sde: bool = False, eta: float = 1.0
     ) -> None:
-        # diffusers' DPM++ spaces Karras and exponential σ over the whole table whatever its timestep_spacing (a
-        # folder saved with use_karras_sigmas keeps PNDM's "leading"): only "Uniform" reads the spacing here
-        super().__init__(schedule_type, timestep_spacing if schedule_type == "Uniform" else "linspace")
-        if timestep_spacing not in SPACINGS:
-            raise MinisdError(f"timestep_spacing must be one of {', '.join(SPACINGS)}, got {timestep_spacing!r}")
-        self.timestep_spacing = timestep_spacing
+        super().__init__(schedule_type, timestep_spacing)
         if eta != 1.0 and not sde:
             raise MinisdError(f"eta applies to DPM++ 2M SDE (the ODE step draws no noise), got eta={eta!r}")
         self.sde = sde
@@ -153,6 +148,11 @@ class DPMSolverPP2MSampler(SigmaSampler):
 
     def uniform_timesteps(self, num_inference_steps: int) -> Tensor:
         return dpm_timesteps(num_inference_steps, self.timestep_spacing)
+
+    def schedule_range(self, num_inference_steps: int) -> Tensor:
+        """The whole table, whatever the spacing: diffusers' DPM++ spaces Karras and exponential σ over it (a folder
+        saved with use_karras_sigmas keeps PNDM's "leading", which changes nothing there)."""
+        return self.sigma_table
 
     def timesteps_for(self, sigmas: Tensor) -> Tensor:
         """The integer timestep nearest (in log σ) to each σ, as diffusers rounds for DPM++."""
