@@ -330,8 +330,8 @@ def add_generation_args(command, name: str) -> None:
     schedules = ", ".join(SCHEDULE_TYPES)
     command.add_argument("--schedule-type", metavar="TYPE", help=f"the σ samplers' schedule: {schedules} or "
                          "Automatic (A1111's choice for the sampler) (default: Uniform)")  # fmt: skip
-    command.add_argument("--timestep-spacing", choices=SPACINGS, help="diffusers' spacing of the Uniform schedule "
-                         "(default: leading for DDPM, DDIM, PLMS; linspace for the others)")  # fmt: skip
+    command.add_argument("--timestep-spacing", choices=SPACINGS, help="diffusers' spacing of the timesteps (not with "
+                         "SGM Uniform) (default: leading for DDPM, DDIM, PLMS; linspace for the others)")  # fmt: skip
     command.add_argument("--eta", type=number, help="DDIM's eta (default 0), or Euler a's / DPM++ 2M SDE's (1)")
     command.add_argument("--seed", type=int, help="random seed (default: drawn, then printed)")
     command.add_argument("--clip-skip", type=int, help="CLIP layers skipped at the end (A1111's Clip skip 2 = 1)")
