@@ -272,6 +272,7 @@ def command_regenerate(args, status: Status) -> None:
     params.model_name = pipe.model_name  # as loaded now (the same unless overridden)
     params.model_hash = pipe.model_hash  # A1111's 10 digits, also where the PNG held its old 8
     params.dtype, params.device = str(pipe.dtype).removeprefix("torch."), pipe.device.type
+    params.threads = torch.get_num_threads() if pipe.device.type == "cpu" else None  # also where A1111 wrote none
     path = output_paths(args.output, 1)[0]
     make_image(pipe, params, sources, params.seed, path, args.overwrite, status, "regenerating")
 

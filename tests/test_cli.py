@@ -153,6 +153,7 @@ def test_regenerate_a1111_texts(work, tmp_path):
         schedule = "Karras" if name == "ok" else "Uniform"  # a 1.5-era "DPM++ 2M" ran Uniform
         assert (params.sampler, params.schedule_type, params.seed) == ("DPM++ 2M", schedule, 9)
         assert (params.model_name, params.model_hash) == ("tiny", model_hash)  # the 10 digits, found by the 8
+        assert params.threads == 1  # A1111 records none: the new PNG says what it was made with
     for name, fragment in (
         ("hires", "hires fix"),
         ("unipc", "Sampler: 'UniPC' is an A1111 sampler"),

@@ -120,6 +120,7 @@ def regenerate(args, text: str, status, save, output_paths, weights_source) -> N
     pipe = load(source, prior, dtype, args.device or params.device, status, cached_only)
     params.prior, params.model_name = record_name(pipe.prior), pipe.model_name
     params.dtype, params.device = str(pipe.dtype).removeprefix("torch."), pipe.device.type
+    params.threads = torch.get_num_threads() if pipe.device.type == "cpu" else None
     status.phase("regenerating")
     pil = pipe.generate(params, args.image, args.mask)
     status.done("regenerated: prior, decoder and MoVQ done")
