@@ -7,7 +7,9 @@
     minisd regenerate fox.png                          # the same image again, from the parameters in the PNG
 
 Weights: --checkpoint FILE, or --model ID_OR_FOLDER (a hub id through the Hugging Face cache, or a diffusers
-folder). Images are written as PNGs with A1111's "parameters" text; without -o to outputs/00001.png, 00002.png, ...
+folder). What users bring: --vae FILE|ID, --lora FILE[:WEIGHT] (repeatable), --embedding FILE (repeatable; type its
+name), and A1111's folders --embeddings DIR (a file's name typed in a prompt) and --lora-dir DIR (<lora:name:0.8>).
+Images are written as PNGs with A1111's "parameters" text; without -o to outputs/00001.png, 00002.png, ...
 An existing file is never replaced without --overwrite: a fresh name is taken and printed instead. With
 --num-images N, image i uses seed + i and goes to its own file (OUT-1.png ... OUT-N.png with -o OUT.png).
 Bad arguments or files: one line on stderr, exit status 2. Progress goes to stderr when it is a terminal.
@@ -118,10 +120,12 @@ def weights_source(args) -> str:
     return str(model)
 
 
-def load(source: str, dtype: str | None, device: str | None, fast: bool, status: Status) -> StableDiffusion:
+def load(
+    source: str, dtype: str | None, device: str | None, fast: bool, status: Status, vae: str | None = None
+) -> StableDiffusion:
     status.phase(f"loading {source}")
     dtype = DTYPES[dtype] if dtype else None
-    pipe = StableDiffusion.from_pretrained(source, dtype=dtype, device=device or "cpu", fast=fast)
+    pipe = StableDiffusion.from_pretrained(source, dtype=dtype, device=device or "cpu", fast=fast, vae=vae)
     pipe.set_progress_bar_config(disable=not status.live)  # the steps' bar on a terminal only, as the status lines
     status.done(f"loaded {source}")
     if Path(source).is_file():
@@ -194,8 +198,22 @@ def command_generate(args, status: Status) -> None:
     if args.mask is not None:
         open_image("--mask", args.mask)
     seed = args.seed if args.seed is not None else draw_seed()
+    loras = [lora_argument(text) for text in args.lora]  # a bad --lora fails before loading
+    for path in [*args.embedding, *(path for path, _ in loras)]:
+        if not Path(path).is_file():
+            raise MinisdError(f"{path}: no such file")
+    if args.fast and (loras or args.lora_dir):
+        raise MinisdError("--fast networks take no LoRA (fused QKV, prepacked convs): drop --fast or the LoRAs")
     paths = output_paths(args.output, args.num_images)
-    pipe = load(source, args.dtype, args.device, args.fast, status)
+    pipe = load(source, args.dtype, args.device, args.fast, status, args.vae)
+    for path in args.embedding:
+        pipe.load_textual_inversion(path)
+    for path, weight in loras:
+        pipe.load_lora_weights(path, weight)
+    if args.embeddings is not None:
+        pipe.use_embeddings_folder(args.embeddings)
+    if args.lora_dir is not None:
+        pipe.use_lora_folder(args.lora_dir)
     from minisd.train.evaluate import prompt_note  # the nano model's grammar: a note for prompts outside it
 
     note = prompt_note(source, args.prompt)
@@ -230,13 +248,29 @@ def command_regenerate(args, status: Status) -> None:
     device = args.device or params.device
     if device is not None:
         check_device(device)
-    pipe = load(source, dtype, device, args.fast or params.fast, status)
+    pipe = load(source, dtype, device, args.fast or params.fast, status, params.vae_source)
     if params.model_hash is not None and pipe.model_hash is not None and pipe.model_hash != params.model_hash:
         raise MinisdError(f"{source} has model hash {pipe.model_hash}, the PNG was made with {params.model_hash}")
+    if params.vae_hash is not None and pipe.additions.vae is not None and pipe.additions.vae[1] != params.vae_hash:
+        raise MinisdError(f"the VAE {params.vae_source} has hash {pipe.additions.vae[1]}, the PNG's: {params.vae_hash}")
+    pipe.additions.restore(params)  # its embeddings and LoRAs, each checked against its hash
     params.model_name, params.weights = pipe.model_name, pipe.weights  # as loaded now (the same unless overridden)
     params.dtype, params.device = str(pipe.dtype).removeprefix("torch."), pipe.device.type
     path = output_paths(args.output, 1)[0]
     make_image(pipe, params, params.source_images(), params.seed, path, args.overwrite, status, "regenerating")
+
+
+def lora_argument(text: str) -> tuple[str, float]:
+    """--lora FILE[:WEIGHT] -> (FILE, WEIGHT); weight 1 when none is given.
+
+    >>> lora_argument("ink.safetensors:0.8"), lora_argument("ink.safetensors")
+    (('ink.safetensors', 0.8), ('ink.safetensors', 1.0))
+    """
+    path, _, weight = text.rpartition(":")
+    try:
+        return (path, float(weight)) if path else (text, 1.0)
+    except ValueError:
+        return text, 1.0  # a colon that is part of the file name
 
 
 def make_image(pipe, params, sources, seed: int, path: Path, overwrite: bool, status: Status, label: str) -> None:
@@ -306,6 +340,15 @@ def build_parser() -> ArgumentParser:
             command.add_argument("--strength", type=number, default=default, help=f"in (0, 1] ({default})")
         command.add_argument("--num-images", type=positive_int, default=1, help="images, seed, seed+1, ... (1)")
         add_weights_args(command)
+        command.add_argument("--vae", metavar="FILE|ID", help="a separate VAE: a file, a folder or a hub id")
+        command.add_argument("--lora", metavar="FILE[:WEIGHT]", action="append", default=[],
+                             help="apply a LoRA at WEIGHT (1), to every image; repeatable")  # fmt: skip
+        command.add_argument("--embedding", metavar="FILE", action="append", default=[],
+                             help="a textual-inversion embedding; type its name in the prompt; repeatable")  # fmt: skip
+        command.add_argument("--embeddings", metavar="DIR", help="A1111's embeddings folder: a file's name in a "
+                             "prompt or negative prompt loads it")  # fmt: skip
+        command.add_argument("--lora-dir", metavar="DIR", help="A1111's Lora folder for <lora:name:WEIGHT> in the "
+                             "prompt")  # fmt: skip
     regenerate = commands.add_parser("regenerate", help="make a PNG minisd wrote again, from its parameters")
     regenerate.add_argument("png", help="a PNG written by minisd")
     add_weights_args(regenerate)

@@ -19,6 +19,13 @@ Steps, Sampler, CFG scale, Seed, Size, Model and Model hash:
     Weights             what from_pretrained was given: an absolute file or folder path, or the hub id
     Dtype, Device       the UNet's: other arithmetic gives other bytes
     Fast                minisd.fast applied: the same image up to float rounding, not to the byte
+    TI hashes           A1111's: each textual-inversion embedding the prompts used, "name: first 12 hex digits of
+                        the file's SHA-256, …"; minisd adds TI files, {name: absolute path} as JSON
+    Lora hashes         A1111's: each LoRA applied, "name: 12 hex digits of its tensor bytes' SHA-256, …" (lora_hash);
+                        minisd adds Lora files, {name: {"file": path, "weight": w, "fused": bool}} as JSON, with no
+                        weight for a LoRA the prompt names (<lora:name:w>: its weight is in the prompt)
+    VAE, VAE hash       A1111's: a separate VAE's file name (or hub id) and 10 hex digits of the file's SHA-256;
+                        minisd adds VAE source, its absolute path or hub id
 Not recorded: the hub snapshot revision of a hub id (the cached `main` is used), library versions and GPU model.
 Same recorded parameters, same weights, same device kind and dtype, same torch version -> same bytes.
 """
@@ -29,7 +36,7 @@ import math
 import os
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -59,13 +66,26 @@ def short_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:10]
 
 
-def file_hash(path: str | os.PathLike) -> str:
-    """short_hash of a file's bytes, read in 16 MiB pieces (A1111's model hash of a single file)."""
+def file_hash(path: str | os.PathLike, digits: int = 10, skip: int = 0) -> str:
+    """The first `digits` hex digits of the SHA-256 of a file's bytes from byte `skip` on, read in 16 MiB pieces:
+    A1111's "Model hash" and "VAE hash" (10 digits) and "TI hashes" (12)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        f.seek(skip)
         while piece := f.read(16 << 20):
             digest.update(piece)
-    return digest.hexdigest()[:10]
+    return digest.hexdigest()[:digits]
+
+
+def lora_hash(path: str | os.PathLike) -> str:
+    """A1111's "Lora hashes" entry: 12 hex digits of the SHA-256 of a .safetensors file's tensor bytes, after its
+    JSON header (kohya's sd-scripts "addnet" hash, unchanged when only the metadata is edited); of the whole file for
+    other formats."""
+    skip = 0
+    if Path(path).suffix.lower() == ".safetensors":
+        with open(path, "rb") as f:
+            skip = 8 + int.from_bytes(f.read(8), "little")  # u64 header length, then the header
+    return file_hash(path, digits=12, skip=skip)
 
 
 def pixels_hash(pil: Image.Image) -> str:
@@ -252,6 +272,13 @@ class GenerationParameters:
     dtype: str | None = None
     device: str | None = None
     fast: bool = False  # minisd.fast.make_fast applied: the same image up to float rounding, not to the byte
+    ti_hashes: dict[str, str] = field(default_factory=dict)  # embedding name as typed -> 12 hex digits
+    ti_files: dict[str, str] = field(default_factory=dict)  # embedding name -> absolute path
+    lora_hashes: dict[str, str] = field(default_factory=dict)  # LoRA name -> 12 hex digits (lora_hash)
+    lora_files: dict[str, dict] = field(default_factory=dict)  # name -> {"file", and "weight", "fused" if not a tag}
+    vae: str | None = None  # a separate VAE's file name or hub id (A1111's "VAE")
+    vae_hash: str | None = None
+    vae_source: str | None = None  # its absolute path or hub id
 
     def source_images(self) -> list[Image.Image]:
         """The source images its mode needs (none, the image, or the image and the mask), read again from their
@@ -279,6 +306,13 @@ class GenerationParameters:
             "Dtype": self.dtype,
             "Device": self.device,
             "Fast": "True" if self.fast else None,
+            "TI hashes": _name_list(self.ti_hashes),
+            "TI files": json.dumps(self.ti_files) if self.ti_files else None,
+            "Lora hashes": _name_list(self.lora_hashes),
+            "Lora files": json.dumps(self.lora_files) if self.lora_files else None,
+            "VAE": self.vae,
+            "VAE hash": self.vae_hash,
+            "VAE source": self.vae_source,
         }
         return format_parameters(
             self.prompt, self.negative_prompt, self.num_inference_steps, self.sampler, self.guidance_scale,
@@ -321,6 +355,41 @@ class GenerationParameters:
                 dtype=fields.get("Dtype"),
                 device=fields.get("Device"),
                 fast=fields.get("Fast") == "True",
+                ti_hashes=_read_name_list(fields.get("TI hashes")),
+                ti_files=_read_json("TI files", fields.get("TI files")),
+                lora_hashes=_read_name_list(fields.get("Lora hashes")),
+                lora_files=_read_json("Lora files", fields.get("Lora files")),
+                vae=fields.get("VAE"),
+                vae_hash=fields.get("VAE hash"),
+                vae_source=fields.get("VAE source"),
             )
         except ValueError as error:
             raise MinisdError(f"parameters hold a value that is not a number: {error}") from None
+
+
+def _name_list(names: dict[str, str]) -> str | None:
+    """A1111's list form "name: hash, name: hash" (None when empty).
+
+    >>> _name_list({"cat-toy": "0123456789ab", "neg": "ba9876543210"})
+    'cat-toy: 0123456789ab, neg: ba9876543210'
+    """
+    return ", ".join(f"{name}: {value}" for name, value in names.items()) or None
+
+
+def _read_name_list(text: str | None) -> dict[str, str]:
+    """_name_list read back: each ", "-separated entry split at its last ": " (a name may hold ": ", a hash never)."""
+    pairs = [entry.rpartition(": ") for entry in (text or "").split(", ") if entry]
+    return {name.strip(): value.strip() for name, _, value in pairs}
+
+
+def _read_json(key: str, text: str | None) -> dict:
+    """One of minisd's JSON-valued keys (TI files, Lora files) read back; {} when absent."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise MinisdError(f"parameters' {key} must be a JSON object, got {text!r:.60}")
+    return value
