@@ -12,7 +12,7 @@ text projection belong to CLIP's contrastive loss, and SD v1 passes no padding a
 `use_attention_mask` is unset for it): padding tokens are ordinary tokens that see the prompt before them.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -196,7 +196,7 @@ class TextEncoder(nn.Module):
         grown.weight.copy_(torch.cat([table, vectors.to(table)]))
         grown.weight.requires_grad_(table.requires_grad)
         self.embeddings.token_embedding = grown
-        self.config.vocab_size = grown.num_embeddings
+        self.config = replace(self.config, vocab_size=grown.num_embeddings)  # a new config: others may share the old
         return list(range(table.shape[0], grown.num_embeddings))
 
     def prompt_embeds(self, input_ids: Tensor, clip_skip: int | None = None) -> Tensor:
