@@ -28,6 +28,7 @@ from minisd.arguments import DTYPES, ArgumentParser, number, positive_int
 from minisd.errors import MinisdError
 from minisd.images import open_image, read_png_parameters, save_png
 from minisd.loading import HUB_ID
+from minisd.lora import lora_tags
 from minisd.parameters import GenerationParameters, draw_seed
 from minisd.samplers import sampler_names
 
@@ -198,7 +199,8 @@ def command_generate(args, status: Status) -> None:
     if args.mask is not None:
         open_image("--mask", args.mask)
     seed = args.seed if args.seed is not None else draw_seed()
-    loras = [lora_argument(text) for text in args.lora]  # a bad --lora fails before loading
+    loras = [lora_argument(text) for text in args.lora]  # a bad --lora or <lora:…> tag fails before loading
+    prompt_without_tags = lora_tags(args.prompt)[0]
     for path in [*args.embedding, *(path for path, _ in loras)]:
         if not Path(path).is_file():
             raise MinisdError(f"{path}: no such file")
@@ -216,7 +218,7 @@ def command_generate(args, status: Status) -> None:
         pipe.use_lora_folder(args.lora_dir)
     from minisd.train.evaluate import prompt_note  # the nano model's grammar: a note for prompts outside it
 
-    note = prompt_note(source, args.prompt)
+    note = prompt_note(source, prompt_without_tags)
     if note is not None:
         print(note, file=sys.stderr)
     params, sources = pipe.parameters(
