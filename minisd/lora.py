@@ -57,8 +57,8 @@ class LoraBranch(nn.Module):
     def __init__(self, layer: nn.Linear | nn.Conv2d, weight: LoraWeight, scale: float):
         super().__init__()
         down, up = _fit(layer, weight)
-        self.register_buffer("down", down.to(layer.weight), persistent=False)
-        self.register_buffer("up", up.to(layer.weight), persistent=False)
+        self.down = nn.Parameter(down.to(layer.weight), requires_grad=False)  # (trainable: train/finetune.py)
+        self.up = nn.Parameter(up.to(layer.weight), requires_grad=False)
         self.conv = isinstance(layer, nn.Conv2d)
         self.stride, self.padding, self.dilation = (
             (layer.stride, layer.padding, layer.dilation) if self.conv else (1,) * 3
