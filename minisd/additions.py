@@ -9,8 +9,9 @@ diffusers users and AUTOMATIC1111 (A1111) users know it, and the record that mak
     a VAE (minisd.loading.load_vae)                from_pretrained(…, vae=…)            (--vae on the command line)
 
 `Additions` keeps them for one StableDiffusion: `record` writes into an image's GenerationParameters what it used
-(A1111's "TI hashes", "Lora hashes", "VAE", "VAE hash", and the paths minisd needs to find them again), `applied`
-puts a prompt's <lora:…> tags on for one image, and `restore` loads what a record names (`minisd regenerate`).
+(A1111's "TI hashes", "Lora hashes", "VAE", "VAE hash", and minisd's "Lora weights": names and hashes, never a
+path), `applied` puts a prompt's <lora:…> tags on for one image, and `restore` loads what a record names, found
+again by hash in the folders given (`minisd regenerate --models-dir`).
 """
 
 import os
@@ -19,8 +20,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from minisd.errors import MinisdError
+from minisd.hashes import file_hash, find_by_hash, lora_hash
+from minisd.loading import load_vae
 from minisd.lora import Adapters, LoraWeight, lora_tags, read_lora
-from minisd.parameters import GenerationParameters, file_hash, lora_hash
+from minisd.parameters import GenerationParameters
 from minisd.textual_inversion import EmbeddingsFolder, LoadedEmbedding, load_textual_inversion, used_embeddings
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
@@ -39,7 +42,7 @@ class Additions:
         self.lora_paths: dict[str, Path] = {}  # names a prompt's tags may use beyond the folder (from a record)
         self.adapters = Adapters({"unet": components.unet, "text_encoder": components.text_encoder})
         self._lora_cache: dict[Path, list[LoraWeight]] = {}
-        self.vae: tuple[str, str | None, str] | None = None  # (name, hash, source) of a separate VAE
+        self.vae: tuple[str, str | None] | None = None  # (name, hash) of a separate VAE
 
     # --- embeddings
 
@@ -123,49 +126,85 @@ class Additions:
         self._load_used_embeddings(texts)
         for embedding in used_embeddings(self.components.tokenizer, self.embeddings, texts):
             params.ti_hashes[embedding.token] = embedding.hash
-            params.ti_files[embedding.token] = str(embedding.path)
         for adapter in self.adapters.adapters.values():
             params.lora_hashes[adapter.name] = adapter.hash
-            entry = {"file": str(adapter.path), "weight": adapter.scale, "fused": adapter.fused}
-            params.lora_files[adapter.name] = entry
+            params.lora_weights[adapter.name] = {"weight": adapter.scale, "fused": adapter.fused}
         for name in tags:
-            path = self._tag_path(name)
-            if name in params.lora_files:
+            if name in params.lora_weights:
                 raise MinisdError(f"LoRA {name!r} is loaded and also named by a <lora:…> tag: use one of the two")
-            params.lora_hashes[name], params.lora_files[name] = lora_hash(path), {"file": str(path)}
+            params.lora_hashes[name] = lora_hash(self._tag_path(name))
         if self.vae is not None:
-            params.vae, params.vae_hash, params.vae_source = self.vae
+            params.vae, params.vae_hash = self.vae
 
-    def restore(self, params: GenerationParameters) -> None:
-        """Load what a record names (its embeddings, its LoRAs at their weights, fused as they were; the tags' files
-        by name), each checked against its recorded hash: what `minisd regenerate` does before generating."""
-        for token, path in params.ti_files.items():
-            loaded = self.load_textual_inversion(path, token)
-            _same_hash("embedding", token, loaded.hash, params.ti_hashes.get(token))
-        for name, entry in params.lora_files.items():
-            path = Path(entry.get("file", "")) if isinstance(entry, dict) else Path("")
-            if not path.is_file():
-                raise MinisdError(f"the LoRA {name!r} the parameters name is no file: {str(path)!r}")
-            _same_hash("LoRA", name, lora_hash(path), params.lora_hashes.get(name))
-            if "weight" in entry:
-                self.load_lora(path, entry["weight"], name)
-                if entry.get("fused"):
-                    self.adapters.fuse([name])
-            else:
+    def restore(self, params: GenerationParameters, places: list[Path]) -> None:
+        """Load what a record names, each file found under `places` by its recorded hash (no path is recorded): its
+        embeddings, its LoRAs at their weights, fused as they were, and the files of its prompt's <lora:…> tags (by
+        name): what `minisd regenerate` does before generating."""
+        for token, recorded in params.ti_hashes.items():
+            path = find_by_hash("embedding", token, recorded, lambda p: file_hash(p, digits=12), places)
+            self.load_textual_inversion(path, token)
+        for name, recorded in params.lora_hashes.items():
+            path = find_by_hash("LoRA", name, recorded, lora_hash, places).resolve()
+            entry = params.lora_weights.get(name)
+            if entry is None:  # a <lora:name:w> tag of the prompt: its weight is there
                 self.lora_paths[name] = path
+                continue
+            if not isinstance(entry, dict) or not isinstance(entry.get("weight"), int | float):
+                raise MinisdError(f"parameters' Lora weights for {name!r} must be {{'weight': w, ...}}, got {entry!r}")
+            self.load_lora(path, entry["weight"], name)
+            if entry.get("fused"):
+                self.adapters.fuse([name])
 
-    def vae_record(self, source: str) -> None:
-        """Remember a separate VAE for the records: A1111's name (the file's name, or the folder's or hub id), the
-        file's 10-digit hash, and where it came from (absolute path or hub id)."""
+    def vae_record(self, source: str | os.PathLike | None) -> None:
+        """Remember a separate VAE for the records: A1111's name (the file's name, or the folder's, or the hub id)
+        and a file's 10-digit hash (never a path: minisd.locate.find_vae finds it again). None: no separate VAE."""
+        if source is None:
+            self.vae = None
+            return
         path = Path(source)
         if path.is_file():
-            self.vae = (path.name, file_hash(path), str(path.resolve()))
-        elif path.is_dir():
-            self.vae = (path.resolve().name, None, str(path.resolve()))
+            self.vae = (path.name, file_hash(path))
         else:
-            self.vae = (source, None, source)
+            self.vae = (path.resolve().name if path.is_dir() else str(source), None)
 
 
-def _same_hash(what: str, name: str, found: str, recorded: str | None) -> None:
-    if recorded is not None and found != recorded:
-        raise MinisdError(f"the {what} {name!r} has changed: its hash is {found}, the parameters record {recorded}")
+class AdditionsMethods:
+    """The diffusers-named methods StableDiffusion (minisd/api.py) offers for embeddings and LoRAs, on its
+    `additions`."""
+
+    additions: Additions
+
+    def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> str:
+        """Add a textual-inversion embedding (diffusers' learned_embeds.bin/.safetensors, A1111's .pt/.safetensors)
+        as the word `token` (None: the name the file gives); type it in prompts. Returns the token."""
+        return self.additions.load_textual_inversion(path, token).token
+
+    def use_embeddings_folder(self, folder: str | os.PathLike) -> None:
+        """A1111's embeddings folder: an embedding loads when its file's stem appears in a prompt or negative prompt."""
+        self.additions.use_embeddings_folder(folder)
+
+    def load_lora_weights(self, path: str | os.PathLike, weight: float = 1.0, adapter_name: str | None = None) -> None:
+        """Apply a LoRA (kohya/A1111 or diffusers/PEFT file) on the fly, at `weight`, to every image from now on,
+        beside any others; named `adapter_name` (None: the file's stem)."""
+        self.additions.load_lora(path, weight, adapter_name)
+
+    def fuse_lora(self) -> None:
+        """Merge the LoRAs applied so far into the weights (faster per step; unload_lora_weights restores them)."""
+        self.additions.adapters.fuse()
+
+    def unload_lora_weights(self) -> None:
+        """Every LoRA off: the UNet's and text encoder's weights are back, bit for bit."""
+        self.additions.adapters.unload()
+
+    def use_lora_folder(self, folder: str | os.PathLike) -> None:
+        """A1111's Lora folder: <lora:name:0.8> in a prompt applies folder/name.safetensors at 0.8 to that image."""
+        self.additions.use_lora_folder(folder)
+
+
+def separate_vae(components, vae: str | os.PathLike, dtype, device, local_files_only: bool):
+    """A separate VAE for these components (minisd.loading.load_vae), checked to fit their UNet."""
+    loaded = load_vae(vae, dtype=dtype, device=device, local_files_only=local_files_only)
+    channels = (loaded.config.latent_channels, components.unet.config.out_channels)
+    if channels[0] != channels[1]:
+        raise MinisdError(f"vae {vae}: {channels[0]} latent channels, the UNet's are {channels[1]}")
+    return loaded

@@ -4,18 +4,21 @@
     minisd img2img "a fox in winter" --image fox.png --strength 0.6 --model stable-diffusion-v1-5/stable-diffusion-v1-5
     minisd inpaint "a red hat" --image fox.png --mask hat-mask.png --checkpoint sd-v1-5-inpainting.ckpt
     minisd info v1-5-pruned-emaonly.safetensors      # what a file, folder or hub id holds
-    minisd regenerate fox.png                          # the same image again, from the parameters in the PNG
+    minisd regenerate fox.png --models-dir models/     # the same image again, from the parameters in the PNG
 
 Weights: --checkpoint FILE, or --model ID_OR_FOLDER (a hub id through the Hugging Face cache, or a diffusers
-folder). What users bring: --vae FILE|ID, --lora FILE[:WEIGHT] (repeatable), --embedding FILE (repeatable; type its
-name), and A1111's folders --embeddings DIR (a file's name typed in a prompt) and --lora-dir DIR (<lora:name:0.8>).
-Images are written as PNGs with A1111's "parameters" text; without -o to outputs/00001.png, 00002.png, ...
-An existing file is never replaced without --overwrite: a fresh name is taken and printed instead. With
---num-images N, image i uses seed + i and goes to its own file (OUT-1.png ... OUT-N.png with -o OUT.png).
+folder; a Kandinsky 2.2 decoder: see minisd/kandinsky/cli.py). What users bring: --vae FILE|ID, --lora
+FILE[:WEIGHT] (repeatable), --embedding FILE (repeatable; type its name), and A1111's folders --embeddings DIR (a
+file's name typed in a prompt) and --lora-dir DIR (<lora:name:0.8>). PNGs hold A1111's "parameters" text; without -o
+they go to outputs/00001.png, 00002.png, ... An existing file is never replaced without --overwrite: a fresh
+name is taken and printed instead. With --num-images N, image i uses seed + i and goes to its own file (OUT-1.png
+... OUT-N.png with -o OUT.png); --grid adds one picture of them all. `regenerate` finds the weights the PNG names
+by name and hash (minisd/locate.py), and its embeddings, LoRAs and VAE the same way.
 Bad arguments or files: one line on stderr, exit status 2. Progress goes to stderr when it is a terminal.
 """
 
 import argparse
+import math
 import re
 import sys
 import time
@@ -23,14 +26,19 @@ from pathlib import Path
 
 import torch
 
+from minisd import __version__, additions_cli
 from minisd.api import StableDiffusion, default_model
 from minisd.arguments import DTYPES, ArgumentParser, number, positive_int
 from minisd.errors import MinisdError
-from minisd.images import open_image, read_png_parameters, save_png
+from minisd.hashes import hash_matches
+from minisd.images import make_grid, open_image, read_png_parameters, save_png
+from minisd.kandinsky import cli as kandinsky_cli
 from minisd.loading import HUB_ID
-from minisd.lora import lora_tags
-from minisd.parameters import GenerationParameters, draw_seed
+from minisd.locate import find_vae, find_weights
+from minisd.parameters import GenerationParameters, check_fields, draw_seed, parse_parameters
 from minisd.samplers import sampler_names
+from minisd.samplers.schedule import SPACINGS
+from minisd.samplers.sigmas import SCHEDULE_TYPES
 
 OUTPUT_DIR = Path("outputs")
 MODES = {"generate": "txt2img", "img2img": "img2img", "inpaint": "inpaint"}  # command -> GenerationParameters.mode
@@ -122,11 +130,19 @@ def weights_source(args) -> str:
 
 
 def load(
-    source: str, dtype: str | None, device: str | None, fast: bool, status: Status, vae: str | None = None
+    source: str,
+    dtype: str | None,
+    device: str | None,
+    fast: bool,
+    status: Status,
+    cached_only: bool = False,
+    vae: str | None = None,
 ) -> StableDiffusion:
     status.phase(f"loading {source}")
     dtype = DTYPES[dtype] if dtype else None
-    pipe = StableDiffusion.from_pretrained(source, dtype=dtype, device=device or "cpu", fast=fast, vae=vae)
+    pipe = StableDiffusion.from_pretrained(
+        source, dtype=dtype, device=device or "cpu", fast=fast, local_files_only=cached_only, vae=vae
+    )
     pipe.set_progress_bar_config(disable=not status.live)  # the steps' bar on a terminal only, as the status lines
     status.done(f"loaded {source}")
     if Path(source).is_file():
@@ -156,7 +172,7 @@ def output_paths(output: str | None, n: int) -> list[Path]:
     return [path] if n == 1 else [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(n)]
 
 
-def write_png(pil, path: Path, text: str, overwrite: bool) -> Path:
+def write_png(pil, path: Path, text: str | None, overwrite: bool) -> Path:
     """Save; an existing path (without overwrite) gets a fresh name path-1.png, path-2.png, ... Returns the path."""
     candidate, k = path, 0
     while True:
@@ -175,17 +191,20 @@ def write_png(pil, path: Path, text: str, overwrite: bool) -> Path:
     return candidate
 
 
-def save(pil, params: GenerationParameters, path: Path, overwrite: bool) -> None:
+def save(pil, params: GenerationParameters, path: Path, overwrite: bool) -> Path:
     """Write one image with its parameters and print where it went."""
     text = params.text()
-    if GenerationParameters.from_text(text) != params:
+    if type(params).from_text(text) != params:
         print(
             "note: the prompt cannot be written exactly in A1111's format (spaces at a line's ends, or a line "
             "starting 'Negative prompt:'); regenerate will use the recorded text",
             file=sys.stderr,
         )
+    if params.sampler == "DDPM":
+        print("note: A1111 has no DDPM sampler: it reads this PNG's Sampler as its default sampler", file=sys.stderr)
     written = write_png(pil, path, text, overwrite)
     print(f"{written}  seed {params.seed}")
+    return written
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,93 +213,86 @@ def save(pil, params: GenerationParameters, path: Path, overwrite: bool) -> None
 
 def command_generate(args, status: Status) -> None:
     source = weights_source(args)
+    if kandinsky_cli.is_kandinsky(source):  # its model_index.json names a Kandinsky 2.2 pipeline
+        return kandinsky_cli.generate(args, source, status, save, output_paths)
+    if args.prior is not None or (args.command != "generate" and (args.height or args.width)):
+        raise MinisdError("--prior, and --height/--width with an input image, are Kandinsky 2.2 options")
+    args.steps = args.steps or 50  # SD v1's default (the sampler's: the model's, see StableDiffusion.sampler)
+    if args.command != "generate" and args.strength is None:
+        args.strength = 0.8 if args.command == "img2img" else 1.0
     if args.image is not None:
         open_image("--image", args.image)  # a missing or unreadable file fails before loading
     if args.mask is not None:
         open_image("--mask", args.mask)
     seed = args.seed if args.seed is not None else draw_seed()
-    loras = [lora_argument(text) for text in args.lora]  # a bad --lora or <lora:…> tag fails before loading
-    prompt_without_tags = lora_tags(args.prompt)[0]
-    for path in [*args.embedding, *(path for path, _ in loras)]:
-        if not Path(path).is_file():
-            raise MinisdError(f"{path}: no such file")
-    if args.fast and (loras or args.lora_dir):
-        raise MinisdError("--fast networks take no LoRA (fused QKV, prepacked convs): drop --fast or the LoRAs")
+    loras = additions_cli.check(args)  # a bad --lora or <lora:…> tag fails before loading
     paths = output_paths(args.output, args.num_images)
-    pipe = load(source, args.dtype, args.device, args.fast, status, args.vae)
-    for path in args.embedding:
-        pipe.load_textual_inversion(path)
-    for path, weight in loras:
-        pipe.load_lora_weights(path, weight)
-    if args.embeddings is not None:
-        pipe.use_embeddings_folder(args.embeddings)
-    if args.lora_dir is not None:
-        pipe.use_lora_folder(args.lora_dir)
+    pipe = load(source, args.dtype, args.device, args.fast, status, vae=args.vae)
+    added = additions_cli.apply(pipe, args, loras)
     from minisd.train.evaluate import prompt_note  # the nano model's grammar: a note for prompts outside it
 
-    note = prompt_note(source, prompt_without_tags)
+    note = None if added else prompt_note(source, args.prompt)  # new words and LoRAs: no note on the grammar
     if note is not None:
         print(note, file=sys.stderr)
     params, sources = pipe.parameters(
         MODES[args.command], args.prompt, args.negative_prompt, args.steps, args.guidance, args.sampler, args.eta,
         args.clip_skip, height=args.height, width=args.width, strength=args.strength, image=args.image,
-        mask_image=args.mask,
+        mask_image=args.mask, schedule_type=args.schedule_type, timestep_spacing=args.timestep_spacing,
+        guidance_rescale=args.guidance_rescale, vae_tiling=args.vae_tiling, paste_unmasked=args.paste_unmasked,
     )  # fmt: skip
+    written = []
     for i, path in enumerate(paths):  # one image at a time, so each is written as soon as it is made
         label = f"image {i + 1}/{len(paths)}"
-        make_image(pipe, params, sources, seed + i, path, args.overwrite, status, label)
+        written.append(make_image(pipe, params, sources, seed + i, path, args.overwrite, status, label))
+    if args.grid and len(written) > 1:
+        grid = make_grid([open_image("image", p) for p in written], rows=max(1, round(math.sqrt(len(written)))))
+        grid_path = written[0].with_name(f"{written[0].stem}-grid.png")
+        print(f"{write_png(grid, grid_path, None, args.overwrite)}  grid of {len(written)} images")
     if args.seed is None:
         print(f"seed {seed} was drawn (--seed {seed} repeats this run)", file=sys.stderr)
 
 
 def command_regenerate(args, status: Status) -> None:
     text = read_png_parameters(args.png)
-    if text is None:
-        raise MinisdError(f"{args.png} holds no 'parameters' text: not written by minisd")
+    if not text:
+        raise MinisdError(f"{args.png} holds no 'parameters' text: not written by minisd or A1111 (or a grid)")
+    if kandinsky_cli.is_kandinsky_text(text):
+        return kandinsky_cli.regenerate(args, text, status, save, output_paths, weights_source)
     params = GenerationParameters.from_text(text)
+    unknown = check_fields(parse_parameters(text))
+    if unknown:
+        print(f"note: fields minisd does not know, not used: {', '.join(unknown)}", file=sys.stderr)
+    cached_only = False
     if args.checkpoint is not None or args.model is not None:
         source = weights_source(args)
-    elif params.weights is not None:
-        source = params.weights
     else:
-        raise MinisdError(f"{args.png} names no weights (no 'Weights:' parameter): pass --checkpoint or --model")
+        source, cached_only = find_weights(params.model_name, params.model_hash, args.models_dir or [])
+    sources = params.source_images(args.image, args.mask)  # before loading: a missing image fails fast
     dtype = args.dtype or params.dtype
     if dtype is not None and dtype not in DTYPES:
         raise MinisdError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     device = args.device or params.device
     if device is not None:
         check_device(device)
-    pipe = load(source, dtype, device, args.fast or params.fast, status, params.vae_source)
-    if params.model_hash is not None and pipe.model_hash is not None and pipe.model_hash != params.model_hash:
+    if params.threads is not None and (device or "cpu").startswith("cpu"):
+        torch.set_num_threads(params.threads)  # the CPU's float sums depend on how the work is split
+    vae = None if params.vae is None else find_vae(params.vae, params.vae_hash, args.models_dir or [])
+    pipe = load(source, dtype, device, args.fast or params.fast, status, cached_only, vae)
+    if params.model_hash is not None and Path(source).is_file() and not hash_matches(params.model_hash, source):
         raise MinisdError(f"{source} has model hash {pipe.model_hash}, the PNG was made with {params.model_hash}")
-    if params.vae_hash is not None and pipe.additions.vae is not None and pipe.additions.vae[1] != params.vae_hash:
-        raise MinisdError(f"the VAE {params.vae_source} has hash {pipe.additions.vae[1]}, the PNG's: {params.vae_hash}")
-    pipe.additions.restore(params)  # its embeddings and LoRAs, each checked against its hash
-    params.model_name, params.weights = pipe.model_name, pipe.weights  # as loaded now (the same unless overridden)
+    pipe.additions.restore(params, args.models_dir or [])  # its embeddings and LoRAs, found by name and hash
+    params.model_name = pipe.model_name  # as loaded now (the same unless overridden)
     params.dtype, params.device = str(pipe.dtype).removeprefix("torch."), pipe.device.type
     path = output_paths(args.output, 1)[0]
-    make_image(pipe, params, params.source_images(), params.seed, path, args.overwrite, status, "regenerating")
+    make_image(pipe, params, sources, params.seed, path, args.overwrite, status, "regenerating")
 
 
-def lora_argument(text: str) -> tuple[str, float]:
-    """--lora FILE[:WEIGHT] -> (FILE, WEIGHT); weight 1 when none is given.
-
-    >>> lora_argument("ink.safetensors:0.8"), lora_argument("ink.safetensors")
-    (('ink.safetensors', 0.8), ('ink.safetensors', 1.0))
-    """
-    path, _, weight = text.rpartition(":")
-    try:
-        return (path, float(weight)) if path else (text, 1.0)
-    except ValueError:
-        return text, 1.0  # a colon that is part of the file name
-
-
-def make_image(pipe, params, sources, seed: int, path: Path, overwrite: bool, status: Status, label: str) -> None:
+def make_image(pipe, params, sources, seed: int, path: Path, overwrite: bool, status: Status, label: str) -> Path:
     """One image of `params` from `seed` (pipe.run, where the mode picks the pipeline), saved with its record."""
     status.phase(label)
     output = pipe.run(params, sources, seed, 1)
     status.done(f"{label}: sampled and decoded")
-    save(output.images[0], output.parameters[0], path, overwrite)
+    return save(output.images[0], output.parameters[0], path, overwrite)
 
 
 def command_info(args) -> None:
@@ -301,17 +313,57 @@ def add_weights_args(command) -> None:
     weights = command.add_mutually_exclusive_group()
     weights.add_argument("--checkpoint", metavar="FILE", help="a single weights file (.safetensors, .ckpt)")
     weights.add_argument("--model", metavar="ID|DIR", help="a Hugging Face hub id or a diffusers folder")
-    command.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} (default: the file's)")
+    command.add_argument(
+        "--dtype", help=f"one of {', '.join(DTYPES)} (default: float32 on the CPU, the file's on a GPU)"
+    )
     command.add_argument("--device", help="cpu (default), cuda, cuda:1, mps")
     command.add_argument("--fast", action="store_true", help="minisd.fast: fused QKV, channels_last, prepacked convs")
     command.add_argument("-o", "--output", metavar="OUT", help="a .png path or a folder (default: outputs/, numbered)")
     command.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
+def add_generation_args(command, name: str) -> None:
+    command.add_argument("prompt", help="the prompt (A1111 emphasis: (word:1.2), [word], BREAK)")
+    if name != "generate":
+        command.add_argument("--image", required=True, help="the source image (sides multiples of 8)")
+    if name == "inpaint":
+        command.add_argument("--mask", required=True, help="the mask, the image's size (white = repaint)")
+        command.add_argument(
+            "--paste-unmasked", action="store_true", help="keep the image's own pixels outside the mask"
+        )
+    command.add_argument("--negative-prompt", default="", help="what to steer away from")
+    command.add_argument("--steps", type=positive_int, help="sampling steps (50; Kandinsky 2.2: 100)")
+    command.add_argument("--guidance", type=number, help="classifier-free guidance scale (default: the model's, "
+                         "7.5 for SD v1)")  # fmt: skip
+    command.add_argument("--guidance-rescale", type=number, default=0.0, help="φ of Lin et al. 2023, in [0, 1] (0)")
+    command.add_argument("--sampler", help=f"one of: {', '.join(sampler_names())} (default: a diffusers folder's "
+                         "scheduler, else PLMS; Kandinsky 2.2: DDPM)")  # fmt: skip
+    schedules = ", ".join(SCHEDULE_TYPES)
+    command.add_argument("--schedule-type", metavar="TYPE", help=f"the σ samplers' schedule: {schedules} or "
+                         "Automatic (A1111's choice for the sampler) (default: Uniform)")  # fmt: skip
+    command.add_argument("--timestep-spacing", choices=SPACINGS, help="diffusers' spacing of the Uniform schedule "
+                         "(default: leading for DDPM, DDIM, PLMS; linspace for the others)")  # fmt: skip
+    command.add_argument("--eta", type=number, help="DDIM's eta (default 0), or Euler a's / DPM++ 2M SDE's (1)")
+    command.add_argument("--seed", type=int, help="random seed (default: drawn, then printed)")
+    command.add_argument("--clip-skip", type=int, help="CLIP layers skipped at the end (A1111's Clip skip 2 = 1)")
+    command.add_argument("--vae-tiling", action="store_true", help="decode in 512-pixel tiles (large images)")
+    command.set_defaults(height=None, width=None, strength=None, image=None, mask=None, paste_unmasked=False)
+    if name == "generate":
+        size = "pixels, a multiple of 8 (default: the model's size, 512 for SD v1, 64 for the nano model)"
+        command.add_argument("--height", type=positive_int, help=size)
+        command.add_argument("--width", type=positive_int, help=size)
+    else:
+        default = "0.8; Kandinsky 2.2: 0.3" if name == "img2img" else "1"
+        command.add_argument("--strength", type=number, help=f"in (0, 1] ({default})")
+    command.add_argument("--num-images", type=positive_int, default=1, help="images, seed, seed+1, ... (1)")
+    command.add_argument("--grid", action="store_true", help="with --num-images: also one picture of them all")
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="minisd", description=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"minisd {__version__} (torch {torch.__version__})")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     for name, help_text in (
         ("generate", "text to image"),
@@ -319,41 +371,18 @@ def build_parser() -> ArgumentParser:
         ("inpaint", "repaint the white part of a mask"),
     ):
         command = commands.add_parser(name, help=help_text)
-        command.add_argument("prompt", help="the prompt (A1111 emphasis: (word:1.2), [word], BREAK)")
-        if name != "generate":
-            command.add_argument("--image", required=True, help="the source image (sides multiples of 8)")
-        if name == "inpaint":
-            command.add_argument("--mask", required=True, help="the mask, the image's size (white = repaint)")
-        command.add_argument("--negative-prompt", default="", help="what to steer away from")
-        command.add_argument("--steps", type=positive_int, default=50, help="sampling steps (default 50)")
-        command.add_argument("--guidance", type=number, help="classifier-free guidance scale (default: the model's, "
-                             "7.5 for SD v1)")  # fmt: skip
-        command.add_argument("--sampler", default="PLMS", help=f"one of: {', '.join(sampler_names())} (PLMS)")
-        command.add_argument("--eta", type=number, default=0.0, help="DDIM's eta (0)")
-        command.add_argument("--seed", type=int, help="random seed (default: drawn, then printed)")
-        command.add_argument("--clip-skip", type=int, help="CLIP layers skipped at the end (A1111's Clip skip 2 = 1)")
-        command.set_defaults(height=None, width=None, strength=None, image=None, mask=None)  # what a mode lacks
-        if name == "generate":
-            size = "pixels, a multiple of 8 (default: the model's size, 512 for SD v1, 64 for the nano model)"
-            command.add_argument("--height", type=positive_int, help=size)
-            command.add_argument("--width", type=positive_int, help=size)
-        else:
-            default = 0.8 if name == "img2img" else 1.0
-            command.add_argument("--strength", type=number, default=default, help=f"in (0, 1] ({default})")
-        command.add_argument("--num-images", type=positive_int, default=1, help="images, seed, seed+1, ... (1)")
+        add_generation_args(command, name)
         add_weights_args(command)
-        command.add_argument("--vae", metavar="FILE|ID", help="a separate VAE: a file, a folder or a hub id")
-        command.add_argument("--lora", metavar="FILE[:WEIGHT]", action="append", default=[],
-                             help="apply a LoRA at WEIGHT (1), to every image; repeatable")  # fmt: skip
-        command.add_argument("--embedding", metavar="FILE", action="append", default=[],
-                             help="a textual-inversion embedding; type its name in the prompt; repeatable")  # fmt: skip
-        command.add_argument("--embeddings", metavar="DIR", help="A1111's embeddings folder: a file's name in a "
-                             "prompt or negative prompt loads it")  # fmt: skip
-        command.add_argument("--lora-dir", metavar="DIR", help="A1111's Lora folder for <lora:name:WEIGHT> in the "
-                             "prompt")  # fmt: skip
-    regenerate = commands.add_parser("regenerate", help="make a PNG minisd wrote again, from its parameters")
-    regenerate.add_argument("png", help="a PNG written by minisd")
+        additions_cli.add_arguments(command)
+        kandinsky_cli.add_arguments(command, name, positive_int, number)
+    regenerate = commands.add_parser("regenerate", help="make a PNG minisd or A1111 wrote again, from its parameters")
+    regenerate.add_argument("png", help="a PNG with A1111's 'parameters' text (minisd's, or A1111's own)")
+    regenerate.add_argument("--models-dir", metavar="DIR", type=Path, action="append", help="where to look for "
+                            "the weights, embeddings, LoRAs and VAE the PNG names, by hash (repeatable)")  # fmt: skip
+    regenerate.add_argument("--image", help="the source image of an img2img or inpaint PNG (checked by its hash)")
+    regenerate.add_argument("--mask", help="the mask of an inpaint PNG (checked by its hash)")
     add_weights_args(regenerate)
+    regenerate.add_argument("--prior", metavar="ID|DIR", help="Kandinsky 2.2: another prior than the recorded one")
     explain = commands.add_parser("explain", help='a local web page that steps through one run (needs ".[web]")')
     weights = explain.add_mutually_exclusive_group()
     weights.add_argument("--checkpoint", metavar="FILE", help="a single weights file (default: the nano model)")
@@ -362,7 +391,7 @@ def build_parser() -> ArgumentParser:
     explain.add_argument("--port", type=positive_int, default=7860, help="http://127.0.0.1:PORT (7860)")
     explain.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     info = commands.add_parser("info", help="what a weights file, diffusers folder or hub id holds")
-    info.add_argument("source", metavar="FILE_OR_ID")
+    info.add_argument("source", metavar="FILE_OR_ID", help="a .safetensors/.ckpt file, a diffusers folder or a hub id")
     return parser
 
 

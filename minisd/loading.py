@@ -17,7 +17,7 @@ for. Anything that is not SD v1 is refused with a one-line MinisdError saying wh
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,6 +52,9 @@ class Components:
     info: CheckpointInfo
     sample_size: int = 512  # pixels per side the model was trained at: 512 for SD v1, 64 for minisd's nano model
     guidance_scale: float = 7.5  # the default guidance: SD v1's 7.5, or what a minisd-trained file recommends
+    # a folder's scheduler_config.json as the samplers' defaults: {"sampler": class or name, "timestep_spacing": ...,
+    # "schedule_type": ...} (weights_convert.configs.scheduler_settings); a single file's: SD v1's PLMS
+    scheduler: dict[str, str] = field(default_factory=lambda: {"sampler": "PLMS"})
 
 
 def load_components(
@@ -101,7 +104,8 @@ def load_components(
         _build(component, weights.configs[component], weights.state_dicts[component], dtype, device)
         for component in COMPONENTS  # unet, vae, text_encoder
     )
-    return Components(tokenizer, text_encoder, vae, unet, weights.info, sample_size, guidance_scale)
+    scheduler = weights.scheduler or {"sampler": "PLMS"}
+    return Components(tokenizer, text_encoder, vae, unet, weights.info, sample_size, guidance_scale, scheduler)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,9 +151,17 @@ def _hub_offline() -> bool:
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def hub_snapshot(repo_id: str, variant: str | None, local_files_only: bool) -> Path:
+def hub_snapshot(
+    repo_id: str,
+    variant: str | None,
+    local_files_only: bool,
+    weight_files: dict[str, tuple[str, ...]] = WEIGHT_FILES,
+    other_files: tuple[str, ...] | None = None,
+) -> Path:
     """Download (or find in the cache) just the files load_components reads: configs, one weights file per
     component (safetensors preferred, `variant` if given) and the tokenizer. Returns the snapshot folder.
+    weight_files, other_files: another family's components (name -> weights file names, best first) and the other
+    files it reads (minisd.kandinsky.loading); each component's config.json is always fetched.
 
     Offline (local_files_only, HF_HUB_OFFLINE=1, or the Hub unreachable) the cached snapshot of `main` is used,
     as diffusers does; what it lacks is reported by the folder reader.
@@ -169,8 +181,9 @@ def hub_snapshot(repo_id: str, variant: str | None, local_files_only: bool) -> P
             raise MinisdError(f"{repo_id}: {' '.join(str(error).split()[:12])} ...") from None
         except Exception as error:  # any transport failure (DNS, proxy, timeout): fall back to the cache
             offline, why_offline = True, f"the Hub cannot be reached ({type(error).__name__}: {error})"
-    patterns = ["model_index.json", *TOKENIZER_FILES, *(f"{c}/config.json" for c in COMPONENTS)]
-    for component, names in WEIGHT_FILES.items():
+    other_files = ("model_index.json", *TOKENIZER_FILES) if other_files is None else other_files
+    patterns = [*other_files, *(f"{c}/config.json" for c in weight_files)]
+    for component, names in weight_files.items():
         candidates = [f"{component}/{name.format(v=suffix)}" for name in names]
         # online: the best file the repo has (never both formats); offline: whatever the cache holds
         patterns += candidates if offline else [next((c for c in candidates if c in files), candidates[0])]
@@ -247,6 +260,14 @@ def _build(component: str, config: dict, state_dict: dict[str, Tensor], dtype, d
     module_class, config_class = NETWORKS[component]
     with torch.device("meta"):
         module = module_class(fields_from(config_class, config))
+    return assign_weights(component, module, state_dict, dtype, device, "SD v1's")
+
+
+def assign_weights(
+    component: str, module: nn.Module, state_dict: dict[str, Tensor], dtype, device, model: str
+) -> nn.Module:
+    """Give a meta-device `module` the file's tensors as its parameters: strict (every name, every shape; one
+    line naming `model`'s component otherwise), moved straight from the memory map to device/dtype. Eval mode."""
     expected = module.state_dict()
     missing = [name for name in expected if name not in state_dict]
     unexpected = [name for name in state_dict if name not in expected]
@@ -261,7 +282,7 @@ def _build(component: str, config: dict, state_dict: dict[str, Tensor], dtype, d
             for what, items in (("missing", missing), ("unexpected", unexpected), ("with another shape", wrong))
             if items
         ]
-        raise MinisdError(f"{component}: the weights do not fit SD v1's {component}: {'; '.join(problems)}")
+        raise MinisdError(f"{component}: the weights do not fit {model} {component}: {'; '.join(problems)}")
     # one step from the memory map to the target; .to() copies only when the dtype or device differs (None: keep)
     moved = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else None) for k, t in state_dict.items()}
     with torch.no_grad():

@@ -29,7 +29,7 @@ import torch
 
 from minisd.clip import TextEncoder
 from minisd.errors import MinisdError
-from minisd.parameters import file_hash
+from minisd.hashes import file_hash
 from minisd.tokenizer import Tokenizer
 from weights_convert.embeddings import read_embedding
 

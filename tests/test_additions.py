@@ -1,7 +1,8 @@
 """What users bring, through the command line and the Python API, on the shipped nano model: embeddings (a file, and
 A1111's folder with names typed in either prompt), LoRAs (--lora FILE:WEIGHT, and <lora:name:w> with a folder) and a
 separate VAE; the PNG records them as A1111 does (TI hashes, Lora hashes, VAE, VAE hash) and `regenerate` makes the
-same bytes again from the record alone. Bad input: one line, exit status 2.
+same bytes again from the record and the folder its files are in (found by hash: no path is recorded). Bad
+input: one line, exit status 2.
 """
 
 import hashlib
@@ -13,9 +14,10 @@ from safetensors.torch import save_file
 import minisd
 from minisd import cli
 from minisd.api import NANO_MODEL
+from minisd.hashes import lora_hash
 from minisd.images import read_png_parameters
 from minisd.loading import load_components
-from minisd.parameters import GenerationParameters, lora_hash
+from minisd.parameters import GenerationParameters
 from tests.fakes import kohya_lora
 
 SMALL = ["--steps", "3", "--seed", "11"]
@@ -66,15 +68,17 @@ def test_everything_recorded_and_regenerated_from_the_png(work, monkeypatch, cap
     assert f'TI hashes: "<cat-toy>: {sha(work / "learned_embeds.bin", 12)}, shiny: {sha(embeddings, 12)}"' in text
     ink, style = work / "Lora" / "ink.safetensors", work / "style.safetensors"
     assert params.lora_hashes == {"style": lora_hash(style), "ink": lora_hash(ink)}
-    assert params.lora_files["style"] == {"file": str(style), "weight": -0.5, "fused": False}
-    assert params.lora_files["ink"] == {"file": str(ink)}  # its weight is in the prompt
+    assert params.lora_weights == {"style": {"weight": -0.5, "fused": False}}  # ink's weight is in the prompt
+    assert str(work) not in text and "safetensors" not in text.replace("VAE: nano-vae.safetensors", "")  # no paths
     assert (params.vae, params.vae_hash) == ("nano-vae.safetensors", sha(work / "nano-vae.safetensors", 10))
     assert "VAE: nano-vae.safetensors, VAE hash: " in text and params.prompt == prompt
 
-    # the same bytes again, from the PNG alone (no folders, no flags), in another directory
+    # the same bytes again, from the PNG and the folder its files are in (found by hash), in another directory
     (work / "elsewhere").mkdir()
     monkeypatch.chdir(work / "elsewhere")
-    assert cli.main(["regenerate", str(work / "a.png"), "-o", "b.png"]) == 0, capsys.readouterr().err
+    assert cli.main(["regenerate", str(work / "a.png"), "-o", "x.png"]) == 2  # no folder to find them in
+    assert "--models-dir" in capsys.readouterr().err
+    assert cli.main(["regenerate", str(work / "a.png"), "-o", "b.png", "--models-dir", str(work)]) == 0
     assert (work / "elsewhere" / "b.png").read_bytes() == (work / "a.png").read_bytes()
 
     # each addition changes the picture (the record is not decoration)
@@ -82,8 +86,8 @@ def test_everything_recorded_and_regenerated_from_the_png(work, monkeypatch, cap
                      "--embedding", str(work / "learned_embeds.bin")]) == 0  # fmt: skip
     assert (work / "elsewhere" / "c.png").read_bytes() != (work / "a.png").read_bytes()
     ink.write_bytes(ink.read_bytes()[:-4] + b"\x00\x00\x80\x3f")  # one weight changed: regenerate refuses
-    assert cli.main(["regenerate", str(work / "a.png"), "-o", "d.png"]) == 2
-    assert "has changed" in capsys.readouterr().err
+    assert cli.main(["regenerate", str(work / "a.png"), "-o", "d.png", "--models-dir", str(work)]) == 2
+    assert "the LoRA 'ink' (hash" in capsys.readouterr().err
 
 
 def test_api_lora_fused_and_unloaded_bit_for_bit(work):
@@ -99,8 +103,7 @@ def test_api_lora_fused_and_unloaded_bit_for_bit(work):
     assert on_the_fly.images[0].tobytes() != plain.tobytes()
     diff = (torch.tensor(list(on_the_fly.images[0].tobytes())) - torch.tensor(list(fused.images[0].tobytes()))).abs()
     assert diff.max() <= 1, "fused = on the fly up to float rounding (one 8-bit level at most)"
-    assert fused.parameters[0].lora_files["ink"] == {"file": str(work / "Lora" / "ink.safetensors"), "weight": 0.8,
-                                                     "fused": True}  # fmt: skip
+    assert fused.parameters[0].lora_weights["ink"] == {"weight": 0.8, "fused": True}
     pipe.unload_lora_weights()
     after = {**pipe.unet.state_dict(), **pipe.text_encoder.state_dict()}
     assert all(torch.equal(before[k], after[k]) for k in before), "every weight back, bit for bit"

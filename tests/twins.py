@@ -25,7 +25,7 @@ def make_twins(folder: Path, seed: int = 0):
     n = len(TINY_VAE.block_out_channels)
     ref_vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
                             **asdict(TINY_VAE))  # fmt: skip
-    ref_text = CLIPTextModel(CLIPTextConfig(**asdict(TINY_TEXT), hidden_act="quick_gelu"))
+    ref_text = CLIPTextModel(CLIPTextConfig(**asdict(TINY_TEXT)))
     ours = types.SimpleNamespace(
         tokenizer=Tokenizer.from_default(),
         text_encoder=twin(TextEncoder(TINY_TEXT), ref_text, seed + 1),

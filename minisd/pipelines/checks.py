@@ -112,11 +112,11 @@ def check_size(components: Networks, height: object, width: object) -> None:
             )
 
 
-def make_sampler(sampler: str | Sampler, eta: float) -> Sampler:
+def make_sampler(sampler: str | Sampler, eta: float | None) -> Sampler:
     """A sampler by name (minisd.samplers.get_sampler: "PLMS", "Euler a", "DPMSolverMultistepScheduler", ...) or
     the caller's own Sampler object, which is re-planned by every run."""
     if isinstance(sampler, Sampler):
-        if eta != 0.0:
+        if eta is not None:
             raise MinisdError(f"eta applies when sampler is given by name; set it on the sampler object, got {eta!r}")
         return sampler
     return get_sampler(sampler, eta=eta)
@@ -155,6 +155,12 @@ def prompt_list(name: str, prompt: object, n: int | None = None) -> list[str]:
     if n is not None and len(prompt) != n:
         raise MinisdError(f"{name} must have one entry per prompt ({n}), got {len(prompt)}")
     return prompt
+
+
+def prompt_pairs(prompt: str | list[str], negative_prompt: str | list[str]) -> list[tuple[str, str]]:
+    """(prompt, negative prompt) pairs: a list of prompts with one negative prompt for all, or one each."""
+    prompts = prompt_list("prompt", prompt)
+    return list(zip(prompts, prompt_list("negative_prompt", negative_prompt, len(prompts)), strict=True))
 
 
 def check_prompts(
