@@ -115,7 +115,8 @@ def _main(argv: list[str] | None) -> int:
     for name, what in (("textual-inversion", "learn a new word <diamond> for a new shape"), ("lora", "learn a "
                        "LoRA for the word diamond")):  # fmt: skip
         finetune = commands.add_parser(name, help=f"{what} from 48 pictures (train/concept.py, finetune.py)")
-        finetune.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
+        finetune.add_argument("--out", type=Path, required=True, help="the file to write: .safetensors (textual "
+                              "inversion: diffusers' format), or .pt (A1111's embedding)")  # fmt: skip
         finetune.add_argument("--model", type=Path, help="the model to teach (default: the shipped nano model)")
         finetune.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         for field in ("steps", "batch_size", "seed", "num_vectors", "rank"):
@@ -242,8 +243,9 @@ def _finetune(args: argparse.Namespace) -> int:
     config.check()
     if args.out.exists() and not args.overwrite:
         raise MinisdError(f"--out {args.out} exists (--overwrite replaces it)")
-    if args.out.suffix != ".safetensors" or not args.out.parent.is_dir():
-        raise MinisdError(f"--out must be a .safetensors path in an existing folder, got {args.out}")
+    suffixes = (".safetensors", ".pt") if args.command == "textual-inversion" else (".safetensors",)
+    if args.out.suffix not in suffixes or not args.out.parent.is_dir():
+        raise MinisdError(f"--out must be a {' or '.join(suffixes)} path in an existing folder, got {args.out}")
     model = args.model or default_model()
     components = load_components(model, dtype=torch.float32)
     if args.eval_seeds > 0:

@@ -7,7 +7,8 @@ eq. 14) and everything else frozen:
     context = text half 2( token rows with v* spliced in        hooks add B (A x) after each adapted layer
               + positions )                                    (minisd/lora.py), A random, B = 0 at the start
     saved as diffusers' learned_embeds.safetensors             saved as a kohya/A1111 LoRA (lora_unet_…,
-    ({"<diamond>": (n, d)}): load_textual_inversion reads it   lora_down/lora_up/alpha): load_lora_weights reads it
+    ({"<diamond>": (n, d)}) or A1111's .pt:                    lora_down/lora_up/alpha): load_lora_weights reads it
+    load_textual_inversion reads either
 
 One training step, both ways (the model's own VAE encodes the pictures once; LATENT_SCALE as its pipelines use):
     x0 = LATENT_SCALE · z, z ~ q(z | picture);  t ~ U{0, …, 999};  ε ~ N(0, I);  x_t = √ᾱ_t · x0 + √(1 − ᾱ_t) · ε
@@ -112,7 +113,8 @@ def train_textual_inversion(
     components: Components, out: str | os.PathLike, config: FinetuneConfig, progress: bool = True
 ) -> list[float]:
     """Learn the word concept.TOKEN: n rows v* of the token table, spliced into the input embeddings by hand (the
-    lesson's token_embeddings + position_embeddings, then get_output_embeds). Writes {"<diamond>": v*} to `out`."""
+    lesson's token_embeddings + position_embeddings, then get_output_embeds). Writes {"<diamond>": v*} to `out`
+    (diffusers' format), or A1111's .pt when `out` ends with .pt."""
     config.check()
     _frozen(components)
     tokenizer, text_encoder = components.tokenizer, components.text_encoder
@@ -135,8 +137,13 @@ def train_textual_inversion(
     with torch.no_grad():
         text_embedding = text_encoder.embeddings.token_embedding.weight
         text_embedding[first : first + config.num_vectors] = learned.to(text_embedding.dtype)  # the model uses it now
-    metadata = {"minisd.concept": concept.CONCEPT, "minisd.finetune_config": json.dumps(asdict(config))}
-    safetensors.torch.save_file({concept.TOKEN: learned.detach().contiguous()}, str(out), metadata=metadata)
+    vectors = learned.detach().contiguous()  # (n, d)
+    if str(out).endswith(".pt"):  # A1111's training output (weights_convert/embeddings.py), a pickle of plain data
+        a1111 = {"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": concept.TOKEN}
+        torch.save({**a1111, "step": config.steps, "sd_checkpoint": None, "sd_checkpoint_name": "nano"}, str(out))
+    else:  # diffusers' learned_embeds.safetensors
+        metadata = {"minisd.concept": concept.CONCEPT, "minisd.finetune_config": json.dumps(asdict(config))}
+        safetensors.torch.save_file({concept.TOKEN: vectors}, str(out), metadata=metadata)
     return losses
 
 
