@@ -16,7 +16,7 @@ from pathlib import Path
 
 from minisd.api import default_model
 from minisd.errors import MinisdError
-from minisd.hashes import hash_matches
+from minisd.hashes import file_hash, find_by_hash, hash_matches
 from minisd.loading import HUB_ID, WEIGHT_SUFFIXES
 
 
@@ -72,3 +72,16 @@ def find_weights(model_name: str | None, model_hash: str | None, models_dirs: li
         f"the weights the PNG names (Model {model_name!r}, Model hash {model_hash}) are not in {where}: pass "
         "--checkpoint FILE, --model ID|DIR or --models-dir DIR"
     )
+
+
+def find_vae(name: str, recorded: str | None, places: list[Path]) -> str:
+    """The separate VAE a record names: a file by its hash under `places`, else a folder <name> in one of them, else
+    a hub id as cached."""
+    if recorded is not None:
+        return str(find_by_hash("VAE", Path(name).stem, recorded, file_hash, places))
+    for folder in places:
+        if (Path(folder) / name).is_dir():
+            return str(Path(folder) / name)
+    if HUB_ID.match(name):
+        return name
+    raise MinisdError(f"the VAE {name!r} the PNG names is no hub id and no folder in --models-dir: pass --models-dir")

@@ -24,6 +24,12 @@ minisd's own keys, for what A1111 lacks or does otherwise (A1111 shows them and 
     Dtype, Device       the UNet's: other arithmetic gives other bytes
     Threads             the CPU threads torch computed with: the CPU's float sums depend on how work is split
     Fast                minisd.fast applied: the same image up to float rounding, not to the byte
+    TI hashes           A1111's: each textual-inversion embedding the prompts used, "name: first 12 hex digits of
+                        the file's SHA-256, …" (hashes.file_hash)
+    Lora hashes         A1111's: each LoRA applied, "name: 12 hex digits of its tensor bytes' SHA-256, …"
+                        (hashes.lora_hash); minisd adds Lora weights, {name: {"weight": w, "fused": bool}} as JSON, for
+                        LoRAs loaded for every image (a <lora:name:w> tag's weight is in the prompt)
+    VAE, VAE hash       A1111's: a separate VAE's file name (or folder name, or hub id) and its file's 10-digit hash
 No path of the maker's machine is written (minisd before this wrote "Weights", "Init image" and "Mask image" paths;
 they are read no more). Not recorded: library versions and the CPU or GPU model.
 Same recorded parameters, same weights, same torch version, device kind, dtype, CPU thread count and CPU or GPU
@@ -39,7 +45,7 @@ import math
 import os
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image
 
@@ -219,12 +225,8 @@ REFUSED = {
     "NGMS": "skipping the negative prompt at small σ (NGMS)",
     "Emphasis": "an emphasis mode other than A1111's Original",  # refused unless "Original"
     "FP8 weight": "FP8 weights",
-    "VAE": "a separate VAE file",
-    "VAE hash": "a separate VAE file",
     "VAE Decoder": "another VAE decoder (TAESD)",
     "VAE Encoder": "another VAE encoder (TAESD)",
-    "Lora hashes": "LoRA networks",
-    "TI hashes": "textual inversion embeddings",
     "Downcast alphas_cumprod": "a float16 ᾱ table",
 }
 # Fields that do not change the picture minisd makes: A1111's version and user, its hash list, its noise source
@@ -233,6 +235,7 @@ IGNORED = ("Version", "User", "Hashes", "RNG", "ENSD", "Pad conds", "Weights", "
 READ = (
     *FIXED_KEYS, "Clip skip", "Eta", "Eta DDIM", "Denoising strength", "Init image hash", "Mask image hash",
     "Timestep spacing", "Guidance rescale", "VAE tiling", "Paste unmasked", "Dtype", "Device", "Threads", "Fast",
+    "TI hashes", "Lora hashes", "Lora weights", "VAE", "VAE hash",
 )  # fmt: skip
 
 
@@ -307,6 +310,11 @@ class GenerationParameters:
     device: str | None = None
     threads: int | None = None  # torch.get_num_threads() of a CPU run
     fast: bool = False  # minisd.fast.make_fast applied: the same image up to float rounding, not to the byte
+    ti_hashes: dict[str, str] = field(default_factory=dict)  # embedding name as typed -> 12 hex digits
+    lora_hashes: dict[str, str] = field(default_factory=dict)  # LoRA name -> 12 hex digits (lora_hash)
+    lora_weights: dict[str, dict] = field(default_factory=dict)  # loaded LoRA -> {"weight": w, "fused": bool}
+    vae: str | None = None  # a separate VAE's file name or hub id (A1111's "VAE")
+    vae_hash: str | None = None
 
     def source_images(
         self,
@@ -342,6 +350,11 @@ class GenerationParameters:
             "Device": self.device,
             "Threads": self.threads,
             "Fast": "True" if self.fast else None,
+            "TI hashes": _name_list(self.ti_hashes),
+            "Lora hashes": _name_list(self.lora_hashes),
+            "Lora weights": json.dumps(self.lora_weights) if self.lora_weights else None,
+            "VAE": self.vae,
+            "VAE hash": self.vae_hash,
         }
         schedule = self.schedule_type if self.sampler in samplers.SIGMA_SAMPLERS else None
         return format_parameters(
@@ -393,6 +406,39 @@ class GenerationParameters:
                 device=fields.get("Device"),
                 threads=None if threads is None else int(threads),
                 fast=fields.get("Fast") == "True",
+                ti_hashes=_read_name_list(fields.get("TI hashes")),
+                lora_hashes=_read_name_list(fields.get("Lora hashes")),
+                lora_weights=_read_json("Lora weights", fields.get("Lora weights")),
+                vae=fields.get("VAE"),
+                vae_hash=fields.get("VAE hash"),
             )
         except ValueError as error:
             raise MinisdError(f"parameters hold a value that is not a number: {error}") from None
+
+
+def _name_list(names: dict[str, str]) -> str | None:
+    """A1111's list form "name: hash, name: hash" (None when empty).
+
+    >>> _name_list({"cat-toy": "0123456789ab", "neg": "ba9876543210"})
+    'cat-toy: 0123456789ab, neg: ba9876543210'
+    """
+    return ", ".join(f"{name}: {value}" for name, value in names.items()) or None
+
+
+def _read_name_list(text: str | None) -> dict[str, str]:
+    """_name_list read back: each ", "-separated entry split at its last ": " (a name may hold ": ", a hash never)."""
+    pairs = [entry.rpartition(": ") for entry in (text or "").split(", ") if entry]
+    return {name.strip(): value.strip() for name, _, value in pairs}
+
+
+def _read_json(key: str, text: str | None) -> dict:
+    """One of minisd's JSON-valued keys (Lora weights) read back; {} when absent."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise MinisdError(f"parameters' {key} must be a JSON object, got {text!r:.60}")
+    return value
