@@ -27,13 +27,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from minisd.additions import Additions, AdditionsMethods, separate_vae
 from minisd.errors import MinisdError
 from minisd.fast import make_fast
 from minisd.hashes import file_hash, source_image
 from minisd.loading import HUB_ID, Components, load_components
 from minisd.parameters import MODES, GenerationParameters, draw_seed
 from minisd.pipelines import checks, img2img, inpaint, txt2img
-from minisd.pipelines.checks import check_bool, check_int, check_seed, prompt_list
+from minisd.pipelines.checks import check_bool, check_int, check_seed, prompt_pairs
 from minisd.pipelines.common import INPAINT_CHANNELS
 from minisd.samplers import get_sampler
 
@@ -58,13 +59,13 @@ class GenerationOutput:
         return [p.seed for p in self.parameters]
 
 
-class StableDiffusion:
+class StableDiffusion(AdditionsMethods):
     """SD (v1 or 2.x) ready to generate: the four networks (.tokenizer .text_encoder .vae .unet), and where they came
     from.
 
     Build it with from_pretrained (a file, a diffusers folder or a hub id); call it for text-to-image, .img2img and
     .inpaint for the others. Each call returns a GenerationOutput. Device and dtype are the UNet's. Each image's
-    denoising loop draws a tqdm bar on stderr: set_progress_bar_config(disable=True) hides it.
+    denoising loop draws a tqdm bar on stderr: set_progress_bar_config(disable=True) hides it. LoRAs etc.: additions.py
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class StableDiffusion:
         self.fast = fast
         self.progress_bar = True  # a tqdm bar of each image's denoising steps on stderr (set_progress_bar_config)
         self._model_hash: str | None = None
+        self.additions = Additions(components, fast)  # embeddings, LoRAs, a separate VAE
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         """Hide (disable=True) or show the tqdm bar each image's denoising loop draws on stderr, as diffusers'
@@ -96,6 +98,7 @@ class StableDiffusion:
         variant: str | None = None,
         local_files_only: bool = False,
         fast: bool = False,
+        vae: str | os.PathLike | None = None,
         prediction_type: str | None = None,
     ) -> "StableDiffusion":
         """Load SD v1 or 2.x from a single file (.safetensors / .ckpt), a diffusers folder or a hub id ("org/name",
@@ -103,6 +106,7 @@ class StableDiffusion:
         the CPU means float32 (CPUs compute float16 slowly and some ops not at all); on a GPU it keeps the file's
         dtype. fast: apply minisd.fast.make_fast to the three networks (fused QKV, channels_last, prepacked CPU
         convs): faster, equal to the eager networks up to float rounding; recorded in each image's parameters.
+        vae: a separate VAE (minisd.loading.load_vae: a file, folder or hub id such as "stabilityai/sd-vae-ft-mse").
         prediction_type: for SD 2 single files, which do not record it; what loading had to assume instead (the
         file's name decides) comes as a UserWarning of one line, and stays in .components.note."""
         if not isinstance(fast, bool):  # before loading: a typo should not cost a multi-GB load
@@ -121,10 +125,14 @@ class StableDiffusion:
         else:
             weights, name = str(source), str(source)
         assert path.exists() or HUB_ID.match(str(source)), "load_components accepts only paths and hub ids"
+        if vae is not None:
+            components.vae = separate_vae(components, vae, dtype, device, local_files_only)
         if fast:
             for model in (components.unet, components.vae, components.text_encoder):
                 make_fast(model)
-        return cls(components, weights, name, fast)
+        pipe = cls(components, weights, name, fast)
+        pipe.additions.vae_record(vae)  # None: the model's own
+        return pipe
 
     @property
     def model_hash(self) -> str | None:
@@ -321,10 +329,6 @@ class StableDiffusion:
         if not isinstance(negative_prompt, str):
             raise MinisdError(f"negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}")
         chosen = checks.model_sampler(self.components, sampler, eta, schedule_type, timestep_spacing)
-        prediction = self.components.prediction_type  # recorded for SD 2 (its single files cannot say it) and v
-        recorded_prediction = (
-            prediction if self.components.info.variant.startswith("v2") or prediction != "epsilon" else None
-        )
         default_spacing = get_sampler(chosen.name).timestep_spacing
         params = GenerationParameters(
             mode=mode,
@@ -349,7 +353,7 @@ class StableDiffusion:
             device=self.device.type,
             threads=torch.get_num_threads() if self.device.type == "cpu" else None,
             fast=self.fast,
-            prediction_type=recorded_prediction,
+            prediction_type=self.components.recorded_prediction_type,
             rescale_betas_zero_snr=self.components.rescale_betas_zero_snr,
         )
         sources = []
@@ -360,6 +364,7 @@ class StableDiffusion:
         if mode == "inpaint":
             mask, params.mask_hash = source_image("mask_image", mask_image)
             sources.append(mask)
+        self.additions.record(params)  # embeddings, LoRAs, VAE (loads the folder's embeddings the prompts name)
         return params, sources
 
     def run_all(self, records, seed: int | None, num_images: int, callback, output_type: str) -> GenerationOutput:
@@ -420,29 +425,24 @@ class StableDiffusion:
                 params.sampler, params.eta, params.schedule_type, params.timestep_spacing,
                 prediction_type=prediction[0], rescale_betas_zero_snr=prediction[1],
             )  # fmt: skip
-            if params.mode == "txt2img":
-                images = txt2img(
-                    self.components, params.prompt, height=params.height, width=params.width, seed=seed + i,
-                    sampler=sampler, **shared,
-                )  # fmt: skip
-            elif params.mode == "img2img":
-                (image,) = sources
-                images = img2img(
-                    self.components, params.prompt, image=image, strength=params.strength, seed=seed + i,
-                    sampler=sampler, **shared,
-                )  # fmt: skip
-            else:
-                image, mask_image = sources
-                images = inpaint(
-                    self.components, params.prompt, image=image, mask_image=mask_image, strength=params.strength,
-                    seed=seed + i, sampler=sampler, paste_unmasked=params.paste_unmasked, **shared,
-                )  # fmt: skip
+            with self.additions.applied(params) as prompt:  # the prompt's <lora:…> tags on, and out of the text
+                if params.mode == "txt2img":
+                    images = txt2img(
+                        self.components, prompt, height=params.height, width=params.width, seed=seed + i,
+                        sampler=sampler, **shared,
+                    )  # fmt: skip
+                elif params.mode == "img2img":
+                    (image,) = sources
+                    images = img2img(
+                        self.components, prompt, image=image, strength=params.strength, seed=seed + i,
+                        sampler=sampler, **shared,
+                    )  # fmt: skip
+                else:
+                    image, mask_image = sources
+                    images = inpaint(
+                        self.components, prompt, image=image, mask_image=mask_image, strength=params.strength,
+                        seed=seed + i, sampler=sampler, paste_unmasked=params.paste_unmasked, **shared,
+                    )  # fmt: skip
             output.images.append(images[0] if output_type == "pil" else images)
             output.parameters.append(replace(params, seed=seed + i, model_hash=self.model_hash))
         return output
-
-
-def prompt_pairs(prompt: str | list[str], negative_prompt: str | list[str]) -> list[tuple[str, str]]:
-    """(prompt, negative prompt) pairs: a list of prompts with one negative prompt for all, or one each."""
-    prompts = prompt_list("prompt", prompt)
-    return list(zip(prompts, prompt_list("negative_prompt", negative_prompt, len(prompts)), strict=True))

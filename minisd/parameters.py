@@ -24,14 +24,17 @@ minisd's own keys, for what A1111 lacks or does otherwise (A1111 shows them and 
     Dtype, Device       the UNet's: other arithmetic gives other bytes
     Threads             the CPU threads torch computed with: the CPU's float sums depend on how work is split
     Fast                minisd.fast applied: the same image up to float rounding, not to the byte
-    Prediction type     what the model predicts, for SD 2 models and any v-prediction model (an SD 2 single file
-                        does not record it: regenerate passes it back to the loader)
+    Prediction type     what SD 2 and v-prediction models predict (SD 2 files lack it: regenerate gives it back)
     Zero terminal SNR   β rescaled for zero terminal SNR (Lin et al. 2023), when on
+    TI hashes           A1111's: each textual-inversion embedding the prompts used, "name: first 12 hex digits of
+                        the file's SHA-256, …" (hashes.file_hash)
+    Lora hashes         A1111's: each LoRA applied, "name: 12 hex digits of its tensor bytes' SHA-256, …"
+                        (hashes.lora_hash); minisd adds Lora weights, {name: {"weight": w, "fused": bool}} as JSON, for
+                        LoRAs loaded for every image (a <lora:name:w> tag's weight is in the prompt)
+    VAE, VAE hash       A1111's: a separate VAE's file name (or folder name, or hub id) and its file's 10-digit hash
 No path of the maker's machine is written (minisd before this wrote "Weights", "Init image" and "Mask image" paths;
-they are read no more). Not recorded: library versions and the CPU or GPU model.
-Same recorded parameters, same weights, same torch version, device kind, dtype, CPU thread count and CPU or GPU
-model -> same bytes (see README "Same bytes").
-
+they are read no more). Not recorded: library versions and the CPU or GPU model. Same recorded parameters, weights,
+torch version, device kind, dtype, CPU thread count and CPU or GPU model -> same bytes (see README "Same bytes").
 Texts from A1111 read into the same sampler and schedule ("DPM++ 2M Karras" of 1.5-era A1111 and "DPM++ 2M,
 Schedule type: Karras" of 1.9+ alike); A1111 fields that change the picture and that minisd cannot honour (hires
 fix, an A1111 sampler or schedule minisd lacks, ...) are refused in one line naming the field (check_fields).
@@ -42,7 +45,7 @@ import math
 import os
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image
 
@@ -51,6 +54,7 @@ from minisd.errors import MinisdError
 from minisd.hashes import recorded_image
 
 MODES = ("txt2img", "img2img", "inpaint")
+MAX_THREADS = 1024  # a recorded CPU thread count regenerate sets: more is a tampered file, not a machine
 DRAWN_SEEDS = 2**32  # a seed left to chance is drawn below 2**32, as A1111 draws it (any seed < 2**64 works)
 
 
@@ -221,12 +225,8 @@ REFUSED = {
     "NGMS": "skipping the negative prompt at small σ (NGMS)",
     "Emphasis": "an emphasis mode other than A1111's Original",  # refused unless "Original"
     "FP8 weight": "FP8 weights",
-    "VAE": "a separate VAE file",
-    "VAE hash": "a separate VAE file",
     "VAE Decoder": "another VAE decoder (TAESD)",
     "VAE Encoder": "another VAE encoder (TAESD)",
-    "Lora hashes": "LoRA networks",
-    "TI hashes": "textual inversion embeddings",
     "Downcast alphas_cumprod": "a float16 ᾱ table",
 }
 # Fields that do not change the picture minisd makes: A1111's version and user, its hash list, its noise source
@@ -235,7 +235,7 @@ IGNORED = ("Version", "User", "Hashes", "RNG", "ENSD", "Pad conds", "Weights", "
 READ = (
     *FIXED_KEYS, "Clip skip", "Eta", "Eta DDIM", "Denoising strength", "Init image hash", "Mask image hash",
     "Timestep spacing", "Guidance rescale", "VAE tiling", "Paste unmasked", "Dtype", "Device", "Threads", "Fast",
-    "Prediction type", "Zero terminal SNR",
+    "Prediction type", "Zero terminal SNR", "TI hashes", "Lora hashes", "Lora weights", "VAE", "VAE hash",
 )  # fmt: skip
 
 
@@ -260,6 +260,7 @@ def sampler_settings(fields: dict[str, str]) -> tuple[str, str, float | None]:
     except MinisdError as error:
         raise MinisdError(f"Sampler: {error}") from None
     label = fields.get("Schedule type")
+    label = None if label is None else samplers.schedule_type_label(label)  # A1111 reads "karras" as "Karras"
     schedule = implied or ("Uniform" if label in (None, "Automatic") else label)
     if label == "Automatic" and implied is None:
         schedule = samplers.A1111_AUTOMATIC.get(display, "Uniform")
@@ -270,10 +271,14 @@ def sampler_settings(fields: dict[str, str]) -> tuple[str, str, float | None]:
             f"Schedule type: {label!r} is an A1111 schedule minisd does not have; it has "
             f"{', '.join(samplers.SCHEDULE_TYPES)}"
         )
-    eta = fields.get("Eta DDIM", fields.get("Eta")) if display == "DDIM" else fields.get("Eta")
+    key = "Eta DDIM" if display == "DDIM" and "Eta DDIM" in fields else "Eta"
+    eta = fields.get(key)
     if eta is not None and display not in ("DDIM", *samplers.ANCESTRAL):
         raise MinisdError(f"Eta: {eta!r} is an ancestral sampler's η; {display} takes none")
-    return display, schedule, None if eta is None else float(eta)
+    try:
+        return display, schedule, None if eta is None else float(eta)
+    except ValueError:
+        raise MinisdError(f"{key}: {eta[:40]!r} is not a number") from None
 
 
 @dataclass
@@ -307,6 +312,11 @@ class GenerationParameters:
     fast: bool = False  # minisd.fast.make_fast applied: the same image up to float rounding, not to the byte
     prediction_type: str | None = None  # "epsilon" / "v_prediction"; recorded for SD 2 and v models (None: ε)
     rescale_betas_zero_snr: bool = False
+    ti_hashes: dict[str, str] = field(default_factory=dict)  # embedding name as typed -> 12 hex digits
+    lora_hashes: dict[str, str] = field(default_factory=dict)  # LoRA name -> 12 hex digits (lora_hash)
+    lora_weights: dict[str, dict] = field(default_factory=dict)  # loaded LoRA -> {"weight": w, "fused": bool}
+    vae: str | None = None  # a separate VAE's file name or hub id (A1111's "VAE")
+    vae_hash: str | None = None
 
     def source_images(
         self,
@@ -344,6 +354,11 @@ class GenerationParameters:
             "Fast": "True" if self.fast else None,
             "Prediction type": self.prediction_type,
             "Zero terminal SNR": "True" if self.rescale_betas_zero_snr else None,
+            "TI hashes": _name_list(self.ti_hashes),
+            "Lora hashes": _name_list(self.lora_hashes),
+            "Lora weights": json.dumps(self.lora_weights) if self.lora_weights else None,
+            "VAE": self.vae,
+            "VAE hash": self.vae_hash,
         }
         schedule = self.schedule_type if self.sampler in samplers.SIGMA_SAMPLERS else None
         return format_parameters(
@@ -362,10 +377,13 @@ class GenerationParameters:
             raise MinisdError(f"parameters lack {', '.join(missing)}: not written by minisd or A1111")
         check_fields(fields)
         sampler, schedule_type, eta = sampler_settings(fields)
+        threads = fields.get("Threads")
+        if threads is not None and not (re.fullmatch(r"[0-9]{1,4}", threads) and 1 <= int(threads) <= MAX_THREADS):
+            raise MinisdError(f"Threads: must be an integer in [1, {MAX_THREADS}], got {threads[:40]!r}")
         try:
             width, height = (int(v) for v in fields["Size"].split("x"))
             clip_skip, strength = fields.get("Clip skip"), fields.get("Denoising strength")
-            threads, mask = fields.get("Threads"), fields.get("Mask image hash")
+            mask = fields.get("Mask image hash")
             return cls(
                 mode="inpaint" if mask else "img2img" if strength else "txt2img",
                 prompt=fields["Prompt"],
@@ -394,6 +412,39 @@ class GenerationParameters:
                 fast=fields.get("Fast") == "True",
                 prediction_type=fields.get("Prediction type"),
                 rescale_betas_zero_snr=fields.get("Zero terminal SNR") == "True",
+                ti_hashes=_read_name_list(fields.get("TI hashes")),
+                lora_hashes=_read_name_list(fields.get("Lora hashes")),
+                lora_weights=_read_json("Lora weights", fields.get("Lora weights")),
+                vae=fields.get("VAE"),
+                vae_hash=fields.get("VAE hash"),
             )
         except ValueError as error:
             raise MinisdError(f"parameters hold a value that is not a number: {error}") from None
+
+
+def _name_list(names: dict[str, str]) -> str | None:
+    """A1111's list form "name: hash, name: hash" (None when empty).
+
+    >>> _name_list({"cat-toy": "0123456789ab", "neg": "ba9876543210"})
+    'cat-toy: 0123456789ab, neg: ba9876543210'
+    """
+    return ", ".join(f"{name}: {value}" for name, value in names.items()) or None
+
+
+def _read_name_list(text: str | None) -> dict[str, str]:
+    """_name_list read back: each ", "-separated entry split at its last ": " (a name may hold ": ", a hash never)."""
+    pairs = [entry.rpartition(": ") for entry in (text or "").split(", ") if entry]
+    return {name.strip(): value.strip() for name, _, value in pairs}
+
+
+def _read_json(key: str, text: str | None) -> dict:
+    """One of minisd's JSON-valued keys (Lora weights) read back; {} when absent."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise MinisdError(f"parameters' {key} must be a JSON object, got {text!r:.60}")
+    return value

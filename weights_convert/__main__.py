@@ -20,8 +20,9 @@ import torch
 from minisd.arguments import DTYPES, ArgumentParser
 from minisd.errors import MinisdError
 from minisd.samplers.base import PREDICTION_TYPES
+from weights_convert.describe import describe
 from weights_convert.detect import LAYOUT_NAMES, MINISD_METADATA, join_minisd_file
-from weights_convert.folders import cast_floats, describe, prediction_of, read_weights, save_safetensors, write_folder
+from weights_convert.folders import cast_floats, prediction_of, read_weights, save_safetensors, write_folder
 from weights_convert.official import minisd_to_ldm
 
 
@@ -46,7 +47,7 @@ def _remove(out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The three commands (info is folders.describe).
+# The three commands (info is describe.describe).
 
 
 def command_convert(

@@ -5,7 +5,7 @@
                                 is (detect.CheckpointInfo) and the three configs (configs.py)
     write_folder(state_dicts)   -> a diffusers-style folder: weights, config.json files, tokenizer, scheduler and
                                 model_index.json, which diffusers' StableDiffusionPipeline.from_pretrained loads
-    describe(path)              what `python -m weights_convert info` and `minisd info` print
+    describe.describe(path)     what `python -m weights_convert info` and `minisd info` print (describe.py)
 
 A diffusers folder:
     unet/          config.json + diffusion_pytorch_model[.fp16].safetensors (or .bin)
@@ -39,7 +39,12 @@ from weights_convert.configs import (
     sd_config,
     write_config_file,
 )
-from weights_convert.detect import LAYOUT_NAMES, CheckpointInfo, inspect_checkpoint, split_minisd_file
+from weights_convert.detect import (
+    ROUTES,
+    CheckpointInfo,
+    inspect_checkpoint,
+    split_minisd_file,
+)
 from weights_convert.files import SAFETENSORS_SUFFIXES, read_state_dict
 from weights_convert.keymap_diffusers import diffusers_to_minisd, minisd_to_diffusers
 from weights_convert.official import kept_tensors, ldm_to_minisd
@@ -97,6 +102,8 @@ def read_single_file(path: Path, use_ema: bool = True) -> Weights:
             state_dicts = split_minisd_file(state_dict)
             info.variant = metadata_choice(metadata, "minisd.variant", VARIANTS) or info.variant
             info.prediction_type = metadata_choice(metadata, "minisd.prediction_type") or info.prediction_type
+        elif info.layout == "diffusers-vae":
+            raise MinisdError(f"this is {ROUTES['vae']}; it is not a whole SD model")
         else:
             raise MinisdError(
                 f"holds only one part of a diffusers folder ({info.layout}); pass the folder with unet/, vae/, "
@@ -360,54 +367,3 @@ def write_folder(
     written.append("tokenizer/vocab.json, tokenizer/merges.txt, tokenizer/special_tokens_map.json")
     written.append("scheduler/scheduler_config.json, model_index.json")
     return written
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Describing
-
-
-def _prediction_line(info: CheckpointInfo, path: Path) -> str:
-    if info.prediction_type is not None:
-        return info.prediction_type
-    if info.variant != "v2":
-        return "epsilon (not recorded; every official SD v1 and SD 2 inpainting release predicts ε)"
-    taken, _ = prediction_of(info, None, path.name)
-    return f"not recorded (ε and v models share every key and shape): {taken} from the name; --prediction-type"
-
-
-def describe(path: Path) -> str:
-    """What a weights file or diffusers folder holds: format, layout, variant, EMA, dtypes, parameter counts."""
-    if path.is_dir():
-        info, kind = read_folder(path).info, "folder of safetensors files"
-    elif not path.exists():
-        raise MinisdError(f"{path}: no such file or folder")
-    else:
-        info = inspect_checkpoint(read_state_dict(path))
-        if info.layout == "minisd":  # what minisd's files record beside their tensors
-            metadata = file_metadata(path)
-            info.variant = metadata_choice(metadata, "minisd.variant", VARIANTS) or info.variant
-            info.prediction_type = metadata_choice(metadata, "minisd.prediction_type")
-        kind = "safetensors" if path.suffix == ".safetensors" else "torch pickle (read without running code)"
-    order = ("unet", "unet_ema", "vae", "text_encoder")
-    counts = {c: info.parameter_counts[c] for c in order if c in info.parameter_counts}
-    dtypes = {c: info.dtypes[c] for c in order if c in info.dtypes}
-    lines = [
-        f"file:       {path}",
-        f"format:     {kind}",
-        f"layout:     {info.layout}" + (f" - {LAYOUT_NAMES[info.layout]}" if info.layout in LAYOUT_NAMES else ""),
-        f"variant:    {info.variant}",
-        f"prediction: {_prediction_line(info, path)}",
-        "ema:        "
-        + (
-            "EMA and raw UNet (EMA used by default; the raw one: use_ema=False in Python, or python -m "
-            "weights_convert convert --raw-unet)"
-            if info.has_ema
-            else "no"
-        ),
-        "dtype:      " + ", ".join(f"{c} {d}" for c, d in dtypes.items()),
-        "parameters:",
-        *[f"  {c:<14}{n:>15,}" for c, n in counts.items()],
-        f"  {'total':<14}{sum(n for c, n in counts.items() if c != 'unet_ema'):>15,}"
-        + ("  (without the EMA copy)" if info.has_ema else ""),
-    ]
-    return "\n".join(lines)
