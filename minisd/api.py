@@ -101,10 +101,8 @@ class StableDiffusion(AdditionsMethods):
         """Load SD v1 from a single file (.safetensors / .ckpt), a diffusers folder or a hub id ("org/name", through
         the Hugging Face cache). The arguments are minisd.loading.load_components', except that dtype None on the CPU
         means float32 (CPUs compute float16 slowly and some ops not at all); on a GPU it keeps the file's dtype.
-        fast: apply minisd.fast.make_fast to the three networks (fused QKV; on the CPU prepacked oneDNN weights, on a
-        GPU channels_last), and on the CPU with dtype None compute in minisd.fast.fast_dtype (bfloat16 where the CPU
-        multiplies it natively, else float32): faster, equal to the eager networks up to float rounding (bfloat16:
-        1-2 % of a network's output); recorded in each image's parameters (Fast, Dtype).
+        fast: minisd.fast.make_fast on the three networks, and on the CPU with dtype None minisd.fast.fast_dtype
+        (bfloat16 where the CPU has it): faster, equal up to rounding; recorded in the parameters (Fast, Dtype).
         vae: a separate VAE (minisd.loading.load_vae: a file, folder or hub id such as "stabilityai/sd-vae-ft-mse")."""
         if not isinstance(fast, bool):  # before loading: a typo should not cost a multi-GB load
             raise MinisdError(f"fast must be True or False, got {fast!r}")
