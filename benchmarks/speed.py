@@ -200,7 +200,7 @@ def case_functions(runner: tuple, case: str, inputs: dict, steps: int, cuda_grap
     latents, t, context, noise, ids = (cast[k] for k in ("latents", "t", "context", "noise", "ids"))
     if library == "minisd":
         unet_step = models.get("unet")
-        if cuda_graph and unet_step is not None:
+        if cuda_graph and case in ("unet_step", "image"):  # one graph per case that runs the UNet
             from minisd.fast import capture_unet_step
 
             with torch.inference_mode():
