@@ -258,6 +258,8 @@ def command_regenerate(args, status: Status) -> None:
         raise MinisdError(f"{args.png} holds no 'parameters' text: not written by minisd or A1111 (or a grid)")
     if kandinsky_cli.is_kandinsky_text(text):
         return kandinsky_cli.regenerate(args, text, status, save, output_paths, weights_source)
+    if args.prior is not None:
+        raise MinisdError("--prior is a Kandinsky 2.2 option; this PNG's parameters are an SD v1 image's")
     params = GenerationParameters.from_text(text)
     unknown = check_fields(parse_parameters(text))
     if unknown:
