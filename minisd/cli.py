@@ -8,15 +8,14 @@
     minisd regenerate fox.png --models-dir models/     # the same image again, from the parameters in the PNG
 
 Weights: --checkpoint FILE, or --model ID_OR_FOLDER (a hub id through the Hugging Face cache, or a diffusers
-folder; a Kandinsky 2.2 decoder: see minisd/kandinsky/cli.py); SD v1 or SD 2.x (an SD 2 file does not record
-whether it predicts ε or v: --prediction-type, else its name decides, 768 = v, and a "note:" line says so). What
-users bring: --vae FILE|ID, --lora FILE[:WEIGHT] (repeatable), --embedding FILE (repeatable; type its name), and
-A1111's folders --embeddings DIR (a file's name typed in a prompt) and --lora-dir DIR (<lora:name:0.8>). PNGs hold
-A1111's "parameters" text; without -o they go to outputs/00001.png, 00002.png, ... An existing file is never
-replaced without --overwrite: a fresh name is taken and printed instead. With --num-images N, image i uses seed + i
-and goes to its own file (OUT-1.png ... OUT-N.png with -o OUT.png); --grid adds one picture of them all.
-`regenerate` finds the weights the PNG names by name and hash (minisd/locate.py), and its embeddings, LoRAs and VAE
-the same way.
+folder; a Kandinsky 2.2 decoder: see minisd/kandinsky/cli.py); SD v1 or SD 2.x (ε or v: an SD 2 file does not say;
+--prediction-type, else its name decides, 768 = v, and a "note:" line says so). What users bring: --vae FILE|ID,
+--lora FILE[:WEIGHT] (repeatable), --embedding FILE (repeatable; type its name), and A1111's folders --embeddings
+DIR (a file's name typed in a prompt) and --lora-dir DIR (<lora:name:0.8>). PNGs hold A1111's "parameters" text;
+without -o they go to outputs/00001.png, 00002.png, ... An existing file is never replaced without --overwrite: a
+fresh name is taken and printed instead. With --num-images N, image i uses seed + i and goes to its own file
+(OUT-1.png ... OUT-N.png with -o OUT.png); --grid adds one picture of them all. `regenerate` finds the weights the
+PNG names by name and hash (minisd/locate.py), and its embeddings, LoRAs and VAE the same way.
 Bad arguments or files: one line on stderr, exit status 2. Progress goes to stderr when it is a terminal.
 """
 
@@ -269,6 +268,8 @@ def command_regenerate(args, status: Status) -> None:
         raise MinisdError(f"{args.png} holds no 'parameters' text: not written by minisd or A1111 (or a grid)")
     if kandinsky_cli.is_kandinsky_text(text):
         return kandinsky_cli.regenerate(args, text, status, save, output_paths, weights_source)
+    if args.prior is not None:
+        raise MinisdError("--prior is a Kandinsky 2.2 option; this PNG's parameters are an SD v1 image's")
     params = GenerationParameters.from_text(text)
     unknown = check_fields(parse_parameters(text))
     if unknown:
@@ -328,14 +329,20 @@ def add_weights_args(command) -> None:
     weights.add_argument("--checkpoint", metavar="FILE", help="a single weights file (.safetensors, .ckpt)")
     weights.add_argument("--model", metavar="ID|DIR", help="a Hugging Face hub id or a diffusers folder")
     command.add_argument(
-        "--dtype", help=f"one of {', '.join(DTYPES)} (default: float32 on the CPU, the file's on a GPU)"
+        "--dtype",
+        help=f"one of {', '.join(DTYPES)} (default: float32 on the CPU, bfloat16 with --fast where the CPU has it; "
+        "the file's on a GPU)",
     )
     command.add_argument("--device", help="cpu (default), cuda, cuda:1, mps")
-    command.add_argument("--fast", action="store_true", help="minisd.fast: fused QKV, channels_last, prepacked convs")
     command.add_argument(
-        "--prediction-type", choices=PREDICTION_TYPES,
-        help="what an SD 2 single file's model predicts (default: its name decides, 768 = v_prediction)",
-    )  # fmt: skip
+        "--fast",
+        action="store_true",
+        help="minisd.fast: on the CPU bfloat16 where it has AVX-512 BF16 or AMX (unless --dtype; ~1-2 %% change in "
+        "each network's output) and weights prepacked for oneDNN, on a GPU channels_last; fused QKV everywhere. "
+        "The same picture up to rounding, recorded in the PNG (Fast, Dtype)",
+    )
+    sd2_help = "what an SD 2 single file's model predicts (default: its name decides, 768 = v_prediction)"
+    command.add_argument("--prediction-type", choices=PREDICTION_TYPES, help=sd2_help)
     command.add_argument("-o", "--output", metavar="OUT", help="a .png path or a folder (default: outputs/, numbered)")
     command.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
