@@ -187,8 +187,8 @@ def train_lora(components: Components, out: str | os.PathLike, config: FinetuneC
     for (network, name), branch in adapter.branches.items():
         prefix = "lora_unet_" if network == "unet" else "lora_te_text_model_"  # kohya's names (keymap_lora.py)
         key = prefix + name.replace(".", "_")
-        state_dict[f"{key}.lora_down.weight"] = branch.down.detach().contiguous()
-        state_dict[f"{key}.lora_up.weight"] = branch.up.detach().contiguous()
+        state_dict[f"{key}.lora_down.weight"] = branch.down.detach().half().contiguous()  # float16: kohya's usual
+        state_dict[f"{key}.lora_up.weight"] = branch.up.detach().half().contiguous()  # save_precision, half the size
         state_dict[f"{key}.alpha"] = torch.tensor(config.alpha)
     metadata = {"minisd.concept": concept.CONCEPT, "minisd.finetune_config": json.dumps(asdict(config))}
     metadata["ss_network_dim"], metadata["ss_network_alpha"] = str(config.rank), str(config.alpha)  # as kohya's
