@@ -282,7 +282,9 @@ def command_regenerate(args, status: Status) -> None:
         raise MinisdError(f"{source} has model hash {pipe.model_hash}, the PNG was made with {params.model_hash}")
     pipe.additions.restore(params, args.models_dir or [])  # its embeddings and LoRAs, found by name and hash
     params.model_name = pipe.model_name  # as loaded now (the same unless overridden)
+    params.model_hash = pipe.model_hash  # A1111's 10 digits, also where the PNG held its old 8
     params.dtype, params.device = str(pipe.dtype).removeprefix("torch."), pipe.device.type
+    params.threads = torch.get_num_threads() if pipe.device.type == "cpu" else None  # also where A1111 wrote none
     path = output_paths(args.output, 1)[0]
     make_image(pipe, params, sources, params.seed, path, args.overwrite, status, "regenerating")
 
@@ -341,8 +343,8 @@ def add_generation_args(command, name: str) -> None:
     schedules = ", ".join(SCHEDULE_TYPES)
     command.add_argument("--schedule-type", metavar="TYPE", help=f"the σ samplers' schedule: {schedules} or "
                          "Automatic (A1111's choice for the sampler) (default: Uniform)")  # fmt: skip
-    command.add_argument("--timestep-spacing", choices=SPACINGS, help="diffusers' spacing of the Uniform schedule "
-                         "(default: leading for DDPM, DDIM, PLMS; linspace for the others)")  # fmt: skip
+    command.add_argument("--timestep-spacing", choices=SPACINGS, help="diffusers' spacing of the timesteps (not with "
+                         "SGM Uniform) (default: leading for DDPM, DDIM, PLMS; linspace for the others)")  # fmt: skip
     command.add_argument("--eta", type=number, help="DDIM's eta (default 0), or Euler a's / DPM++ 2M SDE's (1)")
     command.add_argument("--seed", type=int, help="random seed (default: drawn, then printed)")
     command.add_argument("--clip-skip", type=int, help="CLIP layers skipped at the end (A1111's Clip skip 2 = 1)")
@@ -377,8 +379,8 @@ def build_parser() -> ArgumentParser:
         kandinsky_cli.add_arguments(command, name, positive_int, number)
     regenerate = commands.add_parser("regenerate", help="make a PNG minisd or A1111 wrote again, from its parameters")
     regenerate.add_argument("png", help="a PNG with A1111's 'parameters' text (minisd's, or A1111's own)")
-    regenerate.add_argument("--models-dir", metavar="DIR", type=Path, action="append", help="where to look for "
-                            "the weights, embeddings, LoRAs and VAE the PNG names, by hash (repeatable)")  # fmt: skip
+    regenerate.add_argument("--models-dir", metavar="DIR", type=Path, action="append", help="where to look for the "
+                            "weights, embeddings, LoRAs and VAE the PNG names, by hash or name (repeat)")  # fmt: skip
     regenerate.add_argument("--image", help="the source image of an img2img or inpaint PNG (checked by its hash)")
     regenerate.add_argument("--mask", help="the mask of an inpaint PNG (checked by its hash)")
     add_weights_args(regenerate)

@@ -59,7 +59,9 @@ def legacy_file_hash(path: str | os.PathLike) -> str:
 
 def hash_matches(recorded: str, path: str | os.PathLike) -> bool:
     """Whether a recorded "Model hash" names this file: A1111's short hash (10 hex digits, file_hash) or its old
-    one (8, legacy_file_hash). Any other form matches nothing."""
+    one (8, legacy_file_hash), in either case (A1111 writes lower case, Civitai shows its "AutoV2" in upper).
+    Any other form matches nothing."""
+    recorded = recorded.lower()
     if re.fullmatch(r"[0-9a-f]{10}", recorded):
         return file_hash(path) == recorded
     return bool(re.fullmatch(r"[0-9a-f]{8}", recorded)) and legacy_file_hash(path) == recorded

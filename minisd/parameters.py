@@ -54,6 +54,7 @@ from minisd.errors import MinisdError
 from minisd.hashes import recorded_image
 
 MODES = ("txt2img", "img2img", "inpaint")
+MAX_THREADS = 1024  # a recorded CPU thread count regenerate sets: more is a tampered file, not a machine
 DRAWN_SEEDS = 2**32  # a seed left to chance is drawn below 2**32, as A1111 draws it (any seed < 2**64 works)
 
 
@@ -259,6 +260,7 @@ def sampler_settings(fields: dict[str, str]) -> tuple[str, str, float | None]:
     except MinisdError as error:
         raise MinisdError(f"Sampler: {error}") from None
     label = fields.get("Schedule type")
+    label = None if label is None else samplers.schedule_type_label(label)  # A1111 reads "karras" as "Karras"
     schedule = implied or ("Uniform" if label in (None, "Automatic") else label)
     if label == "Automatic" and implied is None:
         schedule = samplers.A1111_AUTOMATIC.get(display, "Uniform")
@@ -269,10 +271,14 @@ def sampler_settings(fields: dict[str, str]) -> tuple[str, str, float | None]:
             f"Schedule type: {label!r} is an A1111 schedule minisd does not have; it has "
             f"{', '.join(samplers.SCHEDULE_TYPES)}"
         )
-    eta = fields.get("Eta DDIM", fields.get("Eta")) if display == "DDIM" else fields.get("Eta")
+    key = "Eta DDIM" if display == "DDIM" and "Eta DDIM" in fields else "Eta"
+    eta = fields.get(key)
     if eta is not None and display not in ("DDIM", *samplers.ANCESTRAL):
         raise MinisdError(f"Eta: {eta!r} is an ancestral sampler's η; {display} takes none")
-    return display, schedule, None if eta is None else float(eta)
+    try:
+        return display, schedule, None if eta is None else float(eta)
+    except ValueError:
+        raise MinisdError(f"{key}: {eta[:40]!r} is not a number") from None
 
 
 @dataclass
@@ -367,10 +373,13 @@ class GenerationParameters:
             raise MinisdError(f"parameters lack {', '.join(missing)}: not written by minisd or A1111")
         check_fields(fields)
         sampler, schedule_type, eta = sampler_settings(fields)
+        threads = fields.get("Threads")
+        if threads is not None and not (re.fullmatch(r"[0-9]{1,4}", threads) and 1 <= int(threads) <= MAX_THREADS):
+            raise MinisdError(f"Threads: must be an integer in [1, {MAX_THREADS}], got {threads[:40]!r}")
         try:
             width, height = (int(v) for v in fields["Size"].split("x"))
             clip_skip, strength = fields.get("Clip skip"), fields.get("Denoising strength")
-            threads, mask = fields.get("Threads"), fields.get("Mask image hash")
+            mask = fields.get("Mask image hash")
             return cls(
                 mode="inpaint" if mask else "img2img" if strength else "txt2img",
                 prompt=fields["Prompt"],

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from minisd.errors import MinisdError
-from minisd.parameters import format_parameters, parse_parameters
+from minisd.parameters import GenerationParameters, format_parameters, parse_parameters
 
 
 def assert_one_line_error(call, fragment: str) -> None:
@@ -170,3 +170,19 @@ def test_format_parameters_bad_input(kwargs, fragment):
 
 def test_parse_parameters_bad_input():
     assert_one_line_error(lambda: parse_parameters(b"Steps: 1"), "text must be a str")
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ("Eta: abc", "Eta: 'abc' is not a number"),
+        ("Threads: 0", "Threads: must be an integer in [1, 1024], got '0'"),
+        ("Threads: 5000000", "Threads: must be an integer in [1, 1024]"),  # set_num_threads would hang or crash
+        ("Threads: two", "Threads: must be an integer"),
+    ],
+)
+def test_tampered_values_are_one_line_errors(extra, fragment):
+    """A value regenerate would act on before any pipeline check (Eta, the thread count it sets): one line."""
+    text = f"a cat\nSteps: 2, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, {extra}"
+    assert_one_line_error(lambda: GenerationParameters.from_text(text), fragment)
+    GenerationParameters.from_text(text.split(", " + extra)[0] + ", Eta: 0.5, Threads: 16")  # in range: read
