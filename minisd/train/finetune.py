@@ -55,9 +55,12 @@ class FinetuneConfig:
     rank: int = 4  # LoRA: r
     alpha: float = 4.0  # LoRA: α (α = r: ΔW = B A)
     text_encoder: bool = True  # LoRA: adapt the text encoder's linears too (kohya's default), not only the UNet's
+    preserve: int = 0  # pictures of the model's own training captions mixed in (prior preservation; 0: none)
 
     def check(self) -> None:
         check_positive(self, "steps", "batch_size", "num_vectors", "rank", "alpha")
+        if self.preserve < 0:
+            raise MinisdError(f"preserve must be >= 0, got {self.preserve}")
         if self.lr < 0 or not math.isfinite(self.lr):
             raise MinisdError(f"lr must be >= 0 (0: the method's default), got {self.lr}")
 
@@ -70,8 +73,12 @@ def _latents(components: Components, pixels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _batches(components: Components, config: FinetuneConfig, word: str):
-    """Endless (x_t, t, ε, captions) batches from the concept's training pictures, every draw from config.seed."""
+    """Endless (x_t, t, ε, captions) batches from the concept's training pictures (and config.preserve pictures of
+    the model's own training captions), every draw from config.seed."""
     pixels, captions = concept.pictures(config.seed)
+    if config.preserve:  # DreamBooth's prior preservation (Ruiz et al. 2022, §3.3), with drawn, not sampled, pictures
+        known, known_captions = shapes.dataset(config.preserve, config.seed + 1, "train")
+        pixels, captions = torch.cat([pixels, known]), captions + known_captions
     mean, std = _latents(components, pixels)
     alphas_cumprod = alphas_cumprod_from_betas(scaled_linear_betas())
     generator = torch.Generator().manual_seed(config.seed)
