@@ -140,6 +140,8 @@ def _main(argv: list[str] | None) -> int:
         finetune.add_argument("--initializer", help="textual inversion: the word v* starts from (square)")
         finetune.add_argument("--alpha", type=float, help="LoRA: alpha (default: the rank)")
         finetune.add_argument("--unet-only", action="store_true", help="LoRA: leave the text encoder as it is")
+        finetune.add_argument("--preserve", type=int, help="pictures of the model's own training captions mixed "
+                              "in (prior preservation, DreamBooth's; default 0)")  # fmt: skip
         finetune.add_argument("--eval-seeds", type=int, default=2, help="pictures per held-out caption before and "
                               "after (2; 0: no measurement)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -250,7 +252,8 @@ def _finetune(args: argparse.Namespace) -> int:
     from minisd.train import concept
     from minisd.train.finetune import FinetuneConfig, train_lora, train_textual_inversion
 
-    given = {k: getattr(args, k) for k in ("steps", "batch_size", "seed", "num_vectors", "rank", "lr", "initializer")}
+    names = ("steps", "batch_size", "seed", "num_vectors", "rank", "lr", "initializer", "preserve")
+    given = {k: getattr(args, k) for k in names}
     config = replace(FinetuneConfig(), **{k: v for k, v in given.items() if v is not None})
     if args.alpha is not None or args.rank is not None:
         config.alpha = args.alpha if args.alpha is not None else float(config.rank)
