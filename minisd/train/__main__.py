@@ -127,6 +127,8 @@ def _main(argv: list[str] | None) -> int:
     evaluate.add_argument("--phrasings", action="store_true", help="also adherence per phrasing family on the "
                           "held-out scenes (over, beneath, left of, the, a full stop, ...)")  # fmt: skip
     evaluate.add_argument("--grid", type=Path, help="write a labelled sample grid here (PNG)")
+    evaluate.add_argument("--fast", action="store_true", help="measure the fast path: minisd.fast.make_fast, in "
+                          "bfloat16 where the CPU computes it natively (as minisd generate --fast)")  # fmt: skip
     for name, what in (("textual-inversion", "learn a new word <diamond> for a new shape"), ("lora", "learn a "
                        "LoRA for the word diamond")):  # fmt: skip
         finetune = commands.add_parser(name, help=f"{what} from 48 pictures (train/concept.py, finetune.py)")
@@ -211,6 +213,7 @@ def _main(argv: list[str] | None) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from minisd.api import default_model
+    from minisd.fast import fast_dtype, make_fast
     from minisd.loading import load_components
     from minisd.train import evaluate, shapes
 
@@ -218,10 +221,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     if model is None or not Path(model).is_file():
         print(f"no model file {model}; pass --model", file=sys.stderr)
         return 2
-    components = load_components(model, dtype=torch.float32)
+    dtype = (fast_dtype("cpu") or torch.float32) if args.fast else torch.float32
+    components = load_components(model, dtype=dtype)
+    if args.fast:
+        for network in (components.unet, components.vae, components.text_encoder):
+            make_fast(network)
     guidance = components.guidance_scale if args.guidance is None else args.guidance
     sampling = {"num_inference_steps": args.steps, "sampler": args.sampler, "guidance_scale": guidance}
-    print(f"{model}: {args.seeds} pictures per caption, {args.sampler}, {args.steps} steps, guidance {guidance:g}")
+    print(f"{model}: {args.seeds} pictures per caption, {args.sampler}, {args.steps} steps, guidance {guidance:g}"
+          + (f", fast in {str(dtype).removeprefix('torch.')}" if args.fast else ""))  # fmt: skip
     for split, captions in (("held-out", shapes.heldout_captions()), ("training", evaluate.training_sample())):
         result = evaluate.adherence(components, captions, seeds=args.seeds, **sampling)
         print(
@@ -235,7 +243,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             result = evaluate.adherence(components, captions, seeds=args.seeds, **sampling)
             failed = ", ".join(f"{n} {part}" for part, n in result.failures.items()) or "none"
             print(f"  {family:18} {100 * result.rate:5.1f}% ({result.accepted}/{result.total}; failed: {failed})")
-    print(f"VAE reconstruction PSNR on 512 held-out pictures: {evaluate.vae_psnr(components):.2f} dB")
+    psnr_components = load_components(model, dtype=torch.float32) if args.fast else components  # the VAE as trained
+    print(f"VAE reconstruction PSNR on 512 held-out pictures: {evaluate.vae_psnr(psnr_components):.2f} dB")
     if args.grid is not None:
         captions = evaluate.sample_captions_for_grid()
         pictures = evaluate.generate(components, captions, seed=0, **sampling)
