@@ -57,7 +57,7 @@ class PrepackedConv2d(nn.Module):
         assert conv.padding_mode == "zeros" and isinstance(conv.padding, tuple), "SD v1 pads with zeros, by numbers"
         self.weight, self.bias = conv.weight, conv.bias
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self.register_buffer("packed_weight", None, persistent=False)
+        self.packed_weight: Tensor | None = None  # not a buffer: .to()/.float() leave it; remade from weight
         self.packed_for: tuple = ()  # (input shape, weights_state(weight)) packed_weight was laid out for
 
     def forward(self, x: Tensor) -> Tensor:
@@ -89,7 +89,7 @@ class PrepackedLinear(nn.Module):
         else:
             self.register_buffer("weight", linear.weight, persistent=False)
             self.register_buffer("bias", linear.bias, persistent=False)
-        self.register_buffer("packed_weight", None, persistent=False)
+        self.packed_weight: Tensor | None = None  # not a buffer: .to()/.float() leave it; remade from weight
         self.packed_for: tuple = ()  # weights_state(weight) packed_weight was made from
 
     def forward(self, x: Tensor) -> Tensor:

@@ -237,3 +237,22 @@ def test_prepacked_weights_follow_edits_in_place():
     attn.to_v.register_forward_hook(lambda module, args, out: out)
     with pytest.raises(MinisdError, match="never run"), torch.no_grad():
         fast(*args)
+
+
+@pytest.mark.parametrize("kind", ["unet", "vae"])
+def test_a_fast_network_changes_dtype_after_packing(kind):
+    """.to(dtype) / .float() after make_fast and a first call (packed copies made) converts the weights and re-packs
+    them; the packed copies are not buffers (oneDNN's layout cannot be converted: it was a traceback)."""
+    eager, fast = eager_and_fast(kind, TINY[kind], seed=8)
+    args = inputs(kind, TINY[kind], size=8, seed=8)
+    args16 = tuple(a.to(torch.bfloat16) if a.is_floating_point() else a for a in args)
+    with torch.no_grad():
+        run(kind, fast, args)  # packs in float32
+        got16 = run(kind, fast.to(torch.bfloat16), args16)
+        got32 = run(kind, fast.float(), args)
+        want32, want16 = run(kind, eager, args), run(kind, eager.to(torch.bfloat16), args16)
+    assert got16.dtype == torch.bfloat16 and got32.dtype == torch.float32
+    assert_parity("test_fast_dtype_change", f"fast {kind} bfloat16 after float32 vs eager", got16.float(),
+                  want16.float(), BF16_REL_TOL)  # fmt: skip
+    # back to float32 from bfloat16 weights: eager's float32 output to bfloat16's rounding of the weights
+    assert_parity("test_fast_dtype_change", f"fast {kind} float32 after bfloat16 vs eager", got32, want32, BF16_REL_TOL)
