@@ -39,6 +39,7 @@ from weights_convert.configs import (
     sd_config,
     write_config_file,
 )
+from weights_convert.converted import read_converted
 from weights_convert.detect import (
     ROUTES,
     CheckpointInfo,
@@ -75,24 +76,33 @@ class Weights:
     scheduler: dict[str, str] = field(default_factory=dict)  # a folder's sampler defaults (configs.scheduler_settings)
 
 
-def read_weights(path: Path, use_ema: bool = True, variant: str | None = None) -> Weights:
+def read_weights(
+    path: Path, use_ema: bool = True, variant: str | None = None, dtype: torch.dtype | None = None
+) -> Weights:
     """A single weights file or a diffusers folder -> Weights (one-line MinisdError for anything not SD v1).
 
     use_ema: single files holding two UNets (`v1-5-pruned`): take the EMA copy (keymap_ldm.ldm_to_minisd).
     variant: folders only: "fp16" picks `*.fp16.safetensors` weights.
+    dtype: None gives views of the memory-mapped files; a float dtype reads each tensor on its own and converts
+    it (weights_convert.converted: the peak memory is the converted weights, not the file's pages beside them);
+    info.dtypes then names `dtype`.
     """
     if path.is_dir():
-        return read_folder(path, variant)
+        return read_folder(path, variant, dtype)
     if variant is not None:
         raise MinisdError(f"variant applies to diffusers folders and hub ids, not to a single file; got {variant!r}")
-    return read_single_file(path, use_ema)
+    return read_single_file(path, use_ema, dtype)
 
 
-def read_single_file(path: Path, use_ema: bool = True) -> Weights:
+def _read(path: Path, dtype: torch.dtype | None) -> dict[str, Tensor]:
+    return read_state_dict(path) if dtype is None else read_converted(path, dtype)
+
+
+def read_single_file(path: Path, use_ema: bool = True, dtype: torch.dtype | None = None) -> Weights:
     """One file in the official (CompVis) or minisd layout -> Weights; its configs from minisd's metadata when it
     has them (head counts and groups), else read off the shapes; minisd's files also record the variant and the
-    prediction type ("minisd.variant", "minisd.prediction_type")."""
-    state_dict = read_state_dict(path)
+    prediction type ("minisd.variant", "minisd.prediction_type"). dtype: as read_weights'."""
+    state_dict = _read(path, dtype)
     metadata = file_metadata(path)
     try:
         info = inspect_checkpoint(state_dict)
@@ -139,9 +149,9 @@ def file_metadata(path: Path) -> dict[str, str]:
         return file.metadata() or {}
 
 
-def read_folder(folder: Path, variant: str | None = None) -> Weights:
+def read_folder(folder: Path, variant: str | None = None, dtype: torch.dtype | None = None) -> Weights:
     """A diffusers folder -> Weights: each component's weights renamed to minisd names, its config.json checked,
-    and its scheduler_config's prediction_type and rescale_betas_zero_snr."""
+    and its scheduler_config's prediction_type and rescale_betas_zero_snr. dtype: as read_weights'."""
     missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
     if missing:
         found = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
@@ -154,7 +164,7 @@ def read_folder(folder: Path, variant: str | None = None) -> Weights:
         config_path = folder / component / "config.json"
         configs[component] = sd_config(component, read_config_file(config_path), config_path)
         weights = _weights_file(folder / component, component, variant)
-        state_dicts[component] = diffusers_to_minisd(component, read_state_dict(weights))
+        state_dicts[component] = diffusers_to_minisd(component, _read(weights, dtype))
     try:
         unet_info = inspect_checkpoint(state_dicts["unet"])  # refuses LoRA / SDXL weights, finds the inpainting UNet
     except MinisdError as error:
