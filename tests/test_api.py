@@ -15,6 +15,7 @@ from minisd.api import default_model
 from minisd.errors import MinisdError
 from minisd.fast import fast_dtype
 from minisd.hashes import pixels_hash, short_hash
+from minisd.loading import load_components
 from minisd.parameters import GenerationParameters
 from minisd.pipelines import txt2img
 from tests.fakes import tiny_official_state_dict
@@ -257,3 +258,21 @@ def test_fast_is_the_same_image_and_is_recorded(pipe, work):
     assert recorded.fast and recorded.dtype == str(fast_dtype("cpu")).removeprefix("torch.")
     with pytest.raises(MinisdError, match="fast must be True or False"):
         minisd.StableDiffusion.from_pretrained(work / "tiny.safetensors", fast="yes")
+
+
+def test_a_dtype_read_tensor_by_tensor_gives_the_same_picture(work):
+    """from_pretrained(dtype=bfloat16) reads each tensor on its own and converts it as it is read (the low-memory
+    load, weights_convert.converted). Converting the memory-mapped views after loading, the way before, gives the
+    same picture byte for byte: the weights are bitwise equal, so no tolerance."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        read = minisd.StableDiffusion.from_pretrained(work / "tiny.safetensors", dtype=torch.bfloat16)
+        components = load_components(work / "tiny.safetensors")  # no dtype: views of the mapped file
+        for network in (components.unet, components.vae, components.text_encoder):
+            network.to(torch.bfloat16)
+        out = read("a cat", sampler="DDIM", seed=3, **SMALL)
+        mapped = minisd.StableDiffusion(components)("a cat", sampler="DDIM", seed=3, **SMALL)
+    finally:
+        torch.set_num_threads(threads)
+    assert same(out.images[0], mapped.images[0]) and out.parameters[0].dtype == "bfloat16"

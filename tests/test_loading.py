@@ -11,6 +11,8 @@ own single-file conversion of the same file.
 import gc
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict
 
 import pytest
@@ -39,6 +41,7 @@ from tests.fakes import (
     tiny_official_state_dict,
 )
 from tests.parity import assert_parity
+from weights_convert.converted import read_converted
 from weights_convert.detect import MINISD_METADATA, join_minisd_file
 from weights_convert.files import read_state_dict
 from weights_convert.keymap_diffusers import minisd_to_diffusers
@@ -226,6 +229,59 @@ def test_dtype_is_converted_only_when_asked_and_nothing_is_copied(tmp_path, tiny
     ours = [loaded.unet.conv_in.weight, loaded.unet.conv_in.bias]
     assert ours[1].data_ptr() - ours[0].data_ptr() == in_file[1].data_ptr() - in_file[0].data_ptr()
     assert_same_weights(load_components(path, dtype=torch.bfloat16), tiny, dtype=torch.bfloat16)
+
+
+def test_a_dtype_converts_each_tensor_as_it_is_read(tmp_path, tiny):
+    """With a dtype, the loader reads each tensor on its own and converts it (weights_convert.converted): exactly
+    the values that converting the file's memory-mapped views gives (the same .to() of the same bytes: no
+    tolerance), integers and 0-d scalars as in the file, names in the file's order; .ckpt files too."""
+    files = [write_official(tmp_path / "model.safetensors", tiny), write_official(tmp_path / "model.ckpt", tiny)]
+    halves = {c: {k: t.half() for k, t in sd.items()} for c, sd in tiny.items()}
+    files.append(write_official(tmp_path / "half.safetensors", halves))
+    for path in files:
+        mapped = read_state_dict(path)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            converted = read_converted(path, dtype)
+            assert list(converted) == list(mapped)
+            for name, t in mapped.items():
+                expected = t.to(dtype) if t.is_floating_point() else t
+                assert converted[name].dtype == expected.dtype and torch.equal(converted[name], expected), name
+    assert_same_weights(load_components(files[2], dtype=torch.float32), halves, dtype=torch.float32)
+
+
+PEAK_SCRIPT = """
+import sys, torch
+from weights_convert.converted import read_converted
+from weights_convert.files import read_state_dict
+
+def kib(field):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1])
+
+path, how = sys.argv[1:]
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) restarts from here
+before = kib("VmRSS:")
+if how == "converted":
+    state_dict = read_converted(path, torch.bfloat16)
+else:  # the old way: convert the views of the memory-mapped file
+    state_dict = {name: t.to(torch.bfloat16) for name, t in read_state_dict(path).items()}
+print(kib("VmHWM:") - before)
+"""
+
+
+def test_converting_never_holds_the_whole_file(tmp_path):
+    """The point of weights_convert.converted, measured in a fresh process on a 256 MiB float16 file: reading it as
+    bfloat16 grows the peak resident memory by the 256 MiB of copies plus about one tensor (32 MiB), not by the
+    file's pages too, as converting the memory-mapped views does (measured alongside: ~2×, so the test can tell).
+    Linux only (/proc/self/status), as CI is."""
+    path = tmp_path / "big.safetensors"
+    safetensors.torch.save_file({f"t{i}": torch.full((2**24,), i, dtype=torch.float16) for i in range(8)}, path)
+    size_kib = path.stat().st_size // 1024
+    growth = {}
+    for how in ("converted", "mapped views"):
+        run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path), how], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        growth[how] = int(run.stdout) / size_kib
+    assert growth["converted"] < 1.4 and growth["mapped views"] > 1.7, growth
 
 
 @pytest.mark.gpu
