@@ -12,9 +12,9 @@ Each network is built on the meta device from its config (config.json fields map
 dataclass configs; single files carry no config, so the sizes are read off the tensor shapes) and then takes the
 file's tensors as its parameters: `load_state_dict(strict=True, assign=True)`. No random initialisation that is
 thrown away, no second copy: the parameters are views of the memory-mapped file until a dtype or device is asked
-for. With a dtype, each tensor is read from the file on its own and converted (weights_convert.converted), so the
-file's pages never sit in memory beside the converted copies. Anything that is not SD v1 or SD 2.x is refused with
-a one-line MinisdError saying what was found.
+for. With a dtype on the CPU, each tensor is read from the file on its own and converted (weights_convert.converted),
+so the file's pages never sit in memory beside the converted copies. Anything that is not SD v1 or SD 2.x is
+refused with a one-line MinisdError saying what was found.
 
 Beside the networks, what the model needs from the samplers: what it predicts (ε or v; weights_convert.folders.
 prediction_of decides, from the caller, the source's own record, or an SD 2 file's name with a note) and whether its
@@ -94,9 +94,9 @@ def load_components(
 ) -> Components:
     """Load SD v1 or SD 2.x from a single file, a diffusers folder or a Hugging Face Hub id.
 
-    dtype: None keeps the file's float dtype (no conversion, no copy); torch.float16/bfloat16/float32 converts,
-    one tensor at a time as it is read (peak memory: the converted weights plus one tensor).
-    device: where the parameters go (each tensor moved straight from the file's memory map).
+    dtype: None keeps the file's float dtype (no conversion, no copy); torch.float16/bfloat16/float32 converts; on
+    the CPU one tensor at a time as it is read (peak memory: the converted weights plus one tensor).
+    device: where the parameters go (a GPU takes each tensor straight from the file's memory map).
     use_ema: for single files holding two UNets (`v1-5-pruned`), take the EMA copy (see keymap_ldm).
     variant: diffusers folders / hub ids only: "fp16" picks `*.fp16.safetensors` weights.
     local_files_only: hub ids only: use the Hugging Face cache, never the network (also when HF_HUB_OFFLINE=1).
@@ -110,8 +110,9 @@ def load_components(
     except (RuntimeError, TypeError):
         raise MinisdError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
     path = Path(source)
+    read_as = dtype if device.type == "cpu" else None  # the CPU's weights are the converted copies themselves
     if path.is_file():
-        weights = read_weights(path, use_ema, variant, dtype)
+        weights = read_weights(path, use_ema, variant, read_as)
         prediction, note = prediction_of(weights.info, prediction_type, str(path))
         sd2_v = weights.info.variant == "v2" and prediction == "v_prediction"
         sample_size, guidance_scale = _defaults_from_metadata(path, weights.metadata, 768 if sd2_v else 512)
@@ -126,7 +127,7 @@ def load_components(
                 f"source must be a weights file, a diffusers folder or a hub id 'org/name'; {str(source)!r} is "
                 "none of these (no such file or folder)"
             )
-        weights = read_weights(folder, use_ema, variant, dtype)
+        weights = read_weights(folder, use_ema, variant, read_as)
         prediction, note = prediction_of(weights.info, prediction_type, str(source))
         latent_size = weights.configs["unet"].get("sample_size", 64)
         factor = fields_from(VAEConfig, weights.configs["vae"]).downscale_factor
