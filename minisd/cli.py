@@ -17,6 +17,7 @@ import argparse
 import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -140,15 +141,15 @@ def next_numbered(folder: Path) -> Path:
     return folder / f"{max(numbers, default=0) + 1:05d}.png"
 
 
-def output_paths(output: str | None, n: int) -> list[Path]:
-    """Where n images go: -o FILE (FILE-1.png ... with n > 1), -o FOLDER or outputs/ (numbered)."""
+def output_paths(output: str | None, n: int) -> Iterator[Path]:
+    """Where n images go, one path at a time: -o FILE (FILE-1.png ... with n > 1), -o FOLDER or outputs/ (numbered).
+    Nothing is created here: outputs/ is made when the first image is written (see save)."""
     if output is None or Path(output).is_dir():
         folder = OUTPUT_DIR if output is None else Path(output)
-        folder.mkdir(parents=True, exist_ok=True)
         first = int(NUMBERED.match(next_numbered(folder).name).group(1))
-        return [folder / f"{first + i:05d}.png" for i in range(n)]
+        return (folder / f"{first + i:05d}.png" for i in range(n))
     path = Path(output)
-    return [path] if n == 1 else [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(n)]
+    return iter([path]) if n == 1 else (path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(n))
 
 
 def write_png(pil, path: Path, text: str, overwrite: bool) -> Path:
@@ -179,6 +180,7 @@ def save(pil, params: GenerationParameters, path: Path, overwrite: bool) -> None
             "starting 'Negative prompt:'); regenerate will use the recorded text",
             file=sys.stderr,
         )
+    path.parent.mkdir(parents=True, exist_ok=True)  # outputs/, on the first image (-o folders exist already)
     written = write_png(pil, path, text, overwrite)
     print(f"{written}  seed {params.seed}")
 
@@ -207,7 +209,7 @@ def command_generate(args, status: Status) -> None:
         mask_image=args.mask,
     )  # fmt: skip
     for i, path in enumerate(paths):  # one image at a time, so each is written as soon as it is made
-        label = f"image {i + 1}/{len(paths)}"
+        label = f"image {i + 1}/{args.num_images}"
         make_image(pipe, params, sources, seed + i, path, args.overwrite, status, label)
     if args.seed is None:
         print(f"seed {seed} was drawn (--seed {seed} repeats this run)", file=sys.stderr)
@@ -235,7 +237,7 @@ def command_regenerate(args, status: Status) -> None:
         raise MinisdError(f"{source} has model hash {pipe.model_hash}, the PNG was made with {params.model_hash}")
     params.model_name, params.weights = pipe.model_name, pipe.weights  # as loaded now (the same unless overridden)
     params.dtype, params.device = str(pipe.dtype).removeprefix("torch."), pipe.device.type
-    path = output_paths(args.output, 1)[0]
+    path = next(output_paths(args.output, 1))
     make_image(pipe, params, params.source_images(), params.seed, path, args.overwrite, status, "regenerating")
 
 

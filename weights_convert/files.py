@@ -1,7 +1,8 @@
 """One weights file -> a flat {name: tensor} state dict, memory-mapped, never running code from the file.
 
 `.safetensors` through safetensors' own memory map; `.ckpt` / `.pt` / `.pth` / `.bin` (torch.save pickles) through
-weights_convert.safe_pickle. Tensors are views of the mapped file: nothing is read until used, nothing copied.
+weights_convert.torch_save (the file) and safe_pickle (the pickle). Tensors are views of the mapped file: nothing is
+read until used, nothing copied.
 """
 
 import os
@@ -11,7 +12,7 @@ import safetensors
 from torch import Tensor
 
 from minisd.errors import MinisdError
-from weights_convert.safe_pickle import safe_load
+from weights_convert.torch_save import safe_load
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

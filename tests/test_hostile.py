@@ -1,0 +1,354 @@
+"""Hostile and broken input (issue 15): every bad input is refused with ONE line on stderr and exit status 2, within
+seconds and bounded memory, before any compute, with nothing written or deleted; or it succeeds correctly.
+
+One test per class of attack; each builds its crafted inputs here (pickles written opcode by opcode, zips with
+compressed records, PNGs declaring huge sizes, FIFOs) and runs the real command lines (`python -m weights_convert`,
+`python -m minisd`, `python -m minisd.train`) in a child process that carries the limits:
+
+- memory: RLIMIT_AS set in the child (the address space it inherits plus MEMORY_BUDGET), so a blow-up fails the
+  test as a MemoryError or a killed child instead of swapping the machine;
+- time: an alarm set in the child (TIME_LIMIT seconds, SIGALRM's default action kills it, even inside C code);
+- nothing written or deleted: the folder the command runs in is snapshotted before and after (names, sizes,
+  modification times).
+
+The children are forked from one warm server interpreter that imported torch and minisd once (`serve` below): a
+fresh `python -m ...` costs a second of imports, a fork a few milliseconds, which keeps this file fast.
+"""
+
+import collections
+import io
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import zipfile
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MEMORY_BUDGET = 2 << 30  # bytes of address space a child may add to what it inherits
+TIME_LIMIT = 20  # seconds of wall time per command
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fork server and the checks every case makes
+
+
+def serve() -> None:
+    """Read one JSON request per line ({"module", "argv", "cwd"}), run it in a forked child under the limits, reply
+    one JSON line {"rc", "signal", "seconds", "stdout", "stderr"}. Runs in its own interpreter (see Commands)."""
+    import resource
+    import runpy
+    import signal
+    import tempfile
+    import time
+    import traceback
+
+    # imported once here, inherited by every child
+    import minisd.cli
+    import minisd.train.__main__
+    import weights_convert.__main__
+
+    del minisd, weights_convert
+
+    replies = os.fdopen(os.dup(1), "w")
+    for line in sys.stdin:
+        request = json.loads(line)
+        with tempfile.TemporaryDirectory() as scratch:
+            out, err = Path(scratch) / "stdout", Path(scratch) / "stderr"
+            sys.stdout.flush()
+            sys.stderr.flush()
+            start = time.perf_counter()
+            pid = os.fork()
+            if pid == 0:  # the child: limits, redirections, then the command line as `python -m module argv`
+                code = 1
+                try:
+                    os.chdir(request["cwd"])
+                    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, out, os.O_WRONLY | os.O_CREAT),
+                                            (2, err, os.O_WRONLY | os.O_CREAT)):  # fmt: skip
+                        os.dup2(os.open(path, flags), fd)
+                    vm = next(int(v.split()[1]) for v in open("/proc/self/status") if v.startswith("VmSize:"))
+                    limit = vm * 1024 + MEMORY_BUDGET
+                    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+                    signal.alarm(TIME_LIMIT)
+                    sys.argv = [request["module"], *request["argv"]]
+                    sys.modules.pop(request["module"] + ".__main__", None)  # runpy runs it afresh, as `python -m`
+                    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+                    code = 0
+                except SystemExit as exit_:
+                    code = exit_.code if isinstance(exit_.code, int) else 1
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            seconds = time.perf_counter() - start
+            reply = {
+                "rc": os.waitstatus_to_exitcode(status),
+                "seconds": seconds,
+                "stdout": out.read_text(errors="replace"),
+                "stderr": err.read_text(errors="replace"),
+            }
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
+class Commands:
+    """The client side: `run(module, *argv, cwd=...)` -> the reply dict."""
+
+    def __init__(self):
+        env = {**os.environ, "MALLOC_ARENA_MAX": "2", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        self.server = subprocess.Popen(
+            [sys.executable, "-c", "from tests.test_hostile import serve; serve()"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(self, module: str, *argv, cwd: Path) -> dict:
+        request = {"module": module, "argv": [str(a) for a in argv], "cwd": str(cwd)}
+        self.server.stdin.write(json.dumps(request) + "\n")
+        self.server.stdin.flush()
+        return json.loads(self.server.stdout.readline())
+
+    def close(self) -> None:
+        self.server.stdin.close()
+        self.server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def commands():
+    server = Commands()
+    yield server
+    server.close()
+
+
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """Every path under folder with its kind, size and modification time: what 'nothing written or deleted' compares."""
+    entries = {}
+    for path in [folder, *sorted(folder.rglob("*"))]:
+        info = path.lstat()
+        entries[str(path.relative_to(folder))] = (info.st_mode, info.st_size, info.st_mtime_ns)
+    return entries
+
+
+def assert_refused(commands: Commands, module: str, *argv, cwd: Path, says: tuple[str, ...] = ()) -> str:
+    """Run the command line in `cwd`: exit status 2, exactly one line on stderr naming each of `says`, nothing on
+    stdout, within TIME_LIMIT and MEMORY_BUDGET, and the folder unchanged. Returns the line."""
+    before = snapshot(cwd)
+    reply = commands.run(module, *argv, cwd=cwd)
+    shown = f"{module} {' '.join(map(str, argv))[:200]}: rc {reply['rc']}, {reply['seconds']:.1f} s, " + (
+        f"stderr {reply['stderr'][-1500:]!r}"
+    )
+    assert reply["rc"] == 2, shown
+    lines = reply["stderr"].splitlines()
+    assert len(lines) == 1 and reply["stderr"].endswith("\n"), shown
+    assert "Traceback" not in reply["stderr"] and len(lines[0]) <= 1200, shown
+    for word in says:
+        assert word in lines[0], f"{word!r} not in: {lines[0]}"
+    assert reply["stdout"] == "", shown
+    assert snapshot(cwd) == before, f"{shown}: the folder changed"
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Crafted checkpoints: torch.save's two layouts, written by hand so each part can lie
+
+
+class Storage:
+    """A storage record: pickled as torch.save's persistent id ("storage", torch.FloatStorage, key, "cpu", numel)."""
+
+    def __init__(self, key: str, numel: int):
+        self.key, self.numel = key, numel
+
+
+class View:
+    """A tensor: pickled as torch.save does, `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`."""
+
+    def __init__(self, storage: Storage, offset: int, size: tuple, stride: tuple):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+    def __reduce__(self):
+        args = (self.storage, self.offset, self.size, self.stride, False, collections.OrderedDict())
+        return torch._utils._rebuild_tensor_v2, args
+
+
+class CheckpointPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, Storage):
+            return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel)
+        return None
+
+
+def checkpoint_parts(state_dict: dict, lies: dict | None = None) -> tuple[bytes, dict[str, bytes]]:
+    """The pickle of {"state_dict": views} and the storage records {key: bytes} for float32 tensors; `lies` maps a
+    name to the (offset, size, stride) its view claims instead of the truth."""
+    views, records = {}, {}
+    for i, (name, tensor) in enumerate(state_dict.items()):
+        tensor = tensor.float().contiguous()
+        records[str(i)] = tensor.numpy().tobytes()
+        offset, size, stride = (lies or {}).get(name, (0, tuple(tensor.shape), tuple(tensor.stride())))
+        views[name] = View(Storage(str(i), tensor.numel()), offset, size, stride)
+    buffer = io.BytesIO()
+    CheckpointPickler(buffer, protocol=2).dump({"state_dict": views, "global_step": 1})
+    return buffer.getvalue(), records
+
+
+def write_zip_checkpoint(path: Path, data_pkl: bytes, records: dict[str, bytes] | None = None) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", data_pkl)
+        archive.writestr("archive/byteorder", "little")
+        for key, data in (records or {}).items():
+            archive.writestr(f"archive/data/{key}", data)
+    return path
+
+
+def write_legacy_checkpoint(path: Path, data_pkl: bytes, records: dict[str, bytes], numels: dict[str, int]) -> Path:
+    """torch.save's pre-1.6 layout: magic, protocol, sys info, the object, the keys, then (int64 count, bytes) each."""
+    sys_info = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 8}}
+    parts = [pickle.dumps(v, protocol=2) for v in (0x1950A86A20F9469CFC6C, 1001, sys_info)]
+    parts += [data_pkl, pickle.dumps(list(records), protocol=2)]
+    parts += [struct.pack("<q", numels.get(key, len(data) // 4)) + data for key, data in records.items()]
+    path.write_bytes(b"".join(parts))
+    return path
+
+
+def raw_zip(path: Path, entries: list[tuple[str, int, bytes, int]]) -> Path:
+    """A zip written field by field: entries (name, method, stored bytes, declared uncompressed size), so the
+    declared size can be anything. CRCs are 0: every case here is refused before a CRC is checked, or fails it."""
+    body, directory = bytearray(), bytearray()
+    for name, method, stored, declared in entries:
+        encoded, offset = name.encode(), len(body)
+        body += struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, method, 0, 0, 0, len(stored), declared, len(encoded), 0)
+        body += encoded + stored
+        directory += struct.pack(
+            "<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, method, 0, 0, 0, len(stored), declared, len(encoded),
+            0, 0, 0, 0, 0, offset,
+        )  # fmt: skip
+        directory += encoded
+    end = struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, len(entries), len(entries), len(directory), len(body), 0)
+    path.write_bytes(bytes(body + directory + end))
+    return path
+
+
+def deflated_zeros(mebibytes: int) -> bytes:
+    """A raw deflate stream of `mebibytes` MiB of zeros, about 1 KB per MiB, made without compressing them all: once
+    the window is zeros, every further MiB compresses to the same block, which is repeated."""
+    zeros = bytes(1 << 20)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    first = compressor.compress(zeros) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    repeated = compressor.compress(zeros) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    return first + repeated * (mebibytes - 1) + compressor.flush()
+
+
+def deep_key(kind: str) -> bytes:
+    """Pickle opcodes pushing one hashable-looking key: a tuple DAG with 2**80 paths (each level is (x, x) of the
+    level below, through the memo), or 300,000 nested 1-tuples (hash recurses in C: 200,000 crash CPython 3.11)."""
+    if kind == "dag":
+        return b"N" + b"q\x00h\x00\x86" * 80  # BINPUT 0, BINGET 0, TUPLE2: x -> (x, x)
+    return b"N" + b"\x85" * 300_000  # TUPLE1
+
+
+# Every way an allowed opcode or an allowed global hashes a key or a set item (protocol 2 and 4 opcodes).
+HASHING = {
+    "SETITEM": lambda key: b"\x80\x02}" + key + b"K\x01s.",
+    "SETITEMS": lambda key: b"\x80\x02}(" + key + b"K\x01u.",
+    "DICT": lambda key: b"\x80\x02(" + key + b"K\x01d.",
+    "OrderedDict": lambda key: b"\x80\x02ccollections\nOrderedDict\n(((" + key + b"K\x01tltR.",
+    "builtins.set": lambda key: b"\x80\x02cbuiltins\nset\n((" + key + b"ltR.",
+    "ADDITEMS": lambda key: b"\x80\x04\x8f(" + key + b"\x90.",
+    "FROZENSET": lambda key: b"\x80\x04(" + key + b"\x91.",
+}
+
+
+def test_pickle_bombs_through_allowed_opcodes(commands, tmp_path):
+    """A 1 KB tuple-DAG key hung `info` and `generate` forever (hash walks 2**80 paths); deeply nested 1-tuples
+    crashed the interpreter (hash recurses in C). Keys and set items must be scalars; nesting is bounded."""
+    cases = [(name, "dag") for name in HASHING] + [(name, "deep") for name in ("SETITEM", "builtins.set", "FROZENSET")]
+    for name, kind in cases:
+        path = write_zip_checkpoint(tmp_path / f"{name}-{kind}.ckpt", HASHING[name](deep_key(kind)))
+        assert_refused(commands, "weights_convert", "info", path.name, cwd=tmp_path, says=(path.name, "must be str"))
+    path = tmp_path / "SETITEM-dag.ckpt"
+    assert_refused(commands, "minisd", "generate", "a fox", "--checkpoint", path.name, cwd=tmp_path, says=(path.name,))
+    # the legacy layout; the same nesting as dict values and list items: legal keys, but nested past any checkpoint
+    legacy = write_legacy_checkpoint(tmp_path / "legacy.pt", HASHING["SETITEM"](deep_key("dag")), {}, {})
+    deep_tuple = b"\x80\x02}X\x01\x00\x00\x00v" + b"N" + b"\x85" * 100_000 + b"s."
+    deep_list = b"\x80\x02}X\x01\x00\x00\x00v" + b"]" * 100_000 + b"a" * 99_999 + b"s."  # [[[...]]] by APPEND
+    for path, says in (
+        (legacy, "must be str"),
+        (write_zip_checkpoint(tmp_path / "tuple.ckpt", deep_tuple), "nested more than"),
+        (write_zip_checkpoint(tmp_path / "list.ckpt", deep_list), "nested more than"),
+    ):
+        assert_refused(commands, "weights_convert", "info", path.name, cwd=tmp_path, says=(path.name, says))
+
+
+def test_zip_bombs(commands, tmp_path):
+    """A compressed data.pkl or byteorder record was inflated whole (1 MB -> 2.3-5.4 GB, then a MemoryError): each
+    record is read against a size limit, in bounded pieces, whatever its header declares."""
+    bomb = deflated_zeros(3000)  # 3 MB that inflate to 3000 MiB
+    pickle_bytes = pickle.dumps({"state_dict": {}}, protocol=2)
+    cases = {
+        "honest data.pkl": [("archive/data.pkl", zipfile.ZIP_DEFLATED, bomb, 3000 << 20)],
+        "lying data.pkl": [("archive/data.pkl", zipfile.ZIP_DEFLATED, bomb, 1000)],
+        "honest byteorder": [
+            ("archive/data.pkl", zipfile.ZIP_STORED, pickle_bytes, len(pickle_bytes)),
+            ("archive/byteorder", zipfile.ZIP_DEFLATED, bomb, 3000 << 20),
+        ],
+        "lying byteorder": [
+            ("archive/data.pkl", zipfile.ZIP_STORED, pickle_bytes, len(pickle_bytes)),
+            ("archive/byteorder", zipfile.ZIP_DEFLATED, bomb, 6),
+        ],
+    }
+    for i, entries in enumerate(cases.values()):
+        path = raw_zip(tmp_path / f"bomb{i}.ckpt", entries)
+        assert_refused(commands, "weights_convert", "info", path.name, cwd=tmp_path, says=(path.name,))
+    path = tmp_path / "bomb0.ckpt"
+    assert_refused(commands, "minisd", "generate", "a fox", "--checkpoint", path.name, cwd=tmp_path)
+
+
+def test_lying_tensors_and_storages(commands, tmp_path):
+    """A stride-0 view of 2**40 elements was accepted (`info` said 1.1e12 parameters, `convert` tried to allocate
+    4 TiB and left a partial folder); a legacy storage of negative size gave an OSError. Every tensor must lie
+    inside its storage, every storage inside the file, every size be >= 0."""
+    from tests.fakes import tiny_official_state_dict
+
+    state_dict = tiny_official_state_dict("emaonly")
+    name = "model.diffusion_model.input_blocks.0.0.weight"
+    lies = {
+        "stride 0": (0, (2**20, 2**20), (0, 0)),
+        "past the end": (1, tuple(state_dict[name].shape), tuple(state_dict[name].stride())),
+        "negative offset": (-1, (1,), (1,)),
+        "17 dimensions": (0, (1,) * 17, (1,) * 17),
+    }
+    for i, lie in enumerate(lies.values()):
+        data_pkl, records = checkpoint_parts(state_dict, {name: lie})
+        path = write_zip_checkpoint(tmp_path / f"lie{i}.ckpt", data_pkl, records)
+        assert_refused(commands, "weights_convert", "info", path.name, cwd=tmp_path, says=(path.name,))
+    assert_refused(commands, "weights_convert", "convert", "lie0.ckpt", "out", cwd=tmp_path, says=("lie0.ckpt",))
+    assert_refused(commands, "minisd", "generate", "a fox", "--checkpoint", "lie0.ckpt", cwd=tmp_path)
+
+    # the storage sizes of the legacy layout, and its pickles, which are read from the file itself
+    small = {"model.diffusion_model.x": torch.ones(4)}
+    data_pkl, records = checkpoint_parts(small)
+    huge_string = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + b"\x80\x04\x8e" + struct.pack("<Q", 3 << 30)
+    for path in (
+        write_legacy_checkpoint(tmp_path / "negative.pt", data_pkl, records, {"0": -(2**62)}),
+        write_legacy_checkpoint(tmp_path / "past-the-end.pt", data_pkl, records, {"0": 1 << 40}),
+        tmp_path / "huge-string.pt",  # a BINBYTES8 opcode declaring 3 GiB
+    ):
+        if path.name == "huge-string.pt":
+            path.write_bytes(huge_string + b"x" * 100 + b".")
+        assert_refused(commands, "weights_convert", "info", path.name, cwd=tmp_path, says=(path.name,))
+    # zip storage records: a negative size in the persistent id
+    data_pkl = data_pkl.replace(b"K\x04", b"J" + struct.pack("<i", -4), 1)  # BININT1 4 -> BININT -4 (the numel)
+    path = write_zip_checkpoint(tmp_path / "negative-numel.ckpt", data_pkl, records)
+    assert_refused(commands, "weights_convert", "info", path.name, cwd=tmp_path, says=(path.name,))
