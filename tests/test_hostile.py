@@ -20,6 +20,7 @@ import io
 import json
 import os
 import pickle
+import stat
 import struct
 import subprocess
 import sys
@@ -133,11 +134,13 @@ def commands():
 
 
 def snapshot(folder: Path) -> dict[str, tuple]:
-    """Every path under folder with its kind, size and modification time: what 'nothing written or deleted' compares."""
+    """Every path under folder with its kind, and a file's size and modification time: what 'nothing written or
+    deleted' compares (a folder's own times are left out: a temporary file made and removed leaves nothing)."""
     entries = {}
-    for path in [folder, *sorted(folder.rglob("*"))]:
+    for path in sorted(folder.rglob("*")):
         info = path.lstat()
-        entries[str(path.relative_to(folder))] = (info.st_mode, info.st_size, info.st_mtime_ns)
+        is_dir = stat.S_ISDIR(info.st_mode)
+        entries[str(path.relative_to(folder))] = (info.st_mode, None if is_dir else (info.st_size, info.st_mtime_ns))
     return entries
 
 
@@ -352,3 +355,42 @@ def test_lying_tensors_and_storages(commands, tmp_path):
     data_pkl = data_pkl.replace(b"K\x04", b"J" + struct.pack("<i", -4), 1)  # BININT1 4 -> BININT -4 (the numel)
     path = write_zip_checkpoint(tmp_path / "negative-numel.ckpt", data_pkl, records)
     assert_refused(commands, "weights_convert", "info", path.name, cwd=tmp_path, says=(path.name,))
+
+
+def test_convert_never_loses_data(commands, tmp_path):
+    """`convert models/x.safetensors models --overwrite` deleted the whole models/ folder, input included, and
+    exited 0; a failed conversion with --overwrite deleted the old output first. Now OUT may not be, contain or lie
+    inside IN; OUT is written beside and renamed into place; an existing OUT folder keeps the files a conversion
+    does not write."""
+    from safetensors.torch import save_file
+
+    from tests.fakes import tiny_official_state_dict
+
+    models = tmp_path / "models"
+    models.mkdir()
+    save_file(tiny_official_state_dict("emaonly"), models / "x.safetensors", metadata={"format": "pt"})
+    (models / "notes.txt").write_text("mine")
+    (tmp_path / "link.safetensors").symlink_to(models / "x.safetensors")
+    for argv in (
+        ("convert", "models/x.safetensors", "models"),  # OUT contains IN
+        ("convert", "models/x.safetensors", "."),
+        ("convert", "models/x.safetensors", "models/x.safetensors"),  # the same file
+        ("convert", "models/x.safetensors", "link.safetensors"),  # the same file through a link
+        ("export", "models/x.safetensors", "link.safetensors"),
+        ("convert", "models/x.safetensors", "models/notes.txt"),  # a file where a folder would go
+    ):
+        assert_refused(commands, "weights_convert", *argv, "--overwrite", cwd=tmp_path)
+
+    reply = commands.run("weights_convert", "convert", "models/x.safetensors", "sd", cwd=tmp_path)
+    assert reply["rc"] == 0, reply["stderr"]
+    assert_refused(commands, "weights_convert", "convert", "sd", "sd/unet", "--overwrite", cwd=tmp_path)  # inside IN
+    # --overwrite on a folder: the converted files are replaced, the user's own are kept, nothing temporary is left
+    (tmp_path / "sd" / "mine.txt").write_text("keep me")
+    before = snapshot(tmp_path)
+    reply = commands.run("weights_convert", "convert", "models/x.safetensors", "sd", "--overwrite", cwd=tmp_path)
+    assert reply["rc"] == 0, reply["stderr"]
+    assert snapshot(tmp_path).keys() == before.keys() and (tmp_path / "sd" / "mine.txt").read_text() == "keep me"
+    # a conversion that fails at writing time leaves the old OUT as it was
+    (tmp_path / "sd" / "scheduler" / "scheduler_config.json").unlink()
+    (tmp_path / "sd" / "scheduler" / "scheduler_config.json").mkdir()  # a folder where a file must go
+    assert_refused(commands, "weights_convert", "convert", "models/x.safetensors", "sd", "--overwrite", cwd=tmp_path)

@@ -6,10 +6,11 @@
     python -m weights_convert export IN OUT.safetensors    # -> the official single-file layout
 
 IN may be an official single file (.safetensors / .ckpt), a minisd single file or a diffusers-style folder.
-An existing OUT is never replaced unless --overwrite is given. Errors: one line on stderr, exit status 2.
+An existing OUT is never replaced unless --overwrite is given; OUT is written beside, then renamed into place, and
+an existing OUT folder keeps every file a conversion does not write. OUT may not be, contain or lie inside IN.
+Errors: one line on stderr, exit status 2.
 """
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -18,29 +19,9 @@ import torch
 from minisd.arguments import DTYPES, ArgumentParser
 from minisd.errors import MinisdError
 from weights_convert.detect import LAYOUT_NAMES, MINISD_METADATA, join_minisd_file
+from weights_convert.files import check_output, write_beside
 from weights_convert.folders import cast_floats, describe, read_weights, save_safetensors, write_folder
 from weights_convert.keymap_ldm import minisd_to_ldm
-
-
-def _check_out(src: Path, out: Path, overwrite: bool, want_file: bool) -> None:
-    """Refuse a bad OUT before any work is done (an existing OUT stays until the new data is ready)."""
-    if want_file and out.suffix != ".safetensors":
-        raise MinisdError(f"OUT must be a .safetensors file path, got {str(out)!r}")
-    if out.exists() and src.exists() and out.resolve() == src.resolve():
-        raise MinisdError(f"IN and OUT are the same path ({out}); write to a new path")
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise MinisdError(f"{out} already exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise MinisdError(f"the folder {out.parent} for OUT does not exist")
-
-
-def _remove(out: Path) -> None:
-    """Delete an existing OUT (only reached with --overwrite), just before writing the new one."""
-    if out.is_dir() and not out.is_symlink():
-        shutil.rmtree(out)
-    elif out.exists() or out.is_symlink():
-        out.unlink()
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The three commands (info is folders.describe).
@@ -48,26 +29,28 @@ def _remove(out: Path) -> None:
 
 def command_convert(src: Path, out: Path, use_ema: bool, dtype: torch.dtype | None, overwrite: bool) -> str:
     to_file = out.suffix == ".safetensors"
-    _check_out(src, out, overwrite, want_file=False)
+    check_output(src, out, overwrite, "file" if to_file else "folder")
     weights = read_weights(src, use_ema)
     layout = weights.info.layout
     components = {c: cast_floats(sd, dtype) for c, sd in weights.state_dicts.items()}
-    _remove(out)
     if to_file:
         variant = "v1-inpainting" if components["unet"]["conv_in.weight"].shape[1] == 9 else "v1"
-        save_safetensors(join_minisd_file(components), out, {**MINISD_METADATA, "minisd.variant": variant})
+        metadata = {**MINISD_METADATA, "minisd.variant": variant}
+        write_beside(out, "file", lambda path: save_safetensors(join_minisd_file(components), path, metadata))
         return f"wrote {out} (minisd single file, from the {LAYOUT_NAMES[layout]})"
-    written = write_folder(components, out)
+    written = []
+    write_beside(out, "folder", lambda path: written.extend(write_folder(components, path)))
     return f"wrote {out}/: {', '.join(written)} (from the {LAYOUT_NAMES[layout]})"
 
 
 def command_export(src: Path, out: Path, use_ema: bool, dtype: torch.dtype | None, overwrite: bool) -> str:
-    _check_out(src, out, overwrite, want_file=True)
+    if out.suffix != ".safetensors":
+        raise MinisdError(f"OUT must be a .safetensors file path, got {str(out)!r}")
+    check_output(src, out, overwrite, "file")
     weights = read_weights(src, use_ema)
     layout = weights.info.layout
     state_dict = cast_floats(minisd_to_ldm(weights.state_dicts, model_ema_scalars=weights.ema_scalars), dtype)
-    _remove(out)
-    save_safetensors(state_dict, out, {"format": "pt"})
+    write_beside(out, "file", lambda path: save_safetensors(state_dict, path, {"format": "pt"}))
     return f"wrote {out} (official SD v1 layout, {len(state_dict)} tensors, from the {LAYOUT_NAMES[layout]})"
 
 
@@ -85,7 +68,8 @@ def build_parser() -> ArgumentParser:
         command.add_argument("out", type=Path, metavar="OUT", help="a new folder or .safetensors path")
         command.add_argument("--raw-unet", action="store_true", help="take the non-EMA UNet of a v1-5-pruned file")
         command.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: keep)")
-        command.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+        command.add_argument("--overwrite", action="store_true", help="replace an existing OUT (in a folder: only the "
+                             "files a conversion writes)")  # fmt: skip
     return parser
 
 
