@@ -92,12 +92,18 @@ def check_output(output: str) -> None:
 
 
 def check_device(device: str) -> None:
+    """cpu, cuda, cuda:N or mps, present on this machine (meta, xla and the like hold no numbers to draw)."""
     try:
-        kind = torch.device(device).type
+        parsed = torch.device(device)
     except (RuntimeError, TypeError):
-        raise MinisdError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {device!r}") from None
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
+        raise MinisdError(f"--device must be cpu, cuda, cuda:N or mps, got {device!r:.40}")
+    kind = parsed.type
     if kind == "cuda" and not torch.cuda.is_available():
         raise MinisdError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    if kind == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise MinisdError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise MinisdError(f"--device {device}: MPS is not available on this machine (use --device cpu)")
 

@@ -160,6 +160,8 @@ def assert_refused(commands: Commands, module: str, *argv, cwd: Path, says: tupl
         assert word in lines[0], f"{word!r} not in: {lines[0]}"
     assert reply["stdout"] == "", shown
     assert snapshot(cwd) == before, f"{shown}: the folder changed"
+    if os.environ.get("HOSTILE_SHOW"):
+        print(f"{reply['seconds']:5.2f} s  {module} {' '.join(map(str, argv))[:80]}\n        {lines[0]}")
     return lines[0]
 
 
@@ -394,3 +396,57 @@ def test_convert_never_loses_data(commands, tmp_path):
     (tmp_path / "sd" / "scheduler" / "scheduler_config.json").unlink()
     (tmp_path / "sd" / "scheduler" / "scheduler_config.json").mkdir()  # a folder where a file must go
     assert_refused(commands, "weights_convert", "convert", "models/x.safetensors", "sd", "--overwrite", cwd=tmp_path)
+
+
+def test_training_files_and_settings(commands, tmp_path):
+    """`python -m minisd.train` gave tracebacks for a --run-dir that is a file or cannot be made, a checkpoint with
+    bad metadata or state, a corrupt log.jsonl, --device cuda without CUDA; argparse's usage block on errors; and
+    `evaluate --grid EXISTING.png` replaced the file silently."""
+    from safetensors.torch import save_file
+
+    from minisd.train.common import build, config_to_json, save_checkpoint
+    from minisd.train.vae_training import VAETrainingConfig
+    from minisd.vae import VAE
+
+    (tmp_path / "a-file").write_text("not a folder")
+    vae_config = VAETrainingConfig().vae
+    vae = build(VAE, vae_config, torch.Generator().manual_seed(0))
+    metadata = {"minisd.vae_config": config_to_json(vae_config)}
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, tmp_path / "vae.safetensors", metadata)
+    save_file({"x": torch.ones(1)}, tmp_path / "bad-vae.safetensors", {"minisd.vae_config": "{not json"})
+    (tmp_path / "grid.png").write_bytes(b"an earlier grid")
+
+    def resumable(folder: str, metadata: dict | None = None, state: dict | None = None, log: str | None = None):
+        (tmp_path / folder).mkdir()
+        if state is not None:
+            save_checkpoint(tmp_path / folder / "checkpoint.safetensors", state)
+        else:
+            save_file({"x": torch.ones(1)}, tmp_path / folder / "checkpoint.safetensors", metadata)
+        if log is not None:
+            (tmp_path / folder / "log.jsonl").write_text(log)
+
+    config = config_to_json(VAETrainingConfig())
+    resumable("not-json", {"minisd.checkpoint": "{not json"})
+    resumable("not-a-tree", {"minisd.checkpoint": "[1, 2]"})
+    resumable("no-step", state={"config": config})
+    resumable("wrong-state", state={"vae": {"x": torch.ones(1)}, "optimizer": {}, "step": 3, "config": config})
+    resumable("bad-log", state={"step": 3, "config": config}, log='{"step": 1, "l1": 0.5}\n{"step": 2, "l1"\n')
+    vae_args = ("--num-pictures", "8", "--batch-size", "2")
+    for argv in (
+        ("vae", "--run-dir", "a-file"),
+        ("vae", "--run-dir", "a-file/run"),
+        ("diffusion", "--run-dir", "a-file", "--vae", "vae.safetensors"),
+        ("all", "--run-dir", "a-file/run", "--out", "model.safetensors"),
+        ("--device", "cuda:99", "vae", "--run-dir", "run"),
+        ("--device", "meta", "vae", "--run-dir", "run"),
+        ("--device", "xla", "vae", "--run-dir", "run"),
+        ("vae",),  # argparse: --run-dir is required
+        ("vae", "--run-dir", "run", "--steps", "many"),
+        *(("vae", "--run-dir", name, *vae_args) for name in ("not-json", "not-a-tree", "no-step", "wrong-state")),
+        ("vae", "--run-dir", "bad-log", *vae_args),
+        ("diffusion", "--run-dir", "not-json", "--vae", "vae.safetensors"),
+        ("diffusion", "--run-dir", "run", "--vae", "bad-vae.safetensors"),
+        ("evaluate", "--grid", "grid.png"),
+        ("evaluate", "--grid", "grid.jpg"),
+    ):
+        assert_refused(commands, "minisd.train", *argv, cwd=tmp_path)
