@@ -20,13 +20,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 from minisd.api import StableDiffusion, default_model
 from minisd.arguments import DTYPES, ArgumentParser, number, positive_int
 from minisd.errors import MinisdError
 from minisd.images import open_image, read_png_parameters, save_png
 from minisd.loading import HUB_ID
+from minisd.loading import check_device as check_any_device
 from minisd.parameters import GenerationParameters, draw_seed
 from minisd.samplers import sampler_names
 
@@ -92,27 +91,17 @@ def check_output(output: str) -> None:
 
 
 def check_device(device: str) -> None:
-    """cpu, cuda, cuda:N or mps, present on this machine (meta, xla and the like hold no numbers to draw)."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        parsed = None
-    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
-        raise MinisdError(f"--device must be cpu, cuda, cuda:N or mps, got {device!r:.40}")
-    kind = parsed.type
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise MinisdError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    if kind == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise MinisdError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise MinisdError(f"--device {device}: MPS is not available on this machine (use --device cpu)")
+    """cpu, cuda, cuda:N or mps, present on this machine (minisd.loading.check_device)."""
+    check_any_device(device, "--device")
 
 
 def weights_source(args) -> str:
     """--checkpoint FILE or --model ID_OR_FOLDER, else the shipped default model, else a one-line hint."""
     if args.checkpoint is not None:
         if not Path(args.checkpoint).is_file():
-            what = "a folder (use --model for diffusers folders)" if Path(args.checkpoint).is_dir() else "no such file"
+            path = Path(args.checkpoint)
+            what = "no such file" if not path.exists() else "not a regular file (a pipe, socket or device)"
+            what = "a folder (use --model for diffusers folders)" if path.is_dir() else what
             raise MinisdError(f"--checkpoint {args.checkpoint!r}: {what}")
         return args.checkpoint
     if args.model is not None:

@@ -28,7 +28,7 @@ from minisd.errors import MinisdError
 from minisd.tokenizer import Tokenizer
 from minisd.unet import UNet, UNetConfig
 from minisd.vae import VAE, VAEConfig
-from weights_convert.configs import COMPONENTS, fields_from
+from weights_convert.configs import COMPONENTS, check_config, fields_from
 from weights_convert.detect import CheckpointInfo
 from weights_convert.files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 from weights_convert.folders import TOKENIZER_FILES, WEIGHT_FILES, read_weights
@@ -71,10 +71,7 @@ def load_components(
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise MinisdError(f"dtype must be None or a torch floating dtype, got {dtype!r}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise MinisdError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+    device = check_device(device)
     path = Path(source)
     if path.is_file():
         weights = read_weights(path, use_ema, variant)
@@ -92,14 +89,40 @@ def load_components(
             )
         weights = read_weights(folder, use_ema, variant)
         latent_size = weights.configs["unet"].get("sample_size", 64)
+        if type(latent_size) is not int or not 1 <= latent_size <= 512:
+            raise MinisdError(
+                f"{folder}: unet config sample_size must be an integer in [1, 512], got {latent_size!r:.20}"
+            )
         factor = fields_from(VAEConfig, weights.configs["vae"]).downscale_factor
-        sample_size, guidance_scale = latent_size * factor if isinstance(latent_size, int) else 512, 7.5
+        sample_size, guidance_scale = latent_size * factor, 7.5
         tokenizer = _folder_tokenizer(folder)
-    unet, vae, text_encoder = (
-        _build(component, weights.configs[component], weights.state_dicts[component], dtype, device)
-        for component in COMPONENTS  # unet, vae, text_encoder
-    )
+    try:  # every config checked against its weights before any network is built
+        configs = {c: _checked_config(c, weights.configs[c], weights.state_dicts[c]) for c in COMPONENTS}
+        unet, vae, text_encoder = (
+            _build(component, configs[component], weights.state_dicts[component], dtype, device)
+            for component in COMPONENTS  # unet, vae, text_encoder
+        )
+    except MinisdError as error:
+        raise MinisdError(f"{source}: {error}") from None
     return Components(tokenizer, text_encoder, vae, unet, weights.info, sample_size, guidance_scale)
+
+
+def check_device(device: str | torch.device, name: str = "device") -> torch.device:
+    """cpu, cuda, cuda:N or mps, present on this machine, as a torch.device (meta, xla and the like hold no
+    numbers: the weights could not go there)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
+        raise MinisdError(f"{name} must be cpu, cuda, cuda:N or mps, got {str(device)!r:.40}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise MinisdError(f"{name} {device}: CUDA is not available on this machine (use cpu)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise MinisdError(f"{name} {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise MinisdError(f"{name} {device}: MPS is not available on this machine (use cpu)")
+    return parsed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,7 +132,7 @@ def load_components(
 def _defaults_from_metadata(path: Path, metadata: dict[str, str]) -> tuple[int, float]:
     """The picture size and guidance scale a minisd-trained file records; SD v1's 512 and 7.5 for other files."""
     text = metadata.get("minisd.sample_size", "512")
-    if not text.isdigit() or int(text) % 8 or not 8 <= int(text) <= 4096:
+    if not re.fullmatch(r"[0-9]{1,4}", text) or int(text) % 8 or not 8 <= int(text) <= 4096:  # ASCII digits only
         raise MinisdError(f"{path}: its minisd.sample_size metadata must be a multiple of 8 pixels, got {text!r:.20}")
     guidance = metadata.get("minisd.guidance_scale", "7.5")[:20]
     if not re.fullmatch(r"\d{1,3}(\.\d+)?", guidance) or float(guidance) > 100:
@@ -188,12 +211,25 @@ def hub_snapshot(repo_id: str, variant: str | None, local_files_only: bool) -> P
 # Building the networks
 
 
-def _build(component: str, config: dict, state_dict: dict[str, Tensor], dtype, device) -> nn.Module:
-    """Build the network from its config.json dict on the meta device (no memory, no random init), then give it
-    the file's tensors as its parameters (strict; a one-line error on any mismatch)."""
-    module_class, config_class = NETWORKS[component]
+def _checked_config(component: str, config: dict, state_dict: dict[str, Tensor]):
+    """The network's dataclass config from its config.json dict, once it fits the weights: each field of its type,
+    every size the weights show equal to the config's (configs.check_config), every weight floating point."""
+    integers = [f"{name} ({t.dtype})" for name, t in state_dict.items() if not t.is_floating_point()]
+    if integers:
+        raise MinisdError(f"{component}: {len(integers)} weights are not floating point, e.g. {integers[0]}")
+    try:
+        module_config = fields_from(NETWORKS[component][1], config)
+    except MinisdError as error:
+        raise MinisdError(f"{component}: {error}") from None
+    check_config(component, module_config, state_dict)
+    return module_config
+
+
+def _build(component: str, config, state_dict: dict[str, Tensor], dtype, device) -> nn.Module:
+    """Build the network from its checked dataclass config on the meta device (no memory, no random init), then
+    give it the file's tensors as its parameters (strict; a one-line error on any mismatch)."""
     with torch.device("meta"):
-        module = module_class(fields_from(config_class, config))
+        module = NETWORKS[component][0](config)
     expected = module.state_dict()
     missing = [name for name in expected if name not in state_dict]
     unexpected = [name for name in state_dict if name not in expected]
@@ -211,6 +247,13 @@ def _build(component: str, config: dict, state_dict: dict[str, Tensor], dtype, d
         raise MinisdError(f"{component}: the weights do not fit SD v1's {component}: {'; '.join(problems)}")
     # one step from the memory map to the target; .to() copies only when the dtype or device differs (None: keep)
     moved = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else None) for k, t in state_dict.items()}
+    # NaN or ±inf weights make every picture garbage (an inf VAE bias: all white). A tensor's float32 sum is finite
+    # exactly when its values are (weights are far too small to overflow it): one cheap pass on the target device,
+    # one synchronisation.
+    finite = torch.stack([t.sum(dtype=torch.float32) for t in moved.values()]).isfinite().tolist()
+    if not all(finite):
+        bad = [name for name, ok in zip(moved, finite, strict=True) if not ok]
+        raise MinisdError(f"{component}: {len(bad)} weights hold NaN or inf values, e.g. {bad[0]}: a corrupt file")
     with torch.no_grad():
         module.load_state_dict(moved, strict=True, assign=True)
     assert not any(t.is_meta for t in module.state_dict().values()), "every tensor must come from the file"

@@ -76,6 +76,9 @@ def serve() -> None:
                     vm = next(int(v.split()[1]) for v in open("/proc/self/status") if v.startswith("VmSize:"))
                     limit = vm * 1024 + MEMORY_BUDGET
                     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+                    if request.get("nobody") and os.getuid() == 0:  # so file permissions apply, even to root
+                        os.setgid(65534)
+                        os.setuid(65534)
                     signal.alarm(TIME_LIMIT)
                     sys.argv = [request["module"], *request["argv"]]
                     sys.modules.pop(request["module"] + ".__main__", None)  # runpy runs it afresh, as `python -m`
@@ -115,8 +118,8 @@ class Commands:
             text=True,
         )
 
-    def run(self, module: str, *argv, cwd: Path) -> dict:
-        request = {"module": module, "argv": [str(a) for a in argv], "cwd": str(cwd)}
+    def run(self, module: str, *argv, cwd: Path, nobody: bool = False) -> dict:
+        request = {"module": module, "argv": [str(a) for a in argv], "cwd": str(cwd), "nobody": nobody}
         self.server.stdin.write(json.dumps(request) + "\n")
         self.server.stdin.flush()
         return json.loads(self.server.stdout.readline())
@@ -144,11 +147,14 @@ def snapshot(folder: Path) -> dict[str, tuple]:
     return entries
 
 
-def assert_refused(commands: Commands, module: str, *argv, cwd: Path, says: tuple[str, ...] = ()) -> str:
-    """Run the command line in `cwd`: exit status 2, exactly one line on stderr naming each of `says`, nothing on
-    stdout, within TIME_LIMIT and MEMORY_BUDGET, and the folder unchanged. Returns the line."""
+def assert_refused(
+    commands: Commands, module: str, *argv, cwd: Path, says: tuple[str, ...] = (), nobody: bool = False
+) -> str:
+    """Run the command line in `cwd` (as user nobody if asked): exit status 2, exactly one line on stderr naming
+    each of `says`, nothing on stdout, within TIME_LIMIT and MEMORY_BUDGET, and the folder unchanged. Returns the
+    line."""
     before = snapshot(cwd)
-    reply = commands.run(module, *argv, cwd=cwd)
+    reply = commands.run(module, *argv, cwd=cwd, nobody=nobody)
     shown = f"{module} {' '.join(map(str, argv))[:200]}: rc {reply['rc']}, {reply['seconds']:.1f} s, " + (
         f"stderr {reply['stderr'][-1500:]!r}"
     )
@@ -450,3 +456,157 @@ def test_training_files_and_settings(commands, tmp_path):
         ("evaluate", "--grid", "grid.jpg"),
     ):
         assert_refused(commands, "minisd.train", *argv, cwd=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights that load: the shipped nano model, changed one way at a time
+
+NANO = ROOT / "minisd" / "data" / "nano.safetensors"
+
+
+def nano_copy(path: Path, tensors=None, **metadata: str) -> Path:
+    """A copy of the nano model with some tensors replaced ({name: tensor}) and some metadata changed."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(NANO, "pt") as file:
+        state_dict = {name: file.get_tensor(name) for name in file.keys()}
+        state_metadata = file.metadata()
+    save_file({**state_dict, **(tensors or {})}, path, {**state_metadata, **metadata})
+    return path
+
+
+def nano_config() -> dict:
+    from safetensors import safe_open
+
+    with safe_open(NANO, "pt") as file:
+        return json.loads(file.metadata()["minisd.config"])
+
+
+def test_metadata_that_drives_memory(commands, tmp_path):
+    """A layer count in the file's minisd.config metadata (40,000 layers) was allocated before any shape was
+    checked (2.1 GB, 49 s). Every size a config states is checked against the tensors before a module is built:
+    the file's metadata, a diffusers config.json, a training VAE's metadata."""
+    from safetensors.torch import save_file
+
+    from minisd.train.common import build, config_to_json
+    from minisd.train.vae_training import VAETrainingConfig
+    from minisd.vae import VAE
+    from tests.fakes import tiny_components
+    from weights_convert.folders import write_folder
+
+    for component, key in (("text_encoder", "num_hidden_layers"), ("unet", "layers_per_block"),
+                           ("vae", "layers_per_block")):  # fmt: skip
+        config = nano_config()
+        config[component][key] = 40_000
+        nano_copy(tmp_path / f"{component}.safetensors", **{"minisd.config": json.dumps(config)})
+        argv = ("generate", "a red circle", "--checkpoint", f"{component}.safetensors", "--steps", "1")
+        assert_refused(commands, "minisd", *argv, cwd=tmp_path, says=(key, "40000"))
+
+    write_folder(tiny_components(), tmp_path / "sd")
+    for component, key, value in (("unet", "layers_per_block", 40_000), ("text_encoder", "num_hidden_layers", 40_000),
+                                  ("vae", "block_out_channels", [32] * 16)):  # fmt: skip
+        path = tmp_path / "sd" / component / "config.json"
+        config = json.loads(path.read_text())
+        path.write_text(json.dumps({**config, key: value}))
+        argv = ("generate", "a fox", "--model", "sd", "--steps", "1")
+        assert_refused(commands, "minisd", *argv, cwd=tmp_path, says=(key,))
+        path.write_text(json.dumps(config))
+
+    vae_config = VAETrainingConfig().vae
+    vae = build(VAE, vae_config, torch.Generator().manual_seed(0))
+    metadata = {"minisd.vae_config": json.dumps({**json.loads(config_to_json(vae_config)), "layers_per_block": 40_000})}
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, tmp_path / "vae.safetensors", metadata)
+    argv = ("diffusion", "--run-dir", "run", "--vae", "vae.safetensors")
+    assert_refused(commands, "minisd.train", *argv, cwd=tmp_path, says=("layers_per_block",))
+
+
+def test_weights_and_configs_of_the_wrong_kind(commands, tmp_path):
+    """Tracebacks where one line belongs: weights stored as integers or with the wrong number of dimensions under
+    SD keys, minisd.sample_size or minisd.config metadata of the wrong type, a diffusers config.json that is a list
+    or has strings for numbers."""
+    from safetensors.torch import save_file
+
+    from tests.fakes import tiny_components, tiny_official_state_dict
+    from weights_convert.folders import write_folder
+
+    conv_in, table = "unet.conv_in.weight", "text_encoder.embeddings.token_embedding.weight"
+    config = nano_config()
+
+    def changed(component: str, **values) -> str:
+        return json.dumps({**config, component: {**config[component], **values}})
+
+    cases = {
+        "int weight": {"tensors": {conv_in: torch.zeros(32, 4, 3, 3, dtype=torch.int8)}},
+        "int table": {"tensors": {table: torch.zeros(49408, 64, dtype=torch.int32)}},
+        "1-d weight": {"tensors": {conv_in: torch.zeros(32 * 4 * 3 * 3, dtype=torch.float16)}},
+        "sample_size ²": {"minisd.sample_size": "6²"},
+        "sample_size 64.0": {"minisd.sample_size": "64.0"},
+        "guidance nan": {"minisd.guidance_scale": "nan"},
+        "config a list": {"minisd.config": "[1, 2]"},
+        "config strings": {"minisd.config": changed("unet", layers_per_block="1")},
+        "config bool": {"minisd.config": changed("vae", layers_per_block=True)},
+        "config float": {"minisd.config": changed("unet", attention_head_dim=4.0)},
+        "heads do not divide": {"minisd.config": changed("unet", attention_head_dim=3)},
+        "groups do not divide": {"minisd.config": changed("vae", norm_num_groups=5)},
+    }
+    for i, change in enumerate(cases.values()):
+        path = nano_copy(tmp_path / f"case{i}.safetensors", change.pop("tensors", None), **change)
+        assert_refused(commands, "minisd", "generate", "a red circle", "--checkpoint", path.name, cwd=tmp_path)
+    # an official-layout file without metadata: its sizes are read off the shapes
+    state_dict = tiny_official_state_dict("emaonly")
+    name = "model.diffusion_model.input_blocks.0.0.weight"
+    save_file({**state_dict, name: state_dict[name].flatten()}, tmp_path / "flat.safetensors")
+    for command in (("info",), ("convert",)):
+        argv = (*command, "flat.safetensors", *(("out",) if command == ("convert",) else ()))
+        assert_refused(commands, "weights_convert", *argv, cwd=tmp_path, says=(name,))
+    argv = ("generate", "a fox", "--checkpoint", "flat.safetensors")
+    assert_refused(commands, "minisd", *argv, cwd=tmp_path, says=(name, "dimensions"))
+
+    write_folder(tiny_components(), tmp_path / "sd")
+    path = tmp_path / "sd" / "unet" / "config.json"
+    config = json.loads(path.read_text())  # a diffusers folder's config.json
+    for broken in ([config], {**config, "layers_per_block": "1"}, {**config, "block_out_channels": "32,64"},
+                   {**config, "block_out_channels": 32}, {**config, "norm_num_groups": 1e400}):  # fmt: skip
+        path.write_text(json.dumps(broken))
+        assert_refused(commands, "minisd", "generate", "a fox", "--model", "sd", cwd=tmp_path, says=("sd",))
+
+
+def test_unreadable_and_special_weights_files(commands, tmp_path):
+    """An unreadable .ckpt gave a traceback and an unreadable .safetensors was reported as "No such file"; a FIFO
+    or a folder where a weights file belongs must not block or mislead either."""
+    import shutil
+
+    tmp_path.chmod(0o777)  # the commands run as user nobody, so that permissions apply even to root
+    nano = shutil.copyfile(NANO, tmp_path / "locked.safetensors")
+    nano.chmod(0o000)
+    ckpt = write_zip_checkpoint(tmp_path / "locked.ckpt", pickle.dumps({"state_dict": {}}, protocol=2))
+    ckpt.chmod(0o000)
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    os.mkfifo(tmp_path / "fifo.ckpt")
+    (tmp_path / "folder.ckpt").mkdir()
+    for name in ("locked.safetensors", "locked.ckpt"):
+        for module, *argv in (
+            ("weights_convert", "info"),
+            ("minisd", "info"),
+            ("minisd", "generate", "x", "--checkpoint"),
+        ):
+            assert_refused(commands, module, *argv, name, cwd=tmp_path, says=(name, "denied"), nobody=True)
+    for name in ("fifo.safetensors", "fifo.ckpt", "folder.ckpt"):
+        for module, *argv in (("weights_convert", "info"), ("minisd", "generate", "x", "--checkpoint")):
+            assert_refused(commands, module, *argv, name, cwd=tmp_path, says=(name,))
+        assert_refused(commands, "weights_convert", "convert", name, "out", cwd=tmp_path, says=(name,))
+
+
+def test_devices_that_hold_no_numbers(commands, tmp_path):
+    """--device meta / xla, or "Device: meta" in a PNG's parameters, gave tracebacks: cpu, cuda[:N] present, or mps."""
+    from PIL import Image
+
+    from minisd.images import save_png
+
+    for device in ("meta", "xla", "cuda:99", "banana", "cpu:0:1"):
+        argv = ("generate", "a red circle", "--steps", "1", "--device", device)
+        assert_refused(commands, "minisd", *argv, cwd=tmp_path, says=("--device",))
+    text = f"a red circle\nSteps: 1, Sampler: Euler, CFG scale: 3, Seed: 1, Size: 64x64, Weights: {NANO}, Device: meta"
+    save_png(Image.new("RGB", (64, 64)), tmp_path / "meta.png", text)
+    assert_refused(commands, "minisd", "regenerate", "meta.png", cwd=tmp_path, says=("meta",))

@@ -44,6 +44,16 @@ def count(names: Iterable[str], prefix: str) -> int:
     return len({m.group(1) for m in map(pattern.match, names) if m})
 
 
+def _dim(state_dict: dict[str, Tensor], name: str, dim: int) -> int:
+    """state_dict[name].shape[dim], once the tensor has SD v1's number of dimensions for that weight: 2 for the
+    linear layers and embedding tables sizes are read from, 4 for the convolutions."""
+    ndim = 2 if name.endswith(("to_k.weight", "fc1.weight", "_embedding.weight")) else 4
+    shape = tuple(state_dict[name].shape)
+    if len(shape) != ndim:
+        raise MinisdError(f"{name} has shape {shape}; SD v1's has {ndim} dimensions")
+    return shape[dim]
+
+
 def unet_config(unet: dict[str, Tensor]) -> dict:
     """diffusers UNet2DConditionModel config.json for these weights: sizes read from shapes, the rest SD v1's."""
     levels = count(unet, "down_blocks")
@@ -52,13 +62,13 @@ def unet_config(unet: dict[str, Tensor]) -> dict:
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": "0.42.1",
         "sample_size": 64,  # 512 px / 8
-        "in_channels": unet["conv_in.weight"].shape[1],
-        "out_channels": unet["conv_out.weight"].shape[0],
+        "in_channels": _dim(unet, "conv_in.weight", 1),
+        "out_channels": _dim(unet, "conv_out.weight", 0),
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
-        "block_out_channels": [unet[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)],
+        "block_out_channels": [_dim(unet, f"down_blocks.{i}.resnets.0.conv1.weight", 0) for i in range(levels)],
         "layers_per_block": count(unet, "down_blocks.0.resnets"),
-        "cross_attention_dim": unet["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"].shape[1],
+        "cross_attention_dim": _dim(unet, "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight", 1),
         "attention_head_dim": 8,  # SD v1: the number of heads (diffusers' historical name), not their width
         "norm_num_groups": 32,
         "center_input_sample": False,
@@ -77,13 +87,13 @@ def vae_config(vae: dict[str, Tensor]) -> dict:
     return {
         "_class_name": "AutoencoderKL",
         "_diffusers_version": "0.42.1",
-        "in_channels": vae["encoder.conv_in.weight"].shape[1],
-        "out_channels": vae["decoder.conv_out.weight"].shape[0],
+        "in_channels": _dim(vae, "encoder.conv_in.weight", 1),
+        "out_channels": _dim(vae, "decoder.conv_out.weight", 0),
         "down_block_types": ["DownEncoderBlock2D"] * levels,
         "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "block_out_channels": [vae[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)],
+        "block_out_channels": [_dim(vae, f"encoder.down_blocks.{i}.resnets.0.conv1.weight", 0) for i in range(levels)],
         "layers_per_block": count(vae, "encoder.down_blocks.0.resnets"),
-        "latent_channels": vae["post_quant_conv.weight"].shape[0],
+        "latent_channels": _dim(vae, "post_quant_conv.weight", 0),
         "norm_num_groups": 32,
         "act_fn": "silu",
         "sample_size": 512,
@@ -93,16 +103,16 @@ def vae_config(vae: dict[str, Tensor]) -> dict:
 
 def text_encoder_config(text_encoder: dict[str, Tensor], dtype_name: str) -> dict:
     """transformers CLIPTextModel config.json (openai/clip-vit-large-patch14's text part, sizes from shapes)."""
-    vocab_size, hidden_size = text_encoder["embeddings.token_embedding.weight"].shape
+    vocab_size, hidden_size = (_dim(text_encoder, "embeddings.token_embedding.weight", i) for i in (0, 1))
     return {
         "architectures": ["CLIPTextModel"],
         "model_type": "clip_text_model",
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
-        "intermediate_size": text_encoder["encoder.layers.0.mlp.fc1.weight"].shape[0],
+        "intermediate_size": _dim(text_encoder, "encoder.layers.0.mlp.fc1.weight", 0),
         "num_hidden_layers": count(text_encoder, "encoder.layers"),
         "num_attention_heads": 12,
-        "max_position_embeddings": text_encoder["embeddings.position_embedding.weight"].shape[0],
+        "max_position_embeddings": _dim(text_encoder, "embeddings.position_embedding.weight", 0),
         "hidden_act": "quick_gelu",
         "layer_norm_eps": 1e-5,
         "projection_dim": 768,
@@ -159,23 +169,77 @@ def configs_from_metadata(metadata: dict[str, str]) -> dict[str, dict] | None:
     try:
         configs = json.loads(text)
         return {component: dict(configs[component]) for component in COMPONENTS}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as error:
         raise MinisdError(f"its minisd.config metadata is not valid ({error!r:.80})") from None
 
 
+MAX_SIZE = 1 << 20  # any size in a config (channels, layers, vocabulary; SD v1's largest is 49,408)
+MAX_LEVELS = 16  # entries of block_out_channels (SD v1 has 4)
+
+
+def _valid(kind: type, value) -> bool:
+    """Whether a config value has its field's type: int sizes in [1, MAX_SIZE], a positive finite float, or a
+    list of 1 to MAX_LEVELS int sizes (bool is not an int here)."""
+    if kind is int:
+        return type(value) is int and 1 <= value <= MAX_SIZE
+    if kind is float:
+        return type(value) in (int, float) and 0 < value < MAX_SIZE
+    return type(value) in (list, tuple) and 1 <= len(value) <= MAX_LEVELS and all(_valid(int, v) for v in value)
+
+
 def fields_from(config_class, config: dict):
-    """The dataclass config from a config.json dict: the fields of the same name (lists become tuples).
+    """The dataclass config from a config.json dict: the fields of the same name (lists become tuples), each of its
+    field's type (a one-line MinisdError for "320" where 320 belongs, 1e9 layers, a list where an int goes).
 
     >>> from dataclasses import dataclass
     >>> @dataclass
     ... class Sizes:
-    ...     channels: tuple = (1,)
+    ...     channels: tuple[int, ...] = (1,)
     ...     layers: int = 2
     >>> fields_from(Sizes, {"channels": [8, 16], "act_fn": "silu"})
     Sizes(channels=(8, 16), layers=2)
+    >>> fields_from(Sizes, {"layers": "2"})
+    Traceback (most recent call last):
+    minisd.errors.MinisdError: config key layers must be an integer in [1, 1048576], got '2'
     """
     values = {f.name: config[f.name] for f in fields(config_class) if config.get(f.name) is not None}
+    for f in fields(config_class):
+        if f.name in values and not _valid(f.type, values[f.name]):
+            what = {int: f"an integer in [1, {MAX_SIZE}]", float: "a positive number"}.get(
+                f.type, f"a list of 1 to {MAX_LEVELS} integers in [1, {MAX_SIZE}]"
+            )
+            raise MinisdError(f"config key {f.name} must be {what}, got {values[f.name]!r:.40}")
     return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+# The config keys whose values the weights show (read by unet_config, vae_config, text_encoder_config).
+SHAPE_KEYS = {
+    "unet": ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "cross_attention_dim"),
+    "vae": ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block"),
+    "text_encoder": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "max_position_embeddings"),
+}
+
+
+def check_config(component: str, config, state_dict: dict[str, Tensor]) -> None:
+    """Before a network is built from its dataclass `config`: every size its weights show must be the config's
+    (a config saying 40,000 layers would otherwise build them before any shape is compared), and the head count
+    and GroupNorm groups, which the weights do not show, must divide every level's channels."""
+    read = {"unet": unet_config, "vae": vae_config, "text_encoder": lambda sd: text_encoder_config(sd, "")}
+    try:
+        shown = read[component](state_dict)
+    except KeyError as error:
+        raise MinisdError(f"{component}: cannot read the network sizes: the weights lack {error.args[0]}") from None
+    for key in SHAPE_KEYS[component]:
+        said = getattr(config, key)
+        seen = tuple(shown[key]) if isinstance(shown[key], list) else shown[key]
+        if said != seen:
+            raise MinisdError(f"{component}: the config says {key} {said}, the weights show {seen}")
+    for key in ("attention_head_dim", "norm_num_groups"):
+        parts = getattr(config, key, 1)
+        if any(channels % parts for channels in getattr(config, "block_out_channels", ())):
+            raise MinisdError(
+                f"{component}: {key} {parts} does not divide the channels {config.block_out_channels} of each level"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,12 +270,14 @@ def _check_unet(config: dict, where: str | Path) -> dict:
     ):
         if config.get(key, sd_v1) != sd_v1:
             _refuse(where, f"{key} {config[key]!r}, SD v1 has {sd_v1!r}")
-    levels = len(config.get("block_out_channels", (320, 640, 1280, 1280)))
-    down = ["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"]
-    up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1)
+    channels = config.get("block_out_channels", (320, 640, 1280, 1280))
+    if not isinstance(channels, list | tuple):
+        _refuse(where, f"block_out_channels {channels!r:.40} is not a list")
+    down = ["CrossAttnDownBlock2D"] * (len(channels) - 1) + ["DownBlock2D"]
+    up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (len(channels) - 1)
     for key, sd_v1 in (("down_block_types", down), ("up_block_types", up)):
-        if list(config.get(key, sd_v1)) != sd_v1:
-            _refuse(where, f"{key} {config[key]}, SD v1 has {sd_v1}")
+        if config.get(key, sd_v1) != sd_v1:
+            _refuse(where, f"{key} {config[key]!r:.200}, SD v1 has {sd_v1}")
     if config.get("num_attention_heads") is not None:  # diffusers: num_attention_heads or attention_head_dim
         return {**config, "attention_head_dim": config["num_attention_heads"]}
     return config

@@ -86,7 +86,7 @@ def _refuse_other_models(state_dict: Mapping[str, Tensor], names: list[str]) -> 
             if model:
                 raise MinisdError(f"this is an {model} UNet ({width}-wide text context in {key}); SD v1 uses 768")
     for key in _TEXT_WIDTH_KEYS:
-        if key in state_dict:
+        if key in state_dict and state_dict[key].ndim == 1:
             width = state_dict[key].shape[0]
             model = {1024: "SD 2.x (OpenCLIP ViT-H)", 1280: "SDXL (OpenCLIP ViT-bigG)"}.get(width)
             if model:
@@ -161,6 +161,8 @@ def inspect_checkpoint(state_dict: Mapping[str, Tensor]) -> CheckpointInfo:
     variant = "v1"
     conv_in = _CONV_IN.get(layout, "conv_in.weight")
     if conv_in in state_dict:
+        if state_dict[conv_in].ndim != 4:
+            raise MinisdError(f"{conv_in} has shape {tuple(state_dict[conv_in].shape)}; SD v1's has 4 dimensions")
         in_channels = state_dict[conv_in].shape[1]
         if in_channels not in (4, 9):
             raise MinisdError(f"UNet input has {in_channels} channels ({conv_in}); SD v1 has 4, its inpainting UNet 9")

@@ -8,6 +8,7 @@ read until used, nothing copied.
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -30,10 +31,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     extension.
     """
     path = Path(path)
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise MinisdError(f"{path}: no such file") from None
+    except OSError as error:
+        raise MinisdError(f"{path}: cannot read ({error.strerror})") from None
+    if stat.S_ISDIR(mode):
         raise MinisdError(f"{path} is a directory; read_state_dict wants one weights file (.safetensors or .ckpt)")
-    if not path.is_file():
-        raise MinisdError(f"{path}: no such file")
+    if not stat.S_ISREG(mode):
+        raise MinisdError(f"{path} is not a regular file (a pipe, socket or device): weights are read from files")
     suffix = path.suffix.lower()
     if suffix not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
         raise MinisdError(
@@ -42,6 +49,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         )
     if path.stat().st_size == 0:
         raise MinisdError(f"{path} is empty (0 bytes): an interrupted download?")
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # the readers below report it as missing, or crash
+    except OSError as error:
+        raise MinisdError(f"{path}: cannot read ({error.strerror})") from None
     if suffix in SAFETENSORS_SUFFIXES:
         return _read_safetensors(path)
     return _read_pickle(path)

@@ -268,7 +268,11 @@ def describe(path: Path) -> str:
     elif not path.exists():
         raise MinisdError(f"{path}: no such file or folder")
     else:
-        info = inspect_checkpoint(read_state_dict(path))
+        state_dict = read_state_dict(path)
+        try:
+            info = inspect_checkpoint(state_dict)
+        except MinisdError as error:
+            raise MinisdError(f"{path}: {error}") from None
         kind = "safetensors" if path.suffix == ".safetensors" else "torch pickle (read without running code)"
     order = ("unet", "unet_ema", "vae", "text_encoder")
     counts = {c: info.parameter_counts[c] for c in order if c in info.parameter_counts}

@@ -48,6 +48,7 @@ from minisd.train.common import (
     save_checkpoint,
 )
 from minisd.vae import VAE, VAEConfig
+from weights_convert.configs import check_config, fields_from
 
 # The size study in minisd/train/__init__.py: 1.03 M parameters, decode 64×64 in ~12 ms on one CPU thread.
 NANO_VAE = VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=16)
@@ -219,7 +220,13 @@ def load_vae(path: str | os.PathLike) -> VAE:
         raise MinisdError(f"{path}: not a minisd VAE training output (no minisd.vae_config metadata)")
     with resuming(Path(path)):  # one line for metadata or weights that do not fit
         fields = json.loads(metadata["minisd.vae_config"])
-        config = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        try:
+            if not isinstance(fields, dict):
+                raise MinisdError("its minisd.vae_config metadata is not a config")
+            config = fields_from(VAEConfig, fields)
+            check_config("vae", config, state_dict)  # the sizes the weights show, before anything is built
+        except MinisdError as error:
+            raise MinisdError(f"{path}: {error}") from None
         with torch.device("meta"):
             vae = VAE(config)
         vae.load_state_dict(state_dict, strict=True, assign=True)
