@@ -114,10 +114,14 @@ def weights_source(args) -> str:
     return str(model)
 
 
-def load(source: str, dtype: str | None, device: str | None, fast: bool, status: Status) -> StableDiffusion:
+def load(
+    source: str, dtype: str | None, device: str | None, fast: bool, status: Status, local_files_only: bool = False
+) -> StableDiffusion:
     status.phase(f"loading {source}")
     dtype = DTYPES[dtype] if dtype else None
-    pipe = StableDiffusion.from_pretrained(source, dtype=dtype, device=device or "cpu", fast=fast)
+    pipe = StableDiffusion.from_pretrained(
+        source, dtype=dtype, device=device or "cpu", fast=fast, local_files_only=local_files_only
+    )
     pipe.set_progress_bar_config(disable=not status.live)  # the steps' bar on a terminal only, as the status lines
     status.done(f"loaded {source}")
     if Path(source).is_file():
@@ -227,7 +231,9 @@ def command_regenerate(args, status: Status) -> None:
     device = args.device or params.device
     if device is not None:
         check_device(device)
-    pipe = load(source, dtype, device, args.fast or params.fast, status)
+    # weights named by the PNG itself (not on the command line) never make minisd download anything
+    named_by_png = args.checkpoint is None and args.model is None
+    pipe = load(source, dtype, device, args.fast or params.fast, status, local_files_only=named_by_png)
     if params.model_hash is not None and pipe.model_hash is not None and pipe.model_hash != params.model_hash:
         raise MinisdError(f"{source} has model hash {pipe.model_hash}, the PNG was made with {params.model_hash}")
     params.model_name, params.weights = pipe.model_name, pipe.weights  # as loaded now (the same unless overridden)

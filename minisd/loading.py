@@ -169,41 +169,47 @@ def _hub_offline() -> bool:
 
 
 def hub_snapshot(repo_id: str, variant: str | None, local_files_only: bool) -> Path:
-    """Download (or find in the cache) just the files load_components reads: configs, one weights file per
-    component (safetensors preferred, `variant` if given) and the tokenizer. Returns the snapshot folder.
+    """The snapshot folder of a hub id with just the files load_components reads: configs, one weights file per
+    component (safetensors preferred, `variant` if given) and the tokenizer.
 
-    Offline (local_files_only, HF_HUB_OFFLINE=1, or the Hub unreachable) the cached snapshot of `main` is used,
-    as diffusers does; what it lacks is reported by the folder reader.
+    Offline by default for an id found in the Hugging Face cache: its cached snapshot of `main` is used without a
+    network call (as diffusers does offline; what it lacks is reported by the folder reader). An id not in the
+    cache is downloaded, unless downloads are off (local_files_only, HF_HUB_OFFLINE=1): the Hub is asked once,
+    without retries, and an unreachable Hub is one line within seconds (the hub client's own retries took 25 s and
+    printed a dozen lines).
     """
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     suffix = "" if variant is None else f".{variant}"
     cache_dir = _hub_cache_dir()
-    offline = local_files_only or _hub_offline()
-    why_offline = "downloads are off (local_files_only=True or HF_HUB_OFFLINE=1)"
-    files: set[str] = set()
-    if not offline:
-        try:
-            files = set(HfApi().list_repo_files(repo_id))
-        except (RepositoryNotFoundError, GatedRepoError) as error:
-            raise MinisdError(f"{repo_id}: {' '.join(str(error).split()[:12])} ...") from None
-        except Exception as error:  # any transport failure (DNS, proxy, timeout): fall back to the cache
-            offline, why_offline = True, f"the Hub cannot be reached ({type(error).__name__}: {error})"
+    candidates = {c: [f"{c}/{name.format(v=suffix)}" for name in names] for c, names in WEIGHT_FILES.items()}
     patterns = ["model_index.json", *TOKENIZER_FILES, *(f"{c}/config.json" for c in COMPONENTS)]
-    for component, names in WEIGHT_FILES.items():
-        candidates = [f"{component}/{name.format(v=suffix)}" for name in names]
-        # online: the best file the repo has (never both formats); offline: whatever the cache holds
-        patterns += candidates if offline else [next((c for c in candidates if c in files), candidates[0])]
-    try:
-        folder = snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir, local_files_only=offline)
+    try:  # the cache first: never a network call for an id already there
+        cached = [*patterns, *(name for names in candidates.values() for name in names)]
+        return Path(snapshot_download(repo_id, allow_patterns=cached, cache_dir=cache_dir, local_files_only=True))
     except LocalEntryNotFoundError:
-        message = f"{repo_id} is not in the Hugging Face cache ({cache_dir}) and {why_offline}"
-        raise MinisdError(" ".join(f"{message}: download it once online, or pass a local path".split())) from None
-    except (HfHubHTTPError, OSError, ValueError) as error:
+        pass
+    not_cached = f"{repo_id} is not in the Hugging Face cache ({cache_dir})"
+    if local_files_only or _hub_offline():
         raise MinisdError(
-            f"{repo_id}: cannot fetch from the Hugging Face Hub ({' '.join(str(error).split())})"
+            f"{not_cached} and downloads are off (local_files_only=True, HF_HUB_OFFLINE=1, or weights a PNG names)"
+        )
+    try:
+        files = {sibling.rfilename for sibling in HfApi().model_info(repo_id, timeout=10).siblings or []}
+    except (RepositoryNotFoundError, GatedRepoError) as error:
+        raise MinisdError(f"{repo_id}: {' '.join(str(error).split()[:12])} ...") from None
+    except Exception as error:  # any transport failure (DNS, proxy, timeout): one line, no retries
+        raise MinisdError(
+            f"{not_cached} and the Hub cannot be reached ({type(error).__name__}: {error}): download it once "
+            "online, or pass a local path"
         ) from None
+    # the best weights file the repo has for each component (never both formats)
+    patterns += [next((name for name in names if name in files), names[0]) for names in candidates.values()]
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir)
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        raise MinisdError(f"{repo_id}: cannot fetch from the Hugging Face Hub ({error})") from None
     return Path(folder)
 
 

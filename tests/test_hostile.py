@@ -80,6 +80,11 @@ def serve() -> None:
                         os.setgid(65534)
                         os.setuid(65534)
                     signal.alarm(TIME_LIMIT)
+                    for name, value in request["env"].items():
+                        if value is None:
+                            os.environ.pop(name, None)
+                        else:
+                            os.environ[name] = value
                     sys.argv = [request["module"], *request["argv"]]
                     sys.modules.pop(request["module"] + ".__main__", None)  # runpy runs it afresh, as `python -m`
                     runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
@@ -118,8 +123,10 @@ class Commands:
             text=True,
         )
 
-    def run(self, module: str, *argv, cwd: Path, nobody: bool = False) -> dict:
+    def run(self, module: str, *argv, cwd: Path, nobody: bool = False, env: dict | None = None) -> dict:
+        """env: variables to set in the child (None removes one)."""
         request = {"module": module, "argv": [str(a) for a in argv], "cwd": str(cwd), "nobody": nobody}
+        request["env"] = env or {}
         self.server.stdin.write(json.dumps(request) + "\n")
         self.server.stdin.flush()
         return json.loads(self.server.stdout.readline())
@@ -148,13 +155,13 @@ def snapshot(folder: Path) -> dict[str, tuple]:
 
 
 def assert_refused(
-    commands: Commands, module: str, *argv, cwd: Path, says: tuple[str, ...] = (), nobody: bool = False
+    commands: Commands, module: str, *argv, cwd: Path, says: tuple[str, ...] = (), nobody: bool = False, env=None
 ) -> str:
-    """Run the command line in `cwd` (as user nobody if asked): exit status 2, exactly one line on stderr naming
-    each of `says`, nothing on stdout, within TIME_LIMIT and MEMORY_BUDGET, and the folder unchanged. Returns the
-    line."""
+    """Run the command line in `cwd` (as user nobody if asked, with `env` changes): exit status 2, exactly one line
+    on stderr naming each of `says`, nothing on stdout, within TIME_LIMIT and MEMORY_BUDGET, and the folder
+    unchanged. Returns the line."""
     before = snapshot(cwd)
-    reply = commands.run(module, *argv, cwd=cwd, nobody=nobody)
+    reply = commands.run(module, *argv, cwd=cwd, nobody=nobody, env=env)
     shown = f"{module} {' '.join(map(str, argv))[:200]}: rc {reply['rc']}, {reply['seconds']:.1f} s, " + (
         f"stderr {reply['stderr'][-1500:]!r}"
     )
@@ -610,3 +617,45 @@ def test_devices_that_hold_no_numbers(commands, tmp_path):
     text = f"a red circle\nSteps: 1, Sampler: Euler, CFG scale: 3, Seed: 1, Size: 64x64, Weights: {NANO}, Device: meta"
     save_png(Image.new("RGB", (64, 64)), tmp_path / "meta.png", text)
     assert_refused(commands, "minisd", "regenerate", "meta.png", cwd=tmp_path, says=("meta",))
+
+
+def test_hub_ids_offline_by_default(commands, tmp_path):
+    """A hub id with the network off cost 25 s of retries and a dozen stderr lines, and a tampered PNG could make
+    `regenerate` contact the Hub. An id found in the cache is used without any network call; one not there is one
+    line at once; an id a PNG names is never downloaded."""
+    import select
+    import socket
+
+    from PIL import Image
+
+    from minisd.images import save_png
+    from tests.fakes import tiny_components
+    from weights_convert.folders import write_folder
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--org--tiny"
+    write_folder(tiny_components(), repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    silent = socket.socket()  # a Hub that accepts connections and never answers: a request would hang
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    closed = socket.socket()  # a Hub that refuses connections: the network is off
+    closed.bind(("127.0.0.1", 0))
+    env = {"HF_HUB_OFFLINE": None, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": None}
+    offline = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{closed.getsockname()[1]}"}
+    hanging = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}"}
+    try:
+        for argv in (("generate", "a fox", "--model", "org/absent", "--steps", "1"), ("info", "org/absent")):
+            assert_refused(commands, "minisd", *argv, cwd=tmp_path, env=offline, says=("org/absent", "cache"))
+        reply = commands.run("minisd", "info", "org/tiny", cwd=tmp_path, env=hanging)
+        assert reply["rc"] == 0 and reply["seconds"] < 10, reply
+        text = "a fox\nSteps: 1, Sampler: Euler, CFG scale: 3, Seed: 1, Size: 64x64, Weights: org/absent"
+        save_png(Image.new("RGB", (64, 64)), tmp_path / "tampered.png", text)
+        assert_refused(
+            commands, "minisd", "regenerate", "tampered.png", cwd=tmp_path, env=hanging, says=("org/absent",)
+        )
+        assert not select.select([silent], [], [], 0)[0], "minisd contacted the Hub"
+    finally:
+        silent.close()
+        closed.close()
