@@ -18,18 +18,19 @@ import re
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 from minisd.api import StableDiffusion, default_model
 from minisd.arguments import DTYPES, ArgumentParser, number, positive_int
 from minisd.errors import MinisdError
 from minisd.images import open_image, read_png_parameters, save_png
-from minisd.loading import HUB_ID
-from minisd.loading import check_device as check_any_device
+from minisd.loading import HUB_ID, check_device
 from minisd.parameters import GenerationParameters, draw_seed
 from minisd.samplers import sampler_names
 
 OUTPUT_DIR = Path("outputs")
+MAX_IMAGES = 10_000  # --num-images: each image is written as it is made, but a run should end this year
 MODES = {"generate": "txt2img", "img2img": "img2img", "inpaint": "inpaint"}  # command -> GenerationParameters.mode
 NUMBERED = re.compile(r"^(\d{5,})")  # outputs/00042.png, 00042-cat.png, ...
 NO_WEIGHTS = (
@@ -76,7 +77,7 @@ def check_args(args) -> None:
     if args.dtype is not None and args.dtype not in DTYPES:
         raise MinisdError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     if args.device is not None:
-        check_device(args.device)
+        check_device(args.device, "--device")
     if args.output is not None:
         check_output(args.output)
 
@@ -84,15 +85,10 @@ def check_args(args) -> None:
 def check_output(output: str) -> None:
     if Path(output).is_dir():
         return
-    if Path(output).suffix.lower() != ".png":
+    if Path(output).suffix.lower() != ".png" or (Path(output).exists() and not Path(output).is_file()):  # a FIFO
         raise MinisdError(f"-o must be a .png file or an existing folder, got {output!r}")
     if not Path(output).parent.is_dir():
         raise MinisdError(f"-o: the folder {str(Path(output).parent)!r} does not exist")
-
-
-def check_device(device: str) -> None:
-    """cpu, cuda, cuda:N or mps, present on this machine (minisd.loading.check_device)."""
-    check_any_device(device, "--device")
 
 
 def weights_source(args) -> str:
@@ -190,26 +186,27 @@ def save(pil, params: GenerationParameters, path: Path, overwrite: bool) -> None
 
 def command_generate(args, status: Status) -> None:
     source = weights_source(args)
-    if args.image is not None:
-        open_image("--image", args.image)  # a missing or unreadable file fails before loading
-    if args.mask is not None:
-        open_image("--mask", args.mask)
+    # the source images are opened once, here (a missing, special or oversized file fails before loading); the
+    # pipe gets the pictures, the record their paths
+    image = None if args.image is None else open_image("--image", args.image)
+    mask = None if args.mask is None else open_image("--mask", args.mask)
     seed = args.seed if args.seed is not None else draw_seed()
     paths = output_paths(args.output, args.num_images)
     pipe = load(source, args.dtype, args.device, args.fast, status)
-    from minisd.train.evaluate import prompt_note  # the nano model's grammar: a note for prompts outside it
-
-    note = prompt_note(source, args.prompt)
-    if note is not None:
-        print(note, file=sys.stderr)
     params, sources = pipe.parameters(
         MODES[args.command], args.prompt, args.negative_prompt, args.steps, args.guidance, args.sampler, args.eta,
-        args.clip_skip, height=args.height, width=args.width, strength=args.strength, image=args.image,
-        mask_image=args.mask,
+        args.clip_skip, height=args.height, width=args.width, strength=args.strength, image=image, mask_image=mask,
     )  # fmt: skip
+    params.image = None if image is None else str(Path(args.image).resolve())
+    params.mask_image = None if mask is None else str(Path(args.mask).resolve())
     for i, path in enumerate(paths):  # one image at a time, so each is written as soon as it is made
         label = f"image {i + 1}/{args.num_images}"
         make_image(pipe, params, sources, seed + i, path, args.overwrite, status, label)
+    from minisd.train.evaluate import prompt_note  # the nano model's grammar: a note for prompts outside it
+
+    note = prompt_note(source, args.prompt)  # after the run: a refused argument stays the only line
+    if note is not None:
+        print(note, file=sys.stderr)
     if args.seed is None:
         print(f"seed {seed} was drawn (--seed {seed} repeats this run)", file=sys.stderr)
 
@@ -218,7 +215,10 @@ def command_regenerate(args, status: Status) -> None:
     text = read_png_parameters(args.png)
     if text is None:
         raise MinisdError(f"{args.png} holds no 'parameters' text: not written by minisd")
-    params = GenerationParameters.from_text(text)
+    try:
+        params = GenerationParameters.from_text(text)
+    except MinisdError as error:
+        raise MinisdError(f"{args.png}: {error}") from None
     if args.checkpoint is not None or args.model is not None:
         source = weights_source(args)
     elif params.weights is not None:
@@ -230,9 +230,8 @@ def command_regenerate(args, status: Status) -> None:
         raise MinisdError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     device = args.device or params.device
     if device is not None:
-        check_device(device)
-    # weights named by the PNG itself (not on the command line) never make minisd download anything
-    named_by_png = args.checkpoint is None and args.model is None
+        check_device(device, "--device" if args.device else f"{args.png}'s Device parameter")
+    named_by_png = args.checkpoint is None and args.model is None  # then no download: a PNG may be anyone's
     pipe = load(source, dtype, device, args.fast or params.fast, status, local_files_only=named_by_png)
     if params.model_hash is not None and pipe.model_hash is not None and pipe.model_hash != params.model_hash:
         raise MinisdError(f"{source} has model hash {pipe.model_hash}, the PNG was made with {params.model_hash}")
@@ -288,7 +287,8 @@ def build_parser() -> ArgumentParser:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("prompt", help="the prompt (A1111 emphasis: (word:1.2), [word], BREAK)")
         if name != "generate":
-            command.add_argument("--image", required=True, help="the source image (sides multiples of 8)")
+            command.add_argument("--image", required=True, help="the source image (sides multiples of 8, at most "
+                                 "16 times the model's own area)")  # fmt: skip
         if name == "inpaint":
             command.add_argument("--mask", required=True, help="the mask, the image's size (white = repaint)")
         command.add_argument("--negative-prompt", default="", help="what to steer away from")
@@ -301,13 +301,17 @@ def build_parser() -> ArgumentParser:
         command.add_argument("--clip-skip", type=int, help="CLIP layers skipped at the end (A1111's Clip skip 2 = 1)")
         command.set_defaults(height=None, width=None, strength=None, image=None, mask=None)  # what a mode lacks
         if name == "generate":
-            size = "pixels, a multiple of 8 (default: the model's size, 512 for SD v1, 64 for the nano model)"
+            size = (
+                "pixels, a multiple of 8 (default: the model's size, 512 for SD v1, 64 for the nano model); width × "
+                "height at most 16 times the model's own area (2048×2048 for SD v1, 256×256 for the nano model)"
+            )
             command.add_argument("--height", type=positive_int, help=size)
             command.add_argument("--width", type=positive_int, help=size)
         else:
             default = 0.8 if name == "img2img" else 1.0
             command.add_argument("--strength", type=number, default=default, help=f"in (0, 1] ({default})")
-        command.add_argument("--num-images", type=positive_int, default=1, help="images, seed, seed+1, ... (1)")
+        command.add_argument("--num-images", type=partial(positive_int, most=MAX_IMAGES), default=1,
+                             help=f"images, seed, seed+1, ... (1; at most {MAX_IMAGES})")  # fmt: skip
         add_weights_args(command)
     regenerate = commands.add_parser("regenerate", help="make a PNG minisd wrote again, from its parameters")
     regenerate.add_argument("png", help="a PNG written by minisd")

@@ -76,6 +76,7 @@ def img2img(
     checks.check_strength(strength, num_inference_steps)
     b = checks.check_prompts(unet, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
     image = checks.to_image("image", image, checks.size_multiple(components))
+    checks.check_size(components, image.shape[-2], image.shape[-1], what="image ")
     checks.check_image_count(image.shape[0], b)
     sampler = checks.make_sampler(sampler, eta)
     generator = checks.make_generator(generator, seed)

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from minisd.arguments import ArgumentParser, positive_int  # the same checks and errors as `minisd`
-from minisd.cli import check_device
 from minisd.errors import MinisdError
+from minisd.loading import check_device
 from minisd.train.common import check_run_dir, init_distributed, read_log
 from minisd.train.diffusion_training import DiffusionTrainingConfig, train_diffusion
 from minisd.train.vae_training import VAETrainingConfig, train_vae
@@ -112,7 +112,7 @@ def _main(argv: list[str] | None) -> int:
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --grid file")
     args = parser.parse_args(argv)
     if args.device is not None:
-        check_device(args.device)
+        check_device(args.device, "--device")
     if args.command == "evaluate":
         torch.set_num_threads(args.threads)
         return _evaluate(args)
