@@ -67,7 +67,7 @@ def build_twins(model: str, seed: int = 0) -> tuple[dict, dict]:
         "vae": AutoencoderKL(
             down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n, **asdict(vae_config)
         ),
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**asdict(text_config), hidden_act="quick_gelu")),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**asdict(text_config))),
     }
     ours = {}
     for name, ours_class, config in [

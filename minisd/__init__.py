@@ -15,8 +15,12 @@ import importlib
 
 # name -> the module that defines it
 _HOMES = {
+    "AutoPipelineForImage2Image": "minisd.auto",
+    "AutoPipelineForInpainting": "minisd.auto",
+    "AutoPipelineForText2Image": "minisd.auto",
     "GenerationOutput": "minisd.api",
     "GenerationParameters": "minisd.parameters",
+    "Kandinsky": "minisd.kandinsky.api",
     "MinisdError": "minisd.errors",
     "StableDiffusion": "minisd.api",
     "default_model": "minisd.api",

@@ -7,15 +7,22 @@
 
 Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision", arXiv:2103.00020,
 §2.4 (a GPT-2 style transformer, Radford et al. 2019); module paths equal transformers' `CLIPTextModel`, so its
-state_dict loads with strict=True. What SD v1 does not use is left out: the pooled (end-token) output and the
-text projection belong to CLIP's contrastive loss, and SD v1 passes no padding attention mask (diffusers'
-`use_attention_mask` is unset for it): padding tokens are ordinary tokens that see the prompt before them.
+state_dict loads with strict=True. SD v1 passes no padding attention mask (diffusers' `use_attention_mask` is unset
+for it): padding tokens are ordinary tokens that see the prompt before them.
+
+Two config fields name what other models' CLIPs do differently (SD v1 uses neither):
+  - hidden_act "gelu": the exact GELU of the OpenCLIP-trained towers (ViT-bigG of Kandinsky 2.2 and SDXL, ViT-H of
+    SD 2), where OpenAI's CLIP used quick-GELU;
+  - with_projection: CLIP's contrastive head (transformers' CLIPTextModelWithProjection): the end token's final
+    hidden state, projected by `text_projection` to the joint text-image space: `text_embeds`, which Kandinsky's
+    prior reads beside the per-token states.
 """
 
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -34,8 +41,13 @@ class TextEncoderConfig:
     num_attention_heads: int = 12  # nh; hd = d / nh = 64
     max_position_embeddings: int = 77  # s: 75 prompt tokens + start + end
     layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"  # "gelu" for OpenCLIP-trained towers (see the module docstring)
+    projection_dim: int = 768  # width of text_embeds, used only with_projection (SD v1's config.json says 768 too)
+    with_projection: bool = False  # transformers' architectures ["CLIPTextModelWithProjection"]: a text_projection
 
     def __post_init__(self) -> None:
+        if self.hidden_act not in ACTIVATIONS:
+            raise MinisdError(f"hidden_act must be one of {', '.join(ACTIVATIONS)}, got {self.hidden_act!r}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise MinisdError(
                 f"hidden_size must be a multiple of num_attention_heads ({self.num_attention_heads}), "
@@ -67,10 +79,12 @@ class TextEmbeddings(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention in which token i attends only to tokens 0..i. x (b, s, d) -> (b, s, d)."""
+    """Multi-head self-attention in which token i attends only to tokens 0..i. x (b, s, d) -> (b, s, d).
+    causal=False lets every token see every other (CLIP's vision transformer: image patches have no order)."""
 
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig, causal: bool = True):
         super().__init__()
+        self.causal = causal
         self.num_heads = config.num_attention_heads
         d = config.hidden_size
         self.q_proj = nn.Linear(d, d)
@@ -83,7 +97,7 @@ class CausalSelfAttention(nn.Module):
         q = rearrange(self.q_proj(x), "b s (nh hd) -> b nh s hd", nh=self.num_heads)  # split d into nh heads
         k = rearrange(self.k_proj(x), "b s (nh hd) -> b nh s hd", nh=self.num_heads)
         v = rearrange(self.v_proj(x), "b s (nh hd) -> b nh s hd", nh=self.num_heads)
-        out = attention(q, k, v, causal=True)  # CLIP's text transformer is causal, like GPT-2
+        out = attention(q, k, v, causal=self.causal)  # CLIP's text transformer is causal, like GPT-2
         out = rearrange(out, "b nh s hd -> b s (nh hd)")  # heads side by side again
         return self.out_proj(out)
 
@@ -98,25 +112,38 @@ def quick_gelu(x: Tensor) -> Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+def gelu(x: Tensor) -> Tensor:
+    """x · Φ(x), the exact GELU (Hendrycks & Gimpel 2016, §2; transformers' `hidden_act="gelu"`). Any shape.
+
+    >>> gelu(torch.tensor([0.0, 1.0])).round(decimals=4)
+    tensor([0.0000, 0.8413])
+    """
+    return F.gelu(x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}  # config.hidden_act -> the function
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward: fc1 (d → 4d), quick-GELU, fc2 (4d → d). x (b, s, d) -> (b, s, d)."""
+    """Position-wise feed-forward: fc1 (d → 4d), quick-GELU (or GELU), fc2 (4d → d). x (b, s, d) -> (b, s, d)."""
 
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
+        self.hidden_act = config.hidden_act
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (b, s, d). Returns (b, s, d)."""
-        return self.fc2(quick_gelu(self.fc1(x)))
+        return self.fc2(ACTIVATIONS[self.hidden_act](self.fc1(x)))
 
 
 class EncoderLayer(nn.Module):
     """One pre-LayerNorm transformer layer. x (b, s, d) -> (b, s, d)."""
 
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig, causal: bool = True):
         super().__init__()
-        self.self_attn = CausalSelfAttention(config)
+        self.self_attn = CausalSelfAttention(config, causal)
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -131,9 +158,9 @@ class EncoderLayer(nn.Module):
 class Encoder(nn.Module):
     """The stack of layers (the `encoder.layers.N` key paths). x (b, s, d) -> every hidden state."""
 
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList([EncoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([EncoderLayer(config, causal) for _ in range(config.num_hidden_layers)])
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         """x: (b, s, d) embeddings. Returns num_hidden_layers + 1 tensors (b, s, d): x, then each layer's output."""
@@ -157,6 +184,8 @@ class TextEncoder(nn.Module):
         self.embeddings = TextEmbeddings(config)
         self.encoder = Encoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if config.with_projection:  # CLIP's text head (no bias), into the space CLIP's image embeddings share
+            self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 
     def forward(self, input_ids: Tensor) -> TextEncoderOutput:
         """input_ids: (b, s) integer token ids, 1 <= s <= max_position_embeddings. Returns TextEncoderOutput."""
@@ -181,6 +210,19 @@ class TextEncoder(nn.Module):
         if not clip_skip:
             return output.last_hidden_state
         return self.final_layer_norm(output.hidden_states[-(clip_skip + 1)])
+
+    def text_embeds(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(last_hidden_state (b, s, d), text_embeds (b, projection_dim)): the per-token states and CLIP's text
+        embedding, text_projection of the end token's final state (Radford et al. 2021, §2.4: "the activations of
+        the highest layer of the transformer at the [EOS] token"). Needs with_projection."""
+        if not self.config.with_projection:
+            raise MinisdError("text_embeds needs a text encoder with_projection (CLIPTextModelWithProjection)")
+        last_hidden_state = self(input_ids).last_hidden_state
+        # The end token has the largest id (49407) and argmax returns its first occurrence, before any end-token
+        # padding: transformers' rule for CLIP configs with eos_token_id 2 (all the published ones).
+        end = input_ids.argmax(dim=-1)
+        pooled = last_hidden_state[torch.arange(input_ids.shape[0], device=end.device), end]  # (b, d)
+        return last_hidden_state, self.text_projection(pooled)
 
     def _check_input_ids(self, input_ids: Tensor) -> None:
         """Raise MinisdError unless input_ids is a (b, s) integer tensor with s and every id in range."""

@@ -107,7 +107,7 @@ class FusedCausalSelfAttention(nn.Module):
 
     def __init__(self, attn: clip.CausalSelfAttention):
         super().__init__()
-        self.num_heads = attn.num_heads
+        self.num_heads, self.causal = attn.num_heads, attn.causal
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj
         weight, bias = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
         self.register_buffer("qkv_weight", weight, persistent=False)
@@ -116,7 +116,7 @@ class FusedCausalSelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # (b, s, 3d)
         q, k, v = rearrange(qkv, "b s (three nh hd) -> three b nh s hd", three=3, nh=self.num_heads)
-        out = attention(q, k, v, causal=True)
+        out = attention(q, k, v, causal=self.causal)
         return self.out_proj(rearrange(out, "b nh s hd -> b s (nh hd)"))
 
 

@@ -154,6 +154,65 @@ def make_grid(images: list[Image.Image], rows: int) -> Image.Image:
     return grid
 
 
+MAX_DOWNLOAD = 64 << 20  # bytes: load_image refuses larger answers (a 4096² PNG is ~50 MB at most)
+
+
+def load_image(image: str | os.PathLike | Image.Image, timeout: float = 30.0) -> Image.Image:
+    """An image from a path, an http(s) URL or a PIL image -> an RGB PIL image, turned upright by its EXIF
+    orientation (what diffusers.utils.load_image returns, so the course's examples run unchanged).
+
+    URLs are fetched with the standard library (at most MAX_DOWNLOAD bytes, `timeout` seconds); any failure is one
+    MinisdError line.
+    """
+    import io
+    import urllib.error
+    import urllib.request
+
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(image, timeout=timeout) as response:
+                data = response.read(MAX_DOWNLOAD + 1)
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            raise MinisdError(f"cannot download {image}: {getattr(error, 'reason', error)}") from None
+        if len(data) > MAX_DOWNLOAD:
+            raise MinisdError(f"{image}: larger than {MAX_DOWNLOAD >> 20} MB, not loaded")
+        source = io.BytesIO(data)
+    elif isinstance(image, str | os.PathLike):  # opened once, a regular file, its size checked, upright
+        return open_image("image", image).convert("RGB")
+    elif isinstance(image, Image.Image):
+        return ImageOps.exif_transpose(image).convert("RGB")
+    else:
+        raise MinisdError(f"image must be a path, an http(s) URL or a PIL image, got {type(image).__name__}")
+    with _open_pil("image", source, image) as pil:  # the declared size checked before any pixel is decoded
+        try:
+            return ImageOps.exif_transpose(pil).convert("RGB")
+        except Exception as error:  # truncated or corrupt pixel data, a crafted EXIF block: PIL raises many kinds
+            raise MinisdError(f"cannot read {image} as an image ({type(error).__name__})") from None
+
+
+def make_image_grid(images: list[Image.Image], rows: int, cols: int, resize: int | None = None) -> Image.Image:
+    """rows × cols images in one RGB picture, row by row, each cell the first image's size (diffusers.utils'
+    make_image_grid: a smaller image sits in its cell's top-left corner, black around). resize: first resize every
+    image to resize × resize.
+
+    >>> make_image_grid([Image.new("RGB", (4, 3))] * 2, rows=1, cols=2).size
+    (8, 3)
+    """
+    if not isinstance(images, list) or not images or not all(isinstance(im, Image.Image) for im in images):
+        raise MinisdError(f"images must be a non-empty list of PIL images, got {images!r:.80}")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (rows, cols)):
+        raise MinisdError(f"rows and cols must be integers >= 1, got {rows!r} and {cols!r}")
+    if rows * cols != len(images):
+        raise MinisdError(f"rows × cols must equal the number of images ({len(images)}), got {rows} × {cols}")
+    if resize is not None:
+        images = [im.resize((resize, resize)) for im in images]
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB"), (i % cols * w, i // cols * h))
+    return grid
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Image files
 
@@ -208,15 +267,16 @@ def open_image(name: str, path: str | os.PathLike) -> Image.Image:
             raise MinisdError(f"{name}: cannot read {shown}") from None
 
 
-def save_png(pil: Image.Image, path: str | os.PathLike, parameters: str, overwrite: bool = False) -> None:
+def save_png(pil: Image.Image, path: str | os.PathLike, parameters: str | None, overwrite: bool = False) -> None:
     """Write `pil` as a PNG with `parameters` in a text chunk named "parameters" (tEXt; iTXt, UTF-8, when the text
-    is not Latin-1, PIL's rule), where A1111 and most SD tools look. An existing file is an error unless overwrite."""
+    is not Latin-1, PIL's rule), where A1111 and most SD tools look; None writes none (a grid, say). An existing
+    file is an error unless overwrite."""
     if not isinstance(pil, Image.Image):
         raise MinisdError(f"pil must be a PIL.Image.Image, got {type(pil).__name__}")
     if pil.mode not in PNG_MODES:
         raise MinisdError(f"pil mode must be one of {PNG_MODES} to be saved as PNG, got {pil.mode!r}")
-    if not isinstance(parameters, str):
-        raise MinisdError(f"parameters must be a str, got {type(parameters).__name__}")
+    if parameters is not None and not isinstance(parameters, str):
+        raise MinisdError(f"parameters must be a str or None, got {type(parameters).__name__}")
     if not isinstance(path, str | os.PathLike):
         raise MinisdError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
@@ -227,7 +287,8 @@ def save_png(pil: Image.Image, path: str | os.PathLike, parameters: str, overwri
     if path.exists() and not path.is_file():  # opening a FIFO to write waits for a reader: forever
         raise MinisdError(f"path must be a regular file, got a pipe, socket or device: {str(path)!r}")
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
+    if parameters is not None:
+        info.add_text("parameters", parameters)
     try:
         with open(path, "wb" if overwrite else "xb") as f:  # "x": fail if it exists, checked and created at once
             pil.save(f, format="PNG", pnginfo=info)

@@ -17,7 +17,7 @@ for. Anything that is not SD v1 is refused with a one-line MinisdError saying wh
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,6 +50,9 @@ class Components:
     info: CheckpointInfo
     sample_size: int = 512  # pixels per side the model was trained at: 512 for SD v1, 64 for minisd's nano model
     guidance_scale: float = 7.5  # the default guidance: SD v1's 7.5, or what a minisd-trained file recommends
+    # a folder's scheduler_config.json as the samplers' defaults: {"sampler": class or name, "timestep_spacing": ...,
+    # "schedule_type": ...} (weights_convert.configs.scheduler_settings); a single file's: SD v1's PLMS
+    scheduler: dict[str, str] = field(default_factory=lambda: {"sampler": "PLMS"})
 
 
 def load_components(
@@ -104,7 +107,8 @@ def load_components(
         )
     except MinisdError as error:
         raise MinisdError(f"{source}: {error}") from None
-    return Components(tokenizer, text_encoder, vae, unet, weights.info, sample_size, guidance_scale)
+    scheduler = weights.scheduler or {"sampler": "PLMS"}
+    return Components(tokenizer, text_encoder, vae, unet, weights.info, sample_size, guidance_scale, scheduler)
 
 
 def check_device(device: str | torch.device, name: str = "device") -> torch.device:
@@ -168,9 +172,17 @@ def _hub_offline() -> bool:
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def hub_snapshot(repo_id: str, variant: str | None, local_files_only: bool) -> Path:
+def hub_snapshot(
+    repo_id: str,
+    variant: str | None,
+    local_files_only: bool,
+    weight_files: dict[str, tuple[str, ...]] = WEIGHT_FILES,
+    other_files: tuple[str, ...] | None = None,
+) -> Path:
     """The snapshot folder of a hub id with just the files load_components reads: configs, one weights file per
     component (safetensors preferred, `variant` if given) and the tokenizer.
+    weight_files, other_files: another family's components (name -> weights file names, best first) and the other
+    files it reads (minisd.kandinsky.loading); each component's config.json is always fetched.
 
     Offline by default for an id found in the Hugging Face cache: its cached snapshot of `main` is used without a
     network call (as diffusers does offline; what it lacks is reported by the folder reader). An id not in the
@@ -183,8 +195,9 @@ def hub_snapshot(repo_id: str, variant: str | None, local_files_only: bool) -> P
 
     suffix = "" if variant is None else f".{variant}"
     cache_dir = _hub_cache_dir()
-    candidates = {c: [f"{c}/{name.format(v=suffix)}" for name in names] for c, names in WEIGHT_FILES.items()}
-    patterns = ["model_index.json", *TOKENIZER_FILES, *(f"{c}/config.json" for c in COMPONENTS)]
+    candidates = {c: [f"{c}/{name.format(v=suffix)}" for name in names] for c, names in weight_files.items()}
+    other_files = ("model_index.json", *TOKENIZER_FILES) if other_files is None else other_files
+    patterns = [*other_files, *(f"{c}/config.json" for c in weight_files)]
     try:  # the cache first: never a network call for an id already there
         cached = [*patterns, *(name for names in candidates.values() for name in names)]
         return Path(snapshot_download(repo_id, allow_patterns=cached, cache_dir=cache_dir, local_files_only=True))
@@ -236,6 +249,15 @@ def _build(component: str, config, state_dict: dict[str, Tensor], dtype, device)
     give it the file's tensors as its parameters (strict; a one-line error on any mismatch)."""
     with torch.device("meta"):
         module = NETWORKS[component][0](config)
+    return assign_weights(component, module, state_dict, dtype, device, "SD v1's")
+
+
+def assign_weights(
+    component: str, module: nn.Module, state_dict: dict[str, Tensor], dtype, device, model: str
+) -> nn.Module:
+    """Give a meta-device `module` the file's tensors as its parameters: strict (every name, every shape; one
+    line naming `model`'s component otherwise), moved straight from the memory map to device/dtype, every value
+    finite. Eval mode."""
     expected = module.state_dict()
     missing = [name for name in expected if name not in state_dict]
     unexpected = [name for name in state_dict if name not in expected]
@@ -250,7 +272,7 @@ def _build(component: str, config, state_dict: dict[str, Tensor], dtype, device)
             for what, items in (("missing", missing), ("unexpected", unexpected), ("with another shape", wrong))
             if items
         ]
-        raise MinisdError(f"{component}: the weights do not fit SD v1's {component}: {'; '.join(problems)}")
+        raise MinisdError(f"{component}: the weights do not fit {model} {component}: {'; '.join(problems)}")
     # one step from the memory map to the target; .to() copies only when the dtype or device differs (None: keep)
     moved = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else None) for k, t in state_dict.items()}
     # NaN or ±inf weights make every picture garbage (an inf VAE bias: all white). A tensor's float32 sum is finite

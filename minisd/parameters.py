@@ -1,41 +1,51 @@
 """The record of one generated image: GenerationParameters, its text in A1111's "parameters" format, both ways, and
-the hashes that tie it to its weights and source images.
+what A1111's fields mean to minisd. The hashes that tie it to its weights and source images are minisd/hashes.py's.
 
 A1111's "parameters" text (its infotext, modules/processing.py `create_infotext`), three parts, one per line:
     a photo of a cat, (masterpiece:1.2)                       the prompt (may span several lines)
     Negative prompt: blurry, lowres                           only when there is one
-    Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 123, Size: 512x512, Model hash: 6ce0161689, Model: v1-5
+    Steps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 123, Size: 512x512, Model hash: ...
 The last line is "key: value" pairs; a value holding "," ":" or a newline is written as a JSON string ("...").
 A1111 reads it back with `parse_generation_parameters` (modules/infotext_utils.py); parse_parameters reads what it
 reads, and A1111 reads what format_parameters writes. images.save_png puts the text into a PNG.
 
-What a GenerationParameters records (and `minisd regenerate` reads back), beside A1111's prompt, negative prompt,
-Steps, Sampler, CFG scale, Seed, Size, Model and Model hash:
+What a GenerationParameters records (and `minisd regenerate` reads back), in A1111's keys where A1111 has one:
+    Steps, Sampler, CFG scale, Seed, Size, the prompt and negative prompt
+    Schedule type       the σ samplers' schedule (A1111 1.9+: Uniform, Karras, Exponential, SGM Uniform)
+    Model, Model hash   the weights' name (file stem, folder name or hub id) and a file's short hash: never a path
     Clip skip           A1111's numbering: minisd's clip_skip + 1 (written only when clip_skip is set)
-    Eta                 DDIM's η, when not 0
+    Eta DDIM, Eta       DDIM's η (when not 0), and the ancestral η of Euler a / DPM++ 2M SDE (when not 1), as A1111
     Denoising strength  img2img and inpaint
-    Init image / Mask image, and their hashes: the source files (absolute paths) when given as paths, and the first
-                        10 hex digits of the SHA-256 of their pixels (mode, size, bytes)
-    Weights             what from_pretrained was given: an absolute file or folder path, or the hub id
+    Init image hash, Mask image hash   the first 10 hex digits of the SHA-256 of the source images' pixels (mode,
+                        size, bytes): the images themselves are named again on regenerate (--image, --mask)
+minisd's own keys, for what A1111 lacks or does otherwise (A1111 shows them and ignores them):
+    Timestep spacing    diffusers' leading / linspace / trailing, when not the sampler's default
+    Guidance rescale, VAE tiling, Paste unmasked   when used
     Dtype, Device       the UNet's: other arithmetic gives other bytes
+    Threads             the CPU threads torch computed with: the CPU's float sums depend on how work is split
     Fast                minisd.fast applied: the same image up to float rounding, not to the byte
-Not recorded: the hub snapshot revision of a hub id (the cached `main` is used), library versions and GPU model.
-Same recorded parameters, same weights, same device kind and dtype, same torch version -> same bytes.
+No path of the maker's machine is written (minisd before this wrote "Weights", "Init image" and "Mask image" paths;
+they are read no more). Not recorded: library versions and the CPU or GPU model.
+Same recorded parameters, same weights, same torch version, device kind, dtype, CPU thread count and CPU or GPU
+model -> same bytes (see README "Same bytes").
+
+Texts from A1111 read into the same sampler and schedule ("DPM++ 2M Karras" of 1.5-era A1111 and "DPM++ 2M,
+Schedule type: Karras" of 1.9+ alike); A1111 fields that change the picture and that minisd cannot honour (hires
+fix, an A1111 sampler or schedule minisd lacks, ...) are refused in one line naming the field (read_a1111_fields).
 """
 
-import hashlib
 import json
 import math
 import os
 import re
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 
 from PIL import Image
 
+from minisd import samplers
 from minisd.errors import MinisdError
-from minisd.images import open_image
+from minisd.hashes import recorded_image
 
 MODES = ("txt2img", "img2img", "inpaint")
 DRAWN_SEEDS = 2**32  # a seed left to chance is drawn below 2**32, as A1111 draws it (any seed < 2**64 works)
@@ -44,59 +54,6 @@ DRAWN_SEEDS = 2**32  # a seed left to chance is drawn below 2**32, as A1111 draw
 def draw_seed() -> int:
     """A seed for a run that names none: uniform in [0, 2**32), from the operating system (not torch's generator)."""
     return secrets.randbelow(DRAWN_SEEDS)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Hashes
-
-
-def short_hash(data: bytes) -> str:
-    """The first 10 hex digits of SHA-256: A1111's short "Model hash" form.
-
-    >>> short_hash(b"")
-    'e3b0c44298'
-    """
-    return hashlib.sha256(data).hexdigest()[:10]
-
-
-def file_hash(path: str | os.PathLike) -> str:
-    """short_hash of a file's bytes, read in 16 MiB pieces (A1111's model hash of a single file)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while piece := f.read(16 << 20):
-            digest.update(piece)
-    return digest.hexdigest()[:10]
-
-
-def pixels_hash(pil: Image.Image) -> str:
-    """short_hash of an image's pixels: mode, size and bytes (the same picture in another file format hashes alike)."""
-    return short_hash(f"{pil.mode} {pil.width}x{pil.height}\n".encode() + pil.tobytes())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Source images: given as PIL images or paths, recorded by path and hash
-
-
-def source_image(name: str, image: Image.Image | str | os.PathLike) -> tuple[Image.Image, str | None, str]:
-    """image (PIL or a path) -> (the PIL image, its absolute path or None, its pixels hash)."""
-    if isinstance(image, Image.Image):
-        return image, None, pixels_hash(image)
-    if isinstance(image, str | os.PathLike):
-        pil = open_image(name, image)
-        return pil, str(Path(image).resolve()), pixels_hash(pil)
-    raise MinisdError(f"{name} must be a PIL image or an image file path, got {type(image).__name__}")
-
-
-def recorded_image(name: str, path: str | None, recorded_hash: str | None) -> Image.Image:
-    """A source image named in GenerationParameters, checked against its recorded pixels hash."""
-    if path is None:
-        raise MinisdError(f"the parameters name no {name} file (it was given as a PIL image): cannot make it again")
-    pil = open_image(name, path)
-    if recorded_hash is not None and pixels_hash(pil) != recorded_hash:
-        raise MinisdError(
-            f"{name} {path!r} has changed: its pixels hash is {pixels_hash(pil)}, recorded {recorded_hash}"
-        )
-    return pil
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -111,9 +68,13 @@ _SPACES = re.compile(r"\s*")
 _KEY_TAIL = re.compile(r"[\w \-/]*")
 _QUOTED = re.compile(r'"(?:\\.|[^\\"])+"')
 _UNQUOTED = re.compile(r"[^,]*")
+MAX_THREADS = 1024  # a PNG's Threads: torch starts that many CPU threads (0 is an error, 10**6 a blow-up)
 MAX_PARAMETERS = 256 << 10  # characters of a "parameters" text (a 10,000-word prompt is ~60 KB)
 NEGATIVE_PREFIX = "Negative prompt:"
-FIXED_KEYS = ("Prompt", "Negative prompt", "Steps", "Sampler", "CFG scale", "Seed", "Size", "Model hash", "Model")
+FIXED_KEYS = (
+    "Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash",
+    "Model",
+)  # fmt: skip
 
 
 def _format_value(name: str, value: str | int | float) -> str:
@@ -153,14 +114,17 @@ def format_parameters(
     model_name: str | None = None,
     model_hash: str | None = None,
     extra: dict[str, str | int | float | None] | None = None,
+    schedule_type: str | None = None,
 ) -> str:
-    """The A1111 "parameters" text for one image: prompt, "Negative prompt: ..." (if not empty), then
-    "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 123, Size: 512x512, Model hash: ..., Model: ...", then `extra`
-    in its order (e.g. {"Denoising strength": 0.75, "Clip skip": 2}; None values are left out, as A1111 does).
+    """The A1111 "parameters" text for one image: prompt, "Negative prompt: ..." (if not empty), then "Steps: 20,
+    Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 123, Size: 512x512, Model hash: ..., Model: ...",
+    then `extra` in its order (e.g. {"Denoising strength": 0.75, "Clip skip": 2}; None values are left out, as A1111
+    does); A1111 1.9+'s order.
 
-    sampler is A1111's name ("Euler a", "DPM++ 2M Karras"); model_hash its short hash (first 10 hex digits of the
-    file's SHA-256). Like A1111, the text is stripped at both ends and each prompt line is read back stripped; a
-    prompt line starting with "Negative prompt:" cannot be told apart from the negative prompt.
+    sampler is A1111's name ("Euler a", "DPM++ 2M"); schedule_type its "Schedule type" ("Karras"); model_hash its
+    short hash (first 10 hex digits of the file's SHA-256). Like A1111, the text is stripped at both ends and each
+    prompt line is read back stripped; a prompt line starting with "Negative prompt:" cannot be told apart from the
+    negative prompt.
 
     >>> format_parameters("a cat", "", 20, "Euler a", 7.0, 123, 512, 512)
     'a cat\\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 123, Size: 512x512'
@@ -178,6 +142,7 @@ def format_parameters(
     fields: dict[str, str | int | float | None] = {
         "Steps": steps,
         "Sampler": sampler,
+        "Schedule type": schedule_type,
         "CFG scale": cfg_scale,
         "Seed": seed,
         "Size": f"{width}x{height}",
@@ -270,6 +235,88 @@ def parse_parameters(text: str) -> dict[str, str]:
     return fields
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# A1111's fields, as minisd reads them
+
+# Fields A1111 writes that change its picture and that minisd cannot honour: refused, with what they are.
+REFUSED = {
+    "Hires": "hires fix (A1111's upscaled second pass)",  # every "Hires ..." key, and "First pass size"
+    "First pass size": "hires fix (A1111's upscaled second pass)",
+    "Face restoration": "face restoration (GFPGAN / CodeFormer)",
+    "Variation seed": "variation seeds",
+    "Variation seed strength": "variation seeds",
+    "Seed resize from": "variation seeds",
+    "Refiner": "a refiner checkpoint",
+    "Image CFG scale": "InstructPix2Pix's image guidance",
+    "Tiling": "seamless tiling",
+    "Schedule rho": "a schedule with another ρ",
+    "Schedule min sigma": "a schedule with another σ_min",
+    "Schedule max sigma": "a schedule with another σ_max",
+    "Discard penultimate sigma": "discarding the penultimate σ",
+    "Mask blur": "A1111's inpainting (mask blur, inpaint area, masked content)",
+    "Inpaint area": "A1111's inpainting (mask blur, inpaint area, masked content)",
+    "Masked content": "A1111's inpainting (mask blur, inpaint area, masked content)",
+    "Conditional mask weight": "A1111's conditional mask weight",
+    "Noise multiplier": "A1111's img2img noise multiplier",
+    "SGM noise multiplier": "SGM's noise multiplier",
+    "Token merging ratio": "token merging (ToMe)",
+    "NGMS": "skipping the negative prompt at small σ (NGMS)",
+    "Emphasis": "an emphasis mode other than A1111's Original",  # refused unless "Original"
+    "FP8 weight": "FP8 weights",
+    "VAE": "a separate VAE file",
+    "VAE hash": "a separate VAE file",
+    "VAE Decoder": "another VAE decoder (TAESD)",
+    "VAE Encoder": "another VAE encoder (TAESD)",
+    "Lora hashes": "LoRA networks",
+    "TI hashes": "textual inversion embeddings",
+    "Downcast alphas_cumprod": "a float16 ᾱ table",
+}
+# Fields that do not change the picture minisd makes: A1111's version and user, its hash list, its noise source
+# (A1111 draws its noise otherwise anyway: README "A1111 and minisd"), old minisd's paths.
+IGNORED = ("Version", "User", "Hashes", "RNG", "ENSD", "Pad conds", "Weights", "Init image", "Mask image")
+READ = (
+    *FIXED_KEYS, "Clip skip", "Eta", "Eta DDIM", "Denoising strength", "Init image hash", "Mask image hash",
+    "Timestep spacing", "Guidance rescale", "VAE tiling", "Paste unmasked", "Dtype", "Device", "Threads", "Fast",
+)  # fmt: skip
+
+
+def check_fields(fields: dict[str, str]) -> list[str]:
+    """Refuse (one line, naming the field) what minisd cannot honour; return the keys it neither reads nor knows
+    (an extension's, say), for the caller to mention."""
+    for key, value in fields.items():
+        what = REFUSED.get("Hires" if key.startswith("Hires ") else key)
+        if what is not None and not (key == "Emphasis" and value == "Original"):
+            raise MinisdError(f"{key}: {value[:60]!r} asks for {what}, which minisd does not have")
+    return [key for key in fields if key not in READ and key not in IGNORED and not key.endswith(("-1", "-2"))]
+
+
+def sampler_settings(fields: dict[str, str]) -> tuple[str, str, float | None]:
+    """(sampler, schedule type, η) from the Sampler, Schedule type, Eta and Eta DDIM fields, as A1111 reads them:
+    a schedule in the sampler's name ("DPM++ 2M Karras", before 1.9) wins; "Automatic" is A1111's default for the
+    sampler; no Schedule type at all (1.5-era A1111, and minisd before it wrote one) is that era's meaning, the
+    name's schedule or Uniform. DDPM, DDIM and PLMS take no schedule (A1111's DDIM and PLMS ignore the field).
+    Eta DDIM is DDIM's η, Eta the ancestral η (for DDIM too, as minisd wrote it before this)."""
+    try:
+        display, implied = samplers.resolve_name(fields["Sampler"])
+    except MinisdError as error:
+        raise MinisdError(f"Sampler: {error}") from None
+    label = fields.get("Schedule type")
+    schedule = implied or ("Uniform" if label in (None, "Automatic") else label)
+    if label == "Automatic" and implied is None:
+        schedule = samplers.A1111_AUTOMATIC.get(display, "Uniform")
+    if display not in samplers.SIGMA_SAMPLERS:
+        schedule = "Uniform"
+    elif schedule not in samplers.SCHEDULE_TYPES:
+        raise MinisdError(
+            f"Schedule type: {label!r} is an A1111 schedule minisd does not have; it has "
+            f"{', '.join(samplers.SCHEDULE_TYPES)}"
+        )
+    eta = fields.get("Eta DDIM", fields.get("Eta")) if display == "DDIM" else fields.get("Eta")
+    if eta is not None and display not in ("DDIM", *samplers.ANCESTRAL):
+        raise MinisdError(f"Eta: {eta!r} is an ancestral sampler's η; {display} takes none")
+    return display, schedule, None if eta is None else float(eta)
+
+
 @dataclass
 class GenerationParameters:
     """Everything needed to make one image again (see the module docstring for what is and is not recorded)."""
@@ -278,93 +325,113 @@ class GenerationParameters:
     prompt: str
     negative_prompt: str
     num_inference_steps: int
-    sampler: str  # A1111's display name, e.g. "Euler a"
+    sampler: str  # A1111's display name, e.g. "Euler a", "DPM++ 2M"
     guidance_scale: float
     seed: int
     width: int
     height: int
-    eta: float = 0.0
+    schedule_type: str = "Uniform"  # A1111's "Schedule type"; the σ samplers' (minisd.samplers.sigmas)
+    timestep_spacing: str | None = None  # diffusers' name; None: the sampler's default
+    eta: float | None = None  # None: the sampler's default (DDIM 0, Euler a and DPM++ 2M SDE 1)
     clip_skip: int | None = None  # minisd's / diffusers' numbering (A1111's "Clip skip" minus 1)
     strength: float | None = None
-    image: str | None = None  # absolute path of the source image, when it was given as a path
-    image_hash: str | None = None
-    mask_image: str | None = None
+    image_hash: str | None = None  # pixels_hash of the source image (img2img, inpaint)
     mask_hash: str | None = None
-    model_name: str | None = None
-    model_hash: str | None = None
-    weights: str | None = None  # what from_pretrained was given (absolute path or hub id)
+    model_name: str | None = None  # a file's stem, a folder's name or a hub id
+    model_hash: str | None = None  # a single file's short hash (A1111's "Model hash"); None for folders and hub ids
+    guidance_rescale: float = 0.0
+    vae_tiling: bool = False
+    paste_unmasked: bool = False  # inpaint: the image's own pixels pasted back outside the mask
     dtype: str | None = None
     device: str | None = None
+    threads: int | None = None  # torch.get_num_threads() of a CPU run
     fast: bool = False  # minisd.fast.make_fast applied: the same image up to float rounding, not to the byte
 
-    def source_images(self) -> list[Image.Image]:
-        """The source images its mode needs (none, the image, or the image and the mask), read again from their
-        recorded paths and checked against their recorded pixel hashes."""
+    def source_images(
+        self,
+        image: Image.Image | str | os.PathLike | None = None,
+        mask_image: Image.Image | str | os.PathLike | None = None,
+    ) -> list[Image.Image]:
+        """The source images its mode needs (none, the image, or the image and the mask), given again (PIL images
+        or paths) and checked against the recorded pixel hashes; one-line error for what is missing or changed."""
         if self.mode not in MODES:
             raise MinisdError(f"params.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         sources = []
         if self.mode in ("img2img", "inpaint"):
-            sources.append(recorded_image("image", self.image, self.image_hash))
+            sources.append(recorded_image("image", image, self.image_hash))
         if self.mode == "inpaint":
-            sources.append(recorded_image("mask_image", self.mask_image, self.mask_hash))
+            sources.append(recorded_image("mask_image", mask_image, self.mask_hash))
         return sources
 
     def text(self) -> str:
-        """A1111's "parameters" text (images.format_parameters) with minisd's extra keys."""
+        """A1111's "parameters" text (format_parameters) with minisd's extra keys."""
+        ancestral = self.sampler in samplers.ANCESTRAL
         extra = {
-            "Clip skip": None if self.clip_skip is None else self.clip_skip + 1,
-            "Eta": self.eta or None,
             "Denoising strength": self.strength,
-            "Init image": self.image,
+            "Clip skip": None if self.clip_skip is None else self.clip_skip + 1,
+            "Eta DDIM": self.eta if self.sampler == "DDIM" and self.eta not in (None, 0.0) else None,
+            "Eta": self.eta if ancestral and self.eta not in (None, 1.0) else None,
             "Init image hash": self.image_hash,
-            "Mask image": self.mask_image,
             "Mask image hash": self.mask_hash,
-            "Weights": self.weights,
+            "Timestep spacing": self.timestep_spacing,
+            "Guidance rescale": self.guidance_rescale or None,
+            "VAE tiling": "True" if self.vae_tiling else None,
+            "Paste unmasked": "True" if self.paste_unmasked else None,
             "Dtype": self.dtype,
             "Device": self.device,
+            "Threads": self.threads,
             "Fast": "True" if self.fast else None,
         }
+        schedule = self.schedule_type if self.sampler in samplers.SIGMA_SAMPLERS else None
         return format_parameters(
             self.prompt, self.negative_prompt, self.num_inference_steps, self.sampler, self.guidance_scale,
-            self.seed, self.width, self.height, self.model_name, self.model_hash, extra,
+            self.seed, self.width, self.height, self.model_name, self.model_hash, extra, schedule,
         )  # fmt: skip
 
     @classmethod
     def from_text(cls, text: str) -> "GenerationParameters":
-        """Read a "parameters" text that minisd wrote (A1111's own need at least Steps, Sampler, CFG scale, Seed and
-        Size). The mode is inpaint with a mask, img2img with a denoising strength, txt2img otherwise."""
+        """Read a "parameters" text that minisd or A1111 wrote (at least Steps, Sampler, CFG scale, Seed and Size).
+        The mode is inpaint with a mask hash, img2img with a denoising strength, txt2img otherwise. A1111 fields
+        minisd cannot honour are refused in one line (check_fields)."""
         fields = parse_parameters(text)
         missing = [key for key in ("Steps", "Sampler", "CFG scale", "Seed", "Size") if key not in fields]
         if missing:
             raise MinisdError(f"parameters lack {', '.join(missing)}: not written by minisd or A1111")
+        check_fields(fields)
+        sampler, schedule_type, eta = sampler_settings(fields)
         try:
             width, height = (int(v) for v in fields["Size"].split("x"))
-            clip_skip = fields.get("Clip skip")
-            strength = fields.get("Denoising strength")
-            mask = fields.get("Mask image hash")
-            return cls(
+            clip_skip, strength = fields.get("Clip skip"), fields.get("Denoising strength")
+            threads, mask = fields.get("Threads"), fields.get("Mask image hash")
+            params = cls(
                 mode="inpaint" if mask else "img2img" if strength else "txt2img",
                 prompt=fields["Prompt"],
                 negative_prompt=fields["Negative prompt"],
                 num_inference_steps=int(fields["Steps"]),
-                sampler=fields["Sampler"],
+                sampler=sampler,
                 guidance_scale=float(fields["CFG scale"]),
                 seed=int(fields["Seed"]),
                 width=width,
                 height=height,
-                eta=float(fields.get("Eta", 0.0)),
+                schedule_type=schedule_type,
+                timestep_spacing=fields.get("Timestep spacing"),
+                eta=eta,
                 clip_skip=None if clip_skip is None else int(clip_skip) - 1,
                 strength=None if strength is None else float(strength),
-                image=fields.get("Init image"),
                 image_hash=fields.get("Init image hash"),
-                mask_image=fields.get("Mask image"),
                 mask_hash=mask,
                 model_name=fields.get("Model"),
                 model_hash=fields.get("Model hash"),
-                weights=fields.get("Weights"),
+                guidance_rescale=float(fields.get("Guidance rescale", 0.0)),
+                vae_tiling=fields.get("VAE tiling") == "True",
+                paste_unmasked=fields.get("Paste unmasked") == "True",
                 dtype=fields.get("Dtype"),
                 device=fields.get("Device"),
+                threads=None if threads is None else int(threads),
                 fast=fields.get("Fast") == "True",
             )
         except ValueError as error:
             raise MinisdError(f"parameters hold a value that is not a number: {error}") from None
+        if params.threads is not None and not 1 <= params.threads <= MAX_THREADS:  # torch.set_num_threads(...)
+            raise MinisdError(f"parameters: Threads must be in [1, {MAX_THREADS}], got {params.threads}")
+        return params

@@ -98,24 +98,25 @@ class ResnetBlock(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head attention from tokens x to tokens `context` (to x itself when context is None).
 
-    x: (b, s, d); context: (b, s_kv, d_ctx) or None. Returns (b, s, d).
+    x: (b, s, d); context: (b, s_kv, d_ctx) or None; mask: None or bool (b, 1, s, s_kv), True = may attend.
+    Returns (b, s, d). bias: q, k, v projections with biases (Kandinsky's prior; SD v1 has none).
     """
 
-    def __init__(self, dim: int, heads: int, context_dim: int):
+    def __init__(self, dim: int, heads: int, context_dim: int, bias: bool = False):
         super().__init__()
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_k = nn.Linear(context_dim, dim, bias=bias)
+        self.to_v = nn.Linear(context_dim, dim, bias=bias)
         # Index 0: diffusers' to_out is [Linear, Dropout]; the Dropout (p=0) is left out, the index stays.
         self.to_out = nn.Sequential(nn.Linear(dim, dim))
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         context = x if context is None else context
         q = rearrange(self.to_q(x), "b s (nh hd) -> b nh s hd", nh=self.heads)
         k = rearrange(self.to_k(context), "b s (nh hd) -> b nh s hd", nh=self.heads)
         v = rearrange(self.to_v(context), "b s (nh hd) -> b nh s hd", nh=self.heads)
-        out = attention(q, k, v)
+        out = attention(q, k, v, mask=mask)
         return self.to_out(rearrange(out, "b nh s hd -> b s (nh hd)"))
 
 

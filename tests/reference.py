@@ -81,10 +81,12 @@ TWIN_CLASSES = {
 }
 
 
-def diffusers_twin(name: str):
-    """The diffusers scheduler twin of minisd's sampler `name` (every name of minisd.samplers.sampler_names()), built
-    from SD v1.5's config: "Karras" sets use_karras_sigmas, "SDE" algorithm_type "sde-dpmsolver++"."""
-    options = {"use_karras_sigmas": True} if name.endswith(" Karras") else {}
+def diffusers_twin(name: str, **options):
+    """The diffusers scheduler twin of minisd's sampler `name` (every name of minisd.samplers.sampler_names(), and
+    A1111's 1.5-era "... Karras" names), built from SD v1.5's config and `options` (timestep_spacing, ...):
+    "Karras" sets use_karras_sigmas, "SDE" algorithm_type "sde-dpmsolver++"."""
+    if name.endswith(" Karras"):
+        options["use_karras_sigmas"] = True
     if " SDE" in name:
         options["algorithm_type"] = "sde-dpmsolver++"
     return TWIN_CLASSES[name.removesuffix(" Karras").removesuffix(" SDE")].from_config(SD15_SCHEDULER_CONFIG, **options)

@@ -89,7 +89,7 @@ def test_generate_same_seed_same_bytes_and_regenerate(work):
         7,
     )
     assert (params.num_inference_steps, params.width, params.height, params.clip_skip) == (2, 64, 64, 1)
-    assert params.weights == str(work / "tiny.safetensors") and params.model_name == "tiny"
+    assert params.model_name == "tiny" and params.threads == 1 and str(work) not in read_png_parameters(work / "a.png")
     assert "Clip skip: 2" in read_png_parameters(work / "a.png")  # A1111's numbering in the file
 
     second = run_cli(work, *args)  # the same again: a fresh name, not an error, and the same bytes
@@ -98,16 +98,88 @@ def test_generate_same_seed_same_bytes_and_regenerate(work):
     assert "a.png exists, wrote a-1.png instead" in second.stderr
     assert (work / "a-1.png").read_bytes() == (work / "a.png").read_bytes()
 
-    again = run_cli(work, "regenerate", "a.png", "-o", "r.png")
+    nowhere = run_cli(work, "regenerate", "a.png", "-o", "r.png")  # no path recorded: say where to look
+    assert nowhere.returncode == 2 and "--models-dir" in nowhere.stderr and nowhere.stderr.count("\n") == 1
+    again = run_cli(work, "regenerate", "a.png", "--models-dir", ".", "-o", "r.png")  # found by its hash
     assert_ok(again)
     assert (work / "r.png").read_bytes() == (work / "a.png").read_bytes()
+    given = run_cli(work, "regenerate", "a.png", "--checkpoint", "tiny.safetensors", "-o", "r2.png")
+    assert_ok(given)
+    assert (work / "r2.png").read_bytes() == (work / "a.png").read_bytes()
+    other = run_cli(work, "regenerate", "a.png", "--checkpoint", "inpainting.safetensors", "-o", "r3.png")
+    assert other.returncode == 2 and "model hash" in other.stderr
+
+
+def test_regenerate_under_another_thread_count(work, tmp_path):
+    """The CPU's float sums depend on how torch splits the work between threads: the PNG records the thread count
+    and regenerate computes with it, whatever the machine's default (here OMP_NUM_THREADS=2 against a 1-thread
+    original: different bytes without the recorded count)."""
+    args = ["generate", "a red cube", "--checkpoint", "tiny.safetensors", *SMALL, "--seed", "3", "-o", "t1.png"]
+    assert_ok(run_cli(work, *args))
+    assert "Threads: 1" in read_png_parameters(work / "t1.png")
+    two = {**ENV, "OMP_NUM_THREADS": "2"}
+    run = subprocess.run(
+        [sys.executable, "-m", "minisd", "regenerate", "t1.png", "--models-dir", ".", "-o", "t2.png"],
+        cwd=work, env=two, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert_ok(run)
+    assert (work / "t2.png").read_bytes() == (work / "t1.png").read_bytes()
+
+
+def test_regenerate_a1111_texts(work, tmp_path):
+    """A PNG A1111 wrote (its parameters text, found by the model's hash in --models-dir) runs with the sampler and
+    schedule it names; what minisd cannot honour is refused in one line naming the field."""
+    from minisd.hashes import file_hash
+    from minisd.images import save_png
+
+    model_hash = file_hash(work / "tiny.safetensors")
+    base = "a cat\nNegative prompt: dog\nSteps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 9, "
+    base += f"Size: 64x64, Model hash: {model_hash}, Model: sd15, Version: v1.10.1"
+    pixels = Image.new("RGB", (64, 64))
+    for name, text in (
+        ("ok", base),
+        ("hires", base + ", Denoising strength: 0.7, Hires upscale: 2"),
+        ("unipc", base.replace("DPM++ 2M", "UniPC")),
+        ("ays", base.replace("Karras", "Align Your Steps")),
+    ):
+        save_png(pixels, tmp_path / f"{name}.png", text)
+    ok = run_cli(work, "regenerate", tmp_path / "ok.png", "--models-dir", work, "-o", tmp_path / "out.png")
+    assert_ok(ok)
+    params = GenerationParameters.from_text(read_png_parameters(tmp_path / "out.png"))
+    assert (params.sampler, params.schedule_type, params.seed, params.model_name) == ("DPM++ 2M", "Karras", 9, "tiny")
+    for name, fragment in (
+        ("hires", "hires fix"),
+        ("unipc", "Sampler: 'UniPC' is an A1111 sampler"),
+        ("ays", "Schedule type: 'Align Your Steps'"),
+    ):
+        result = run_cli(work, "regenerate", tmp_path / f"{name}.png", "--models-dir", work)
+        assert result.returncode == 2 and fragment in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_grid_and_more_options(work):
+    """--grid, --schedule-type, --timestep-spacing, --guidance-rescale, --vae-tiling: on the command line too."""
+    result = run_cli(
+        work, "generate", "a cat", "--checkpoint", "tiny.safetensors", *SMALL, "--seed", "2", "--num-images", "2",
+        "--grid", "--sampler", "Euler", "--schedule-type", "SGM Uniform", "--guidance-rescale", "0.5",
+        "--vae-tiling", "-o", "g.png",
+    )  # fmt: skip
+    assert_ok(result)
+    assert "g-1-grid.png  grid of 2 images" in result.stdout
+    with Image.open(work / "g-1-grid.png") as grid:
+        assert grid.size == (128, 64) and "parameters" not in grid.text
+    text = read_png_parameters(work / "g-2.png")
+    assert "Schedule type: SGM Uniform" in text and "Guidance rescale: 0.5" in text and "VAE tiling: True" in text
+    spaced = run_cli(work, "generate", "a cat", "--checkpoint", "tiny.safetensors", *SMALL, "--sampler", "Euler a",
+                     "--timestep-spacing", "trailing", "--eta", "0.5", "-o", "s.png")  # fmt: skip
+    assert_ok(spaced)
+    assert "Timestep spacing: trailing" in read_png_parameters(work / "s.png")
 
 
 def test_fast_is_recorded_and_regenerated_fast(work):
     args = ["generate", "a cat", "--checkpoint", "tiny.safetensors", *SMALL, "--seed", "3", "--fast", "-o", "f.png"]
     assert_ok(run_cli(work, *args))
     assert GenerationParameters.from_text(read_png_parameters(work / "f.png")).fast
-    assert_ok(run_cli(work, "regenerate", "f.png", "-o", "f2.png"))  # runs fast again: the same bytes
+    assert_ok(run_cli(work, "regenerate", "f.png", "--models-dir", ".", "-o", "f2.png"))  # fast again: same bytes
     assert (work / "f2.png").read_bytes() == (work / "f.png").read_bytes()
 
 
@@ -121,7 +193,8 @@ def test_num_images_numbered_files_drawn_seed(work):
     assert f"seed {seed} was drawn" in result.stderr
     assert (work / "outputs" / "00001.png").read_bytes() != (work / "outputs" / "00002.png").read_bytes()
 
-    again = run_cli(work, "regenerate", Path("outputs") / "00002.png")  # the second image alone, from its seed
+    # the second image alone, from its seed (a folder is found by its name in --models-dir)
+    again = run_cli(work, "regenerate", Path("outputs") / "00002.png", "--models-dir", ".")
     assert_ok(again)
     assert again.stdout.split()[0] == str(Path("outputs") / "00003.png")
     assert (work / "outputs" / "00003.png").read_bytes() == (work / "outputs" / "00002.png").read_bytes()
@@ -134,10 +207,13 @@ def test_img2img_and_regenerate(work):
     )  # fmt: skip
     assert_ok(result)
     params = GenerationParameters.from_text(read_png_parameters(work / "i.png"))
-    assert (params.mode, params.strength, params.eta, params.image) == ("img2img", 0.5, 0.5, str(work / "in.png"))
+    assert (params.mode, params.strength, params.eta) == ("img2img", 0.5, 0.5)
+    assert "Eta DDIM: 0.5" in read_png_parameters(work / "i.png")
     with Image.open(work / "i.png") as pil:
         assert pil.size == (64, 64)
-    again = run_cli(work, "regenerate", "i.png", "-o", "i2.png")
+    no_image = run_cli(work, "regenerate", "i.png", "--models-dir", ".", "-o", "i2.png")
+    assert no_image.returncode == 2 and "give it again" in no_image.stderr
+    again = run_cli(work, "regenerate", "i.png", "--models-dir", ".", "--image", "in.png", "-o", "i2.png")
     assert_ok(again)
     assert (work / "i2.png").read_bytes() == (work / "i.png").read_bytes()
 
@@ -149,7 +225,9 @@ def test_inpaint(work):
     )  # fmt: skip
     assert_ok(result)
     params = GenerationParameters.from_text(read_png_parameters(work / "p.png"))
-    assert params.mode == "inpaint" and params.mask_image == str(work / "mask.png") and params.strength == 1.0
+    assert params.mode == "inpaint" and params.mask_hash is not None and params.strength == 1.0
+    used_generate = run_cli(work, "generate", "a hat", "--checkpoint", "inpainting.safetensors", *SMALL)
+    assert used_generate.returncode == 2 and "`minisd inpaint`" in used_generate.stderr
 
 
 def test_no_weights_named_uses_the_nano_model(work, capsys, monkeypatch):
@@ -157,7 +235,7 @@ def test_no_weights_named_uses_the_nano_model(work, capsys, monkeypatch):
     bare = run_cli(work, "generate", "a red circle above a blue square", "--steps", "5", "--seed", "1", "-o", "n.png")
     assert_ok(bare)
     params = GenerationParameters.from_text(read_png_parameters(work / "n.png"))
-    assert params.weights == str(default_model().resolve()) and (params.width, params.height) == (64, 64)
+    assert params.model_name == "nano" and (params.width, params.height) == (64, 64)
     assert params.guidance_scale == load_components(default_model()).guidance_scale  # the model's own default
     monkeypatch.setattr(cli, "default_model", lambda: None)  # as if minisd/data/nano.safetensors were removed
     assert cli.main(["generate", "a cat", "-o", str(work / "none.png")]) == 2
@@ -172,11 +250,18 @@ def test_nano_model_notes_a_prompt_outside_its_captions(work, capsys):
     assert "note:" not in capsys.readouterr().err
     assert cli.main(["generate", "a cat", "--steps", "2", "--seed", "1", "-o", str(work / "cat.png")]) == 0
     err = capsys.readouterr().err
-    assert "nano.safetensors knows only its training captions" in err and "'a cat'" in err
+    assert err.count("\n") == 1 and "nano.safetensors does not know 'cat'; it draws only captions '<a|the>" in err
     assert (work / "cat.png").is_file()
     assert cli.main(["generate", "a cat", *tiny, "--seed", "1", "-o", str(work / "cat-tiny.png")]) == 0
-    assert "knows only" not in capsys.readouterr().err  # weights not made by minisd.train: no grammar to hold to
-    assert prompt_note(str(default_model()), "(a red circle:1.2) above a [blue] square") is None
+    assert "note:" not in capsys.readouterr().err  # weights not made by minisd.train: no grammar to hold to
+    nano = str(default_model())
+    for paraphrase in ["(a red circle:1.2) above a [blue] square", "The red circle left of the blue square."]:
+        assert prompt_note(nano, paraphrase) is None
+    note = prompt_note(nano, "a big red circle next to a blue square")
+    assert "does not know 'big', 'next';" in note  # "to" is known: "to the left of"
+    assert "knows every word of 'red circle above blue square', but" in prompt_note(
+        nano, "red circle above blue square"
+    )
 
 
 def test_overwrite_replaces_and_unrecordable_prompt_is_noted(work, capsys):
@@ -201,6 +286,10 @@ def bad_cases(work: Path) -> dict[str, list[str]]:
         "height 65": ["generate", "x", *tiny, "--height", "65"],
         "unknown sampler": ["generate", "x", *tiny, "--sampler", "Euler b"],
         "eta without DDIM": ["generate", "x", *tiny, "--eta", "0.5", "--sampler", "Euler"],
+        "unknown schedule type": ["generate", "x", *tiny, "--sampler", "Euler", "--schedule-type", "Beta"],
+        "schedule type for DDIM": ["generate", "x", *tiny, "--sampler", "DDIM", "--schedule-type", "Karras"],
+        "spacing with Karras": ["generate", "x", *tiny, "--sampler", "Euler Karras", "--timestep-spacing", "leading"],
+        "regenerate: no such models dir": ["regenerate", str(work / "a.png"), "--models-dir", str(work / "nowhere")],
         "negative guidance": ["generate", "x", *tiny, "--guidance", "-1"],
         "negative seed": ["generate", "x", *tiny, "--seed", "-1"],
         "bad dtype": ["generate", "x", *tiny, "--dtype", "float8"],
@@ -294,3 +383,45 @@ def test_output_paths(tmp_path, monkeypatch):
     assert list(cli.output_paths(None, 1)) == [Path("outputs/00042.png")]
     assert list(cli.output_paths("cat.png", 2)) == [Path("cat-1.png"), Path("cat-2.png")]
     assert list(cli.output_paths(str(tmp_path), 1)) == [tmp_path / "00001.png"]
+
+
+def test_help_version_and_info_texts(work, capsys):
+    """Every option says what it does; --version; `minisd info` and `export --help` promise only what works."""
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # argparse keeps its subcommands there
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, f"minisd {name} {action.option_strings or action.dest}: no help text"
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.startswith("minisd 0.")
+    assert "float32 on the CPU" in " ".join(commands["generate"].format_help().split())
+    from weights_convert.__main__ import build_parser as weights_parser
+
+    export = weights_parser()._subparsers._group_actions[0].choices["export"].format_help()
+    assert "new .safetensors path" in export and "folder or" not in export.split("OUT")[-1]
+    pruned = work / "pruned.safetensors"
+    save_file(tiny_official_state_dict("pruned"), pruned, metadata={"format": "pt"})
+    assert cli.main(["info", str(pruned)]) == 0
+    out = capsys.readouterr().out
+    assert "use_ema=False" in out and "python -m weights_convert convert --raw-unet" in out
+
+
+def test_regenerate_finds_a_hub_model_in_the_cache(work, tmp_path, monkeypatch, capsys):
+    """A PNG made from a hub id names it (Model: org/name, no hash, no path); regenerate reads it from the Hugging
+    Face cache, offline, and makes the same bytes."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--CompVis--stable-diffusion-v1-4"
+    shutil.copytree(work / "folder", repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    first, again = tmp_path / "hub.png", tmp_path / "hub-again.png"
+    argv = ["generate", "a cat", "--model", "CompVis/stable-diffusion-v1-4", *SMALL, "--seed", "4", "-o", str(first)]
+    assert cli.main(argv) == 0
+    text = read_png_parameters(first)
+    assert "Model: CompVis/stable-diffusion-v1-4" in text and "Model hash" not in text and str(tmp_path) not in text
+    assert cli.main(["regenerate", str(first), "-o", str(again)]) == 0
+    assert again.read_bytes() == first.read_bytes()
+    capsys.readouterr()

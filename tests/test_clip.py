@@ -39,7 +39,7 @@ def reference_model(config: TextEncoderConfig, seed: int) -> CLIPTextModel:
     """transformers' model at `config`, with every weight random: transformers' init leaves LayerNorms at (1, 0)
     and linear biases at 0, so those are redrawn too, and a wrong bias or norm path cannot hide."""
     torch.manual_seed(seed)  # transformers' own init draws from the global generator
-    ref = CLIPTextModel(CLIPTextConfig(**asdict(config), hidden_act="quick_gelu")).eval()
+    ref = CLIPTextModel(CLIPTextConfig(**asdict(config))).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in ref.named_parameters():

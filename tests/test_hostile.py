@@ -620,9 +620,10 @@ def test_devices_that_hold_no_numbers(commands, tmp_path):
     for device in ("meta", "xla", "cuda:99", "banana", "cpu:0:1"):
         argv = ("generate", "a red circle", "--steps", "1", "--device", device)
         assert_refused(commands, "minisd", *argv, cwd=tmp_path, says=("--device",))
-    text = f"a red circle\nSteps: 1, Sampler: Euler, CFG scale: 3, Seed: 1, Size: 64x64, Weights: {NANO}, Device: meta"
+    text = "a red circle\nSteps: 1, Sampler: Euler, CFG scale: 3, Seed: 1, Size: 64x64, Model: nano, Device: meta"
     save_png(Image.new("RGB", (64, 64)), tmp_path / "meta.png", text)
-    assert_refused(commands, "minisd", "regenerate", "meta.png", cwd=tmp_path, says=("meta",))
+    argv = ("regenerate", "meta.png", "--checkpoint", NANO)
+    assert_refused(commands, "minisd", *argv, cwd=tmp_path, says=("meta", "Device"))
 
 
 def test_hub_ids_offline_by_default(commands, tmp_path):
@@ -658,7 +659,7 @@ def test_hub_ids_offline_by_default(commands, tmp_path):
             assert time.perf_counter() - before < 10, "the hub client retried"
         reply = commands.run("minisd", "info", "org/tiny", cwd=tmp_path, env=hanging)
         assert reply["rc"] == 0 and reply["seconds"] < 10, reply
-        text = "a fox\nSteps: 1, Sampler: Euler, CFG scale: 3, Seed: 1, Size: 64x64, Weights: org/absent"
+        text = "a fox\nSteps: 1, Sampler: Euler, CFG scale: 3, Seed: 1, Size: 64x64, Model: org/absent"
         save_png(Image.new("RGB", (64, 64)), tmp_path / "tampered.png", text)
         assert_refused(
             commands, "minisd", "regenerate", "tampered.png", cwd=tmp_path, env=hanging, says=("org/absent",)
@@ -744,23 +745,22 @@ def test_unbounded_sizes(commands, tmp_path):
 
 def test_blocking_files(commands, tmp_path):
     """A FIFO as --image, or as "Init image:" in a PNG, blocked forever; --image was opened twice. Images are
-    opened once, and only regular files."""
+    opened once, and only regular files (PNGs no longer name source images: regenerate takes them as --image)."""
     from PIL import Image
 
     from minisd.images import save_png
 
     Image.new("RGB", (64, 64)).save(tmp_path / "small.png")
     os.mkfifo(tmp_path / "fifo.png")
-    fifo = tmp_path / "fifo.png"
     text = (
-        f"a red circle\nSteps: 2, Sampler: Euler, CFG scale: 3, Seed: 1, Size: 64x64, Denoising strength: 0.5, "
-        f"Init image: {fifo}, Init image hash: 0123456789, Weights: {NANO}"
+        "a red circle\nSteps: 2, Sampler: Euler, CFG scale: 3, Seed: 1, Size: 64x64, Denoising strength: 0.5, "
+        "Init image hash: 0123456789, Model: nano"
     )
-    save_png(Image.new("RGB", (64, 64)), tmp_path / "init-fifo.png", text)
+    save_png(Image.new("RGB", (64, 64)), tmp_path / "init.png", text)
     for argv in (
         ("img2img", "a red circle", "--image", "fifo.png", "--steps", "1"),
         ("inpaint", "a red circle", "--image", "small.png", "--mask", "fifo.png", "--steps", "1"),
-        ("regenerate", "init-fifo.png"),
+        ("regenerate", "init.png", "--checkpoint", NANO, "--image", "fifo.png"),
         ("regenerate", "fifo.png"),
         ("generate", "a red circle", "--steps", "1", "-o", "fifo.png", "--overwrite"),
     ):

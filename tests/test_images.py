@@ -199,7 +199,9 @@ def test_png_bad_paths(tmp_path):
     pil = Image.new("RGB", (4, 4))
     assert_one_line_error(lambda: save_png(pil, tmp_path / "missing" / "x.png", "p"), "existing folder")
     assert_one_line_error(lambda: save_png(pil, tmp_path, "p"), "folder")
-    assert_one_line_error(lambda: save_png(pil, tmp_path / "x.png", None), "parameters must be a str")
+    assert_one_line_error(lambda: save_png(pil, tmp_path / "x.png", 3), "parameters must be a str or None")
+    save_png(pil, tmp_path / "grid.png", None)  # a picture with no parameters text (a grid)
+    assert read_png_parameters(tmp_path / "grid.png") is None
     assert_one_line_error(lambda: save_png(Image.new("CMYK", (4, 4)), tmp_path / "x.png", "p"), "mode")
     assert_one_line_error(lambda: save_png("pil", tmp_path / "x.png", "p"), "pil must be")
     assert_one_line_error(lambda: read_png_parameters(tmp_path / "nope.png"), "no such file")

@@ -71,7 +71,7 @@ def diffusers_models(components) -> dict[str, torch.nn.Module]:
     vae = AutoencoderKL(
         **asdict(TINY_VAE), down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(**asdict(TINY_TEXT_ENCODER), hidden_act="quick_gelu"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**asdict(TINY_TEXT_ENCODER)))
     models = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
     for component, model in models.items():
         model.load_state_dict(components[component], strict=True)  # minisd names = in-memory names
@@ -404,7 +404,7 @@ def test_full_size_file_matches_diffusers_single_file_conversion(full_size_file)
     del ref_vae
 
     # built on CPU, not meta: transformers computes its non-persistent position_ids buffer in __init__
-    ref_clip = CLIPTextModel(CLIPTextConfig(**asdict(TextEncoderConfig()), hidden_act="quick_gelu"))
+    ref_clip = CLIPTextModel(CLIPTextConfig(**asdict(TextEncoderConfig())))
     # transformers >= 5.6 has no `text_model.` level in memory and position_ids is no longer stored (as in
     # diffusers' create_diffusers_clip_model_from_ldm)
     clip = {k.removeprefix("text_model."): t for k, t in convert_ldm_clip_checkpoint(checkpoint).items()}

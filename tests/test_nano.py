@@ -13,6 +13,7 @@ import safetensors
 import torch
 
 from minisd.api import NANO_MODEL, StableDiffusion, default_model
+from minisd.hashes import file_hash
 from minisd.loading import load_components
 from minisd.train import evaluate, shapes
 
@@ -42,7 +43,7 @@ def test_no_weights_named_means_the_nano_model(nano):
     pipe = StableDiffusion.from_pretrained(default_model())
     out = pipe("a red circle above a blue square", num_inference_steps=10, seed=0)
     assert out.images[0].size == (shapes.SIZE, shapes.SIZE) and pipe.dtype == torch.float32
-    assert out.parameters[0].weights == str(NANO_MODEL.resolve())
+    assert out.parameters[0].model_name == "nano" and out.parameters[0].model_hash == file_hash(NANO_MODEL)
 
 
 def test_held_out_captions_are_drawn(nano):
@@ -52,6 +53,22 @@ def test_held_out_captions_are_drawn(nano):
     result = evaluate.adherence(nano, shapes.heldout_captions(), seeds=2, guidance_scale=nano.guidance_scale)
     assert result.rate >= 0.9, result
     assert result.failures.get("relation", 0) <= 0.05 * result.total, result
+
+
+def test_held_out_scenes_in_every_phrasing(nano):
+    """The held-out scenes said every other way the grammar allows (evaluate.phrasing_families: "the … the", a full
+    stop, "over", "beneath", "left of", "on the right of", ...), 1 seed a caption: over all of them the issue's bar
+    for each family, 90%, and no family under 80% (with ~30–60 pictures a family, 1 seed is noisy; README's table
+    has each family with 4 seeds)."""
+    families = evaluate.phrasing_families()
+    del families["documented"]  # test_held_out_captions_are_drawn
+    results = {
+        family: evaluate.adherence(nano, captions, seeds=1, guidance_scale=nano.guidance_scale)
+        for family, captions in families.items()
+    }
+    accepted, total = sum(r.accepted for r in results.values()), sum(r.total for r in results.values())
+    assert accepted >= 0.9 * total, results
+    assert all(r.rate >= 0.8 for r in results.values()), results
 
 
 def test_vae_reconstructs_held_out_pictures(nano):

@@ -135,7 +135,7 @@ def twins(tmp_path_factory):
         up_block_types=("UpDecoderBlock2D",) * n,
         **{k: v for k, v in asdict(TINY_VAE).items()},
     )
-    ref_text_encoder = CLIPTextModel(CLIPTextConfig(**asdict(TINY_TEXT), hidden_act="quick_gelu"))
+    ref_text_encoder = CLIPTextModel(CLIPTextConfig(**asdict(TINY_TEXT)))
     unet = twin(UNet(TINY_UNET), ref_unet, seed=1)
     unet9 = twin(UNet(UNetConfig(**{**asdict(TINY_UNET), "in_channels": 9})), ref_unet9, seed=2)
     vae = twin(VAE(TINY_VAE), ref_vae, seed=3)
@@ -256,7 +256,7 @@ def test_txt2img_matches_diffusers(twins, sampler, case):
 def test_txt2img_options_match_diffusers(twins, case):
     case = dict(case)
     sampler, seed_only = case.pop("sampler"), case.pop("seed_only", False)
-    eta = case.pop("eta", 0.0)
+    eta = case.pop("eta", None)  # None: the sampler's own (Euler a: η = 1, diffusers' only one)
     kwargs = dict(
         prompt=["a cat", "a dog"], negative_prompt=["ugly", "dull"], guidance_scale=5.0, height=SIZE, width=SIZE
     )
@@ -266,7 +266,7 @@ def test_txt2img_options_match_diffusers(twins, case):
     latents = None if seed_only else start_latents(2, seed=11)
     ours = txt2img(twins.ours, **kwargs, latents=latents, seed=3, sampler=sampler, eta=eta)
     pipe = reference_pipeline(StableDiffusionPipeline, twins.ref, sampler)
-    want = pipe(**kwargs, latents=latents, eta=eta, generator=torch.Generator().manual_seed(3)).images
+    want = pipe(**kwargs, latents=latents, eta=eta or 0.0, generator=torch.Generator().manual_seed(3)).images
     check_pixels("test_txt2img_options", f"txt2img {sampler} {case or 'generator noise'}", ours, want)
 
 
@@ -438,7 +438,8 @@ BAD_INPUTS = [  # (pipeline, changed arguments, text the message must hold)
     ("txt2img", dict(prompt=None), "prompt"),
     ("txt2img", dict(prompt=["a", "b"], negative_prompt=["x"]), "negative_prompt"),
     ("txt2img", dict(sampler="Euler b"), "sampler"),
-    ("txt2img", dict(sampler="Euler a", eta=0.5), "eta"),
+    ("txt2img", dict(sampler="Euler", eta=0.5), "eta"),
+    ("txt2img", dict(sampler="Euler a", eta=1.5), "eta"),
     ("txt2img", dict(num_images_per_prompt=0), "num_images_per_prompt"),
     ("txt2img", dict(output_type="jpg"), "output_type"),
     ("txt2img", dict(clip_skip=3), "clip_skip"),
@@ -530,7 +531,7 @@ def test_full_size_sd_v1_txt2img_matches_diffusers(twins):
         unet, vae, text_encoder = UNet(UNetConfig()), VAE(VAEConfig()), TextEncoder(TextEncoderConfig())
     # Not on meta: CLIPTextModel computes its position_ids buffer in __init__ (not in the state dict, so it would stay
     # on meta and the forward would read garbage).
-    ref_text_encoder = CLIPTextModel(CLIPTextConfig(**asdict(TextEncoderConfig()), hidden_act="quick_gelu"))
+    ref_text_encoder = CLIPTextModel(CLIPTextConfig(**asdict(TextEncoderConfig())))
     for ref_module, module in ((ref_unet, unet), (ref_vae, vae), (ref_text_encoder, text_encoder)):
         ref_module.load_state_dict(random_full_size(ref_module, pool, generator), strict=True, assign=True)
         module.load_state_dict(ref_module.state_dict(), strict=True, assign=True)

@@ -38,16 +38,51 @@ def test_spellings(name, cls):
     assert isinstance(get_sampler(name), cls)
 
 
-def test_karras_variant_uses_karras_sigmas():
-    assert get_sampler("DPM++ 2M Karras").use_karras_sigmas
-    assert not get_sampler("DPM++ 2M").use_karras_sigmas
+def test_a1111_15_names_are_sampler_and_schedule():
+    """A1111 before 1.9 wrote the schedule into the sampler's name ("DPM++ 2M Karras"); 1.9+ writes the sampler and a
+    separate "Schedule type". Both spellings give the same sampler and schedule, as A1111's own reader splits them."""
+    for name, display, schedule in [
+        ("DPM++ 2M Karras", "DPM++ 2M", "Karras"),
+        ("DPM++ 2M SDE Karras", "DPM++ 2M SDE", "Karras"),
+        ("dpmpp_2m_sde_karras", "DPM++ 2M SDE", "Karras"),
+        ("LMS Karras", "LMS", "Karras"),
+        ("Euler SGM Uniform", "Euler", "SGM Uniform"),
+        ("DPM++ 2M", "DPM++ 2M", "Uniform"),
+    ]:
+        sampler = get_sampler(name)
+        assert (sampler.name, sampler.schedule_type) == (display, schedule), name
+        assert get_sampler(name, schedule_type="Automatic").schedule_type == (
+            schedule if name != "DPM++ 2M" else "Karras"
+        )
+    with pytest.raises(MinisdError, match="names the Karras schedule"):
+        get_sampler("DPM++ 2M Karras", schedule_type="Exponential")
+
+
+def test_schedule_types_and_automatic():
+    """Every σ sampler takes every schedule type; Automatic is A1111's choice per sampler; the ᾱ samplers refuse."""
+    for name in ("LMS", "Euler", "Euler a", "Heun", "DPM++ 2M", "DPM++ 2M SDE"):
+        for schedule in ("Uniform", "Karras", "Exponential", "SGM Uniform"):
+            assert get_sampler(name, schedule_type=schedule).schedule_type == schedule
+    automatic = {n: get_sampler(n, schedule_type="Automatic").schedule_type for n in sampler_names()}
+    assert automatic == {
+        **dict.fromkeys(sampler_names(), "Uniform"),
+        "DPM++ 2M": "Karras",
+        "DPM++ 2M SDE": "Exponential",
+    }
+    for name in ("DDPM", "DDIM", "PLMS"):
+        with pytest.raises(MinisdError, match="integer timesteps"):
+            get_sampler(name, schedule_type="Karras")
+    with pytest.raises(MinisdError, match="applies to the Uniform schedule only"):
+        get_sampler("Euler", schedule_type="Karras", timestep_spacing="leading")
+    with pytest.raises(MinisdError, match="schedule_type must be one of"):
+        get_sampler("Euler", schedule_type="Polyexponential")
 
 
 def test_sde_variants():
     for name in ("DPM++ 2M SDE", "DPM++ 2M SDE Karras", "dpmpp_2m_sde_karras"):
         sampler = get_sampler(name)
-        assert sampler.sde and sampler.use_karras_sigmas == name.lower().endswith("karras")
-        assert sampler.name == get_sampler(sampler.name).name  # the name written into PNGs reads back
+        assert sampler.sde and (sampler.schedule_type == "Karras") == name.lower().endswith("karras")
+        assert sampler.name == get_sampler(sampler.name).name == "DPM++ 2M SDE"  # the name written into PNGs
     assert not get_sampler("DPM++ 2M Karras").sde
 
 
@@ -63,17 +98,29 @@ def test_each_call_returns_a_fresh_sampler():
     assert get_sampler("LMS") is not get_sampler("LMS")
 
 
-def test_ddim_eta():
-    assert get_sampler("DDIM", eta=0.5).eta == 0.5
-    with pytest.raises(MinisdError, match="eta applies to the DDIM sampler only"):
-        get_sampler("Euler a", eta=0.3)
+def test_eta_ddim_and_ancestral():
+    """DDIM's η (A1111's "Eta DDIM", default 0) and the ancestral η of Euler a and DPM++ 2M SDE (A1111's "Eta",
+    default 1); the other samplers take none (0, what they do anyway, is accepted)."""
+    assert get_sampler("DDIM", eta=0.5).eta == 0.5 and get_sampler("DDIM").eta == 0.0
+    assert get_sampler("Euler a", eta=0.3).eta == 0.3 and get_sampler("Euler a").eta == 1.0
+    assert get_sampler("DPM++ 2M SDE", eta=0.0).eta == 0.0 and get_sampler("DPM++ 2M SDE Karras").eta == 1.0
+    get_sampler("Euler", eta=0.0)
+    for name in ("Euler", "DPM++ 2M", "PLMS", "LMS"):
+        with pytest.raises(MinisdError, match="eta applies to DDIM"):
+            get_sampler(name, eta=0.3)
+    for bad in (1.5, -0.1, float("nan"), True):
+        with pytest.raises(MinisdError, match="eta must be in"):
+            get_sampler("Euler a", eta=bad)
 
 
-@pytest.mark.parametrize("bad", ["Euler b", "", "k_dpm_fast", None, 3])
+@pytest.mark.parametrize("bad", ["Euler b", "", "k_dpm_fast", None, 3, "UniPC", "DPM++ SDE Karras", "Restart"])
 def test_unknown_name_is_one_line_listing_the_known(bad):
     with pytest.raises(MinisdError) as info:
         get_sampler(bad)
     message = str(info.value)
     assert "\n" not in message
-    for name in SAMPLERS:
-        assert name in message
+    if bad in ("UniPC", "DPM++ SDE Karras", "Restart"):  # A1111's: said so, not "unknown"
+        assert "is an A1111 sampler minisd does not have" in message
+    if isinstance(bad, str):
+        for name in SAMPLERS:
+            assert name in message

@@ -41,7 +41,7 @@ PAIRS = {  # name: (minisd sampler, diffusers scheduler)
     "heun": (HeunSampler, lambda: HeunDiscreteScheduler.from_config(SD15_SCHEDULER_CONFIG)),
     "dpmpp_2m": (DPMSolverPP2MSampler, lambda: DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER_CONFIG)),
     "dpmpp_2m_karras": (
-        lambda: DPMSolverPP2MSampler(use_karras_sigmas=True),
+        lambda: DPMSolverPP2MSampler(schedule_type="Karras"),
         lambda: DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER_CONFIG, use_karras_sigmas=True),
     ),
     "dpmpp_2m_sde": (
@@ -49,7 +49,7 @@ PAIRS = {  # name: (minisd sampler, diffusers scheduler)
         lambda: DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER_CONFIG, algorithm_type="sde-dpmsolver++"),
     ),
     "dpmpp_2m_sde_karras": (
-        lambda: DPMSolverPP2MSampler(use_karras_sigmas=True, sde=True),
+        lambda: DPMSolverPP2MSampler(schedule_type="Karras", sde=True),
         lambda: DPMSolverMultistepScheduler.from_config(
             SD15_SCHEDULER_CONFIG, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True
         ),
@@ -248,7 +248,7 @@ def test_dpm_rejects_1000():
     assert (ref.timesteps[1:] == ref.timesteps[:-1]).any()
     with pytest.raises(MinisdError, match="num_inference_steps"):
         DPMSolverPP2MSampler().set_timesteps(1000)
-    DPMSolverPP2MSampler(use_karras_sigmas=True).set_timesteps(1000)  # Karras σ stay distinct: allowed
+    DPMSolverPP2MSampler(schedule_type="Karras").set_timesteps(1000)  # Karras σ stay distinct: allowed
 
 
 @pytest.mark.parametrize("name", list(PAIRS))

@@ -12,9 +12,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from minisd.errors import MinisdError
+from minisd.train.captions import phrasing_ids, pick_phrasing
 from minisd.train.checker import check, check_details, find_objects, judge
 from minisd.train.shapes import (
     COLOURS,
+    DOCUMENTED_FRACTION,
+    RELATION_PHRASES,
     RELATIONS,
     SHAPES,
     Scene,
@@ -25,7 +28,9 @@ from minisd.train.shapes import (
     heldout_captions,
     is_heldout,
     parse_caption,
+    phrasings,
     render,
+    say,
     to_image,
 )
 
@@ -167,8 +172,62 @@ def test_captions_and_heldout_split():
     assert len(roles) == 12 * 2 * 2 and len(colour_pairs) == 4 * 3 * 2
 
 
+def test_every_phrasing_reads_back_as_its_scene():
+    """Each phrasing of each caption parses to the same Scene (so `is_heldout` and the checker read it), the
+    phrasings of a caption are distinct, and none of them is another caption's documented phrasing."""
+    documented = set(all_captions())
+    for caption in all_captions():
+        options = phrasings(caption)
+        scene = parse_caption(caption)
+        assert options[0] == caption and len(set(options)) == len(options)
+        two = scene.relation is not None
+        assert len(options) == (3 * 4 * len(RELATION_PHRASES[scene.relation]) if two else 6)
+        assert all(parse_caption(p) == scene for p in options)
+        assert all(is_heldout(p) == is_heldout(caption) for p in options)
+        assert not (set(options[1:]) & documented)
+    assert parse_caption("  The RED circle   on the left of the blue square! ") == parse_caption(
+        "a red circle to the left of a blue square"
+    )
+    assert str(parse_caption("a red circle beneath a blue square.")) == "a red circle below a blue square"
+    assert say(parse_caption("a red circle"), None, ("the", "the"), "!") == "the red circle!"
+
+
+def test_training_phrasings_keep_held_out_scenes_out():
+    """Each picture's k phrasings (captions.py): held-out scenes never appear in any phrasing; the documented
+    phrasing takes its share; every phrasing of the training captions is reached; a pick takes one of the k."""
+    from minisd.tokenizer import Tokenizer
+
+    _, captions = dataset(2000, seed=0, split="train")
+    ids = phrasing_ids(captions, 8, torch.Generator().manual_seed(0))
+    assert ids.shape == (2000, 8, 77) and ids.dtype == torch.int64
+    tokenizer = Tokenizer.from_default()
+    texts = [tokenizer.decode(row) for row in ids.flatten(0, 1)]
+    scenes = [parse_caption(t) for t in texts]
+    assert not any(is_heldout(t) for t in texts)
+    assert all(s == parse_caption(c) for s, c in zip(scenes, [c for c in captions for _ in range(8)], strict=True))
+    documented = sum(t in set(all_captions()) for t in texts) / len(texts)
+    chance = [DOCUMENTED_FRACTION + (1 - DOCUMENTED_FRACTION) / len(phrasings(c)) for c in captions]
+    expected = sum(chance) / len(chance)  # ~0.3: a quarter, plus the uniform draws that hit it
+    assert abs(documented - expected) < 0.02, (documented, expected)  # 16,000 draws: binomial std ≈ 0.004
+    words = {w for t in texts for w in t.split()}
+    assert {w for r in RELATION_PHRASES.values() for p in r for w in p.split()} | {"the", ".", "!"} <= words
+    index = torch.arange(2000)
+    picked = pick_phrasing(ids, index, torch.Generator().manual_seed(1))
+    assert picked.shape == (2000, 77) and all(any(torch.equal(p, q) for q in ids[i]) for i, p in enumerate(picked))
+    assert torch.equal(pick_phrasing(ids[:, 0], index, torch.Generator()), ids[:, 0])  # (n, 77): no draw
+
+
 @pytest.mark.parametrize(
-    "caption", ["a red circle above a red square", "a pink circle", "a red circle near a blue square", ""]
+    "caption",
+    [
+        "a red circle above a red square",
+        "a pink circle",
+        "a red circle near a blue square",
+        "",
+        "red circle above blue square",
+        "a red circle above a blue square?",
+        "a red circle above a blue square..",
+    ],
 )
 def test_bad_caption_raises(caption):
     with pytest.raises(MinisdError, match="caption"):

@@ -63,10 +63,12 @@ def test_scene_ids_join_phrasings_and_part_mirrors():
         "a blue square above a red circle",  # its mirror
         "a red circle",
         "a red circle to the left of a blue square",
+        "the blue square under a red circle.",  # the first picture again, paraphrased
     ]
     ids = scene_ids(Tokenizer.from_default()(captions))
-    assert ids[0] == ids[1]
+    assert ids[0] == ids[1] == ids[5]
     assert len({ids[0].item(), ids[2].item(), ids[3].item(), ids[4].item()}) == 4
+    assert torch.equal(scene_ids(Tokenizer.from_default()(captions)[:, None].expand(-1, 3, -1)), ids)  # (n, k, 77)
 
 
 def test_short_pretraining_tells_a_caption_from_its_mirror():

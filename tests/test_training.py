@@ -170,6 +170,27 @@ def test_draw_batch_drops_captions_for_cfg():
     assert abs(x0.std().item() - 0.5) < 0.02  # x0 = scale · z with z ~ N(0, 1): std = scale
 
 
+def test_draw_batch_picks_one_of_each_pictures_phrasings():
+    """With k phrasings a picture (n, k, 77), a draw takes one of that picture's, each about equally often; the
+    draws before it (pictures, z, t, ε, dropout) are those of the (n, 77) case."""
+    tokenizer = Tokenizer.from_default()
+    options = [shapes.phrasings("a red circle")[:3], shapes.phrasings("a blue square above a red circle")[:3]]
+    caption_ids = torch.stack([tokenizer(texts) for texts in options])  # (2, 3, 77)
+    empty_ids = tokenizer("")
+    mean, std = torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2)
+    x0, input_ids, t, noise = draw_batch(
+        torch.Generator().manual_seed(0), mean, std, caption_ids, empty_ids, 1, 3000, 0
+    )
+    x0_, _, t_, noise_ = draw_batch(
+        torch.Generator().manual_seed(0), mean, std, caption_ids[:, 0], empty_ids, 1, 3000, 0
+    )
+    assert torch.equal(x0, x0_) and torch.equal(t, t_) and torch.equal(noise, noise_)
+    texts = [tokenizer.decode(ids) for ids in input_ids]
+    for picture in range(2):
+        counts = [texts.count(tokenizer.decode(ids)) for ids in caption_ids[picture]]
+        assert all(abs(c - 500) < 100 for c in counts), counts  # 3000 draws, 6 options: 500 ± 22 (σ)
+
+
 def test_fold_latent_scale_keeps_the_autoencoder():
     """After folding, LATENT_SCALE · z' = scale · z and decode(z') = decode(z): the same function in SD v1's scale."""
     vae = build(VAE, TINY_VAE, torch.Generator().manual_seed(0)).eval()

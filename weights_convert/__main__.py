@@ -65,7 +65,8 @@ def build_parser() -> ArgumentParser:
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("src", type=Path, metavar="IN", help="official .safetensors/.ckpt, minisd file or folder")
-        command.add_argument("out", type=Path, metavar="OUT", help="a new folder or .safetensors path")
+        out_help = "a new folder or .safetensors path" if name == "convert" else "a new .safetensors path"
+        command.add_argument("out", type=Path, metavar="OUT", help=out_help)
         command.add_argument("--raw-unet", action="store_true", help="take the non-EMA UNet of a v1-5-pruned file")
         command.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: keep)")
         command.add_argument("--overwrite", action="store_true", help="replace an existing OUT (in a folder: only the "

@@ -12,6 +12,9 @@ AutoencoderKL, CLIPTextModel), whose keys minisd's dataclass configs take by nam
     a diffusers folder            each component's config.json, checked to be SD v1's        sd_v1_config
     writing a diffusers folder    configs_from_shapes, written by folders.write_configs      write_config_file
 
+A folder's scheduler/scheduler_config.json: what minisd's samplers follow (class, timestep_spacing, Karras or
+exponential σ), refusing in one line what they cannot (scheduler_settings).
+
 Other families are refused in one line naming the key that gives them away: SD 2.x (OpenCLIP, 1024-wide context,
 linear projections, heads per level), SDXL (2048-wide context, added embeddings), LCM, unCLIP. The refusals by
 key names and shapes of a state dict (LoRA, SD 2.x, SDXL single files) are detect.py's.
@@ -178,12 +181,16 @@ MAX_LEVELS = 16  # entries of block_out_channels (SD v1 has 4)
 
 
 def _valid(kind: type, value) -> bool:
-    """Whether a config value has its field's type: int sizes in [1, MAX_SIZE], a positive finite float, or a
-    list of 1 to MAX_LEVELS int sizes (bool is not an int here)."""
+    """Whether a config value has its field's type: int sizes in [1, MAX_SIZE], a positive finite float, a bool, a
+    short str, or a list of 1 to MAX_LEVELS int sizes (bool is not an int here)."""
     if kind is int:
         return type(value) is int and 1 <= value <= MAX_SIZE
     if kind is float:
         return type(value) in (int, float) and 0 < value < MAX_SIZE
+    if kind is bool:
+        return type(value) is bool
+    if kind is str:  # a name (hidden_act): the network's own check says which
+        return type(value) is str and len(value) <= 64
     return type(value) in (list, tuple) and 1 <= len(value) <= MAX_LEVELS and all(_valid(int, v) for v in value)
 
 
@@ -205,7 +212,8 @@ def fields_from(config_class, config: dict):
     values = {f.name: config[f.name] for f in fields(config_class) if config.get(f.name) is not None}
     for f in fields(config_class):
         if f.name in values and not _valid(f.type, values[f.name]):
-            what = {int: f"an integer in [1, {MAX_SIZE}]", float: "a positive number"}.get(
+            what = {int: f"an integer in [1, {MAX_SIZE}]", float: "a positive number", bool: "true or false"}
+            what = {**what, str: "a name (at most 64 characters)"}.get(
                 f.type, f"a list of 1 to {MAX_LEVELS} integers in [1, {MAX_SIZE}]"
             )
             raise MinisdError(f"config key {f.name} must be {what}, got {values[f.name]!r:.40}")
@@ -314,3 +322,69 @@ def sd_v1_config(component: str, config: dict, where: str | Path) -> dict:
     """A component's config.json dict if it describes SD v1's network (diffusers' alias num_attention_heads read
     as attention_head_dim); else a one-line MinisdError naming `where` and the key that shows another model."""
     return _CHECKS[component](config, where)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scheduler/scheduler_config.json: what minisd follows, and what must be SD v1's
+
+# Keys whose value must be what minisd's samplers compute (SD v1's schedule, ε-prediction, the solvers as written);
+# any other value is refused in one line. Keys absent from the file are not checked (each class's default).
+SCHEDULER_FIXED = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "trained_betas": None,
+    "prediction_type": "epsilon",  # "v_prediction" is SD 2.x's 768 models
+    "rescale_betas_zero_snr": False,
+    "thresholding": False,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,  # PNDM: PLMS without its Runge-Kutta warm-up, as SD v1 runs it
+    "variance_type": ("fixed_small", None),
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "lower_order_final": True,
+    "euler_at_final": False,
+    "final_sigmas_type": "zero",
+    "use_beta_sigmas": False,
+    "use_lu_lambdas": False,
+    "use_flow_sigmas": False,
+    "interpolation_type": "linear",
+    "timestep_type": "discrete",
+    "sigma_min": None,
+    "sigma_max": None,
+}
+DPM_ALGORITHMS = {"dpmsolver++": "DPMSolverMultistepScheduler", "sde-dpmsolver++": "DPM++ 2M SDE"}
+
+
+def scheduler_settings(config: dict, where: str | Path) -> dict[str, str]:
+    """What a diffusers folder's scheduler_config.json asks of minisd's samplers, as diffusers'
+    `XScheduler.from_config(pipe.scheduler.config)` passes it on to any scheduler: {"sampler": its class (or "DPM++ 2M
+    SDE"), "timestep_spacing": when given, "schedule_type": "Karras" / "Exponential" for use_karras_sigmas /
+    use_exponential_sigmas}. What minisd cannot follow (v-prediction, zero-SNR, another β schedule, another
+    solver, steps_offset other than 1 with "leading" spacing, ...) is refused in one line naming the key."""
+    for key, allowed in SCHEDULER_FIXED.items():
+        values = allowed if isinstance(allowed, tuple) else (allowed,)
+        if key in config and config[key] not in values:
+            raise MinisdError(
+                f"{where}: {key} {config[key]!r} is not followed by minisd's samplers (SD v1: {allowed!r})"
+            )
+    settings = {"sampler": str(config.get("_class_name", "PNDMScheduler"))}
+    if settings["sampler"] == "DPMSolverMultistepScheduler":
+        algorithm = config.get("algorithm_type", "dpmsolver++")
+        if algorithm not in DPM_ALGORITHMS:
+            raise MinisdError(f"{where}: algorithm_type {algorithm!r}: minisd has dpmsolver++ and sde-dpmsolver++")
+        settings["sampler"] = DPM_ALGORITHMS[algorithm]
+    spacing = config.get("timestep_spacing")
+    if spacing is not None:
+        settings["timestep_spacing"] = str(spacing)
+    if config.get("steps_offset", 1) != 1 and spacing in (None, "leading"):
+        raise MinisdError(f"{where}: steps_offset {config['steps_offset']!r} with leading spacing; minisd's is 1")
+    if config.get("use_karras_sigmas") and config.get("use_exponential_sigmas"):
+        raise MinisdError(f"{where}: use_karras_sigmas and use_exponential_sigmas both set")
+    if config.get("use_karras_sigmas"):
+        settings["schedule_type"] = "Karras"
+    elif config.get("use_exponential_sigmas"):
+        settings["schedule_type"] = "Exponential"
+    return settings

@@ -12,6 +12,7 @@ A diffusers folder:
     vae/           config.json + diffusion_pytorch_model[.fp16].safetensors (or .bin)
     text_encoder/  config.json + model[.fp16].safetensors (or pytorch_model.bin)
     tokenizer/     vocab.json + merges.txt (optional for loading: SD v1 has one tokenizer, minisd ships it)
+    scheduler/     scheduler_config.json (optional: the samplers' defaults, configs.scheduler_settings)
 """
 
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from weights_convert.configs import (
     configs_from_metadata,
     configs_from_shapes,
     read_config_file,
+    scheduler_settings,
     sd_v1_config,
     write_config_file,
 )
@@ -55,6 +57,9 @@ class Weights:
     configs: dict[str, dict]  # config.json dicts per component: the folder's, the file's metadata, or its shapes
     ema_scalars: dict[str, Tensor] = field(default_factory=dict)  # an official file's LitEma decay / num_updates
     metadata: dict[str, str] = field(default_factory=dict)  # a .safetensors file's metadata (read once)
+    scheduler: dict[str, str] = field(
+        default_factory=dict
+    )  # a folder's scheduler settings (configs.scheduler_settings)
 
 
 def read_weights(path: Path, use_ema: bool = True, variant: str | None = None) -> Weights:
@@ -130,7 +135,9 @@ def read_folder(folder: Path, variant: str | None = None) -> Weights:
             for c, sd in state_dicts.items()
         },
     )
-    return Weights(state_dicts, info, configs)
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler = scheduler_settings(read_config_file(scheduler_path), scheduler_path) if scheduler_path.is_file() else {}
+    return Weights(state_dicts, info, configs, scheduler=scheduler)
 
 
 def _weights_file(component_dir: Path, component: str, variant: str | None) -> Path:
@@ -283,7 +290,12 @@ def describe(path: Path) -> str:
         f"layout:     {info.layout}" + (f" - {LAYOUT_NAMES[info.layout]}" if info.layout in LAYOUT_NAMES else ""),
         f"variant:    {info.variant}",
         "ema:        "
-        + ("EMA and raw UNet (EMA used by default; --raw-unet for the raw one)" if info.has_ema else "no"),
+        + (
+            "EMA and raw UNet (EMA used by default; the raw one: use_ema=False in Python, or python -m "
+            "weights_convert convert --raw-unet)"
+            if info.has_ema
+            else "no"
+        ),
         "dtype:      " + ", ".join(f"{c} {d}" for c, d in dtypes.items()),
         "parameters:",
         *[f"  {c:<14}{n:>15,}" for c, n in counts.items()],

@@ -133,11 +133,11 @@ def check_size(components: Networks, height: object, width: object, what: str = 
         )
 
 
-def make_sampler(sampler: str | Sampler, eta: float) -> Sampler:
+def make_sampler(sampler: str | Sampler, eta: float | None) -> Sampler:
     """A sampler by name (minisd.samplers.get_sampler: "PLMS", "Euler a", "DPMSolverMultistepScheduler", ...) or
     the caller's own Sampler object, which is re-planned by every run."""
     if isinstance(sampler, Sampler):
-        if eta != 0.0:
+        if eta is not None:
             raise MinisdError(f"eta applies when sampler is given by name; set it on the sampler object, got {eta!r}")
         return sampler
     return get_sampler(sampler, eta=eta)

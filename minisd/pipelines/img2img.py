@@ -17,7 +17,6 @@ guidance_scale        w: ε = ε_∅ + w · (ε_c − ε_∅)                  g
 import torch
 from PIL import Image
 from torch import Generator, Tensor
-from tqdm import tqdm
 
 from minisd.noise import randn
 from minisd.pipelines import checks, common
@@ -40,7 +39,7 @@ def img2img(
     seed: int | None = None,
     prompt_embeds: Tensor | None = None,
     negative_prompt_embeds: Tensor | None = None,
-    eta: float = 0.0,
+    eta: float | None = None,
     clip_skip: int | None = None,
     sampler: str | Sampler = "PLMS",
     callback=None,
@@ -62,7 +61,7 @@ def img2img(
     vae_tiling: decode (and encode) with the VAE in overlapping 512-pixel tiles (minisd.tiling), so images
     larger than 512×512 decode in bounded memory; smaller ones are unchanged. A float16 VAE that decodes to NaN
     falls back to float32 by itself (common.decode).
-    progress_bar: show a tqdm bar of the model calls on stderr (minisd.StableDiffusion shows one by default).
+    progress_bar: show a tqdm bar of the steps on stderr (minisd.StableDiffusion shows one by default).
     """
     unet, vae = components.unet, components.vae
     # --- every check before any compute
@@ -97,7 +96,8 @@ def img2img(
     latents = sampler.add_noise(image_latents, noise, sampler.timesteps[:1])  # x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε
 
     # --- the denoising loop, over the remaining timesteps
-    for i, t in enumerate(tqdm(sampler.timesteps, disable=not progress_bar)):
+    bar = common.progress(sampler, progress_bar)  # counts steps: PLMS's warm-up call and Heun's 2nd calls add none
+    for i, t in enumerate(sampler.timesteps):
         latent_model_input = torch.cat([latents] * 2) if do_guidance else latents
         latent_model_input = sampler.scale_model_input(latent_model_input, t)
         noise_pred = unet(latent_model_input, t, context)
@@ -107,8 +107,10 @@ def img2img(
             if guidance_rescale > 0:
                 noise_pred = common.rescale_guidance(noise_pred, noise_pred_text, guidance_rescale)
         latents = sampler.step(noise_pred, t, latents, generator=generator)
+        bar.update(sampler.steps_done - bar.n)
         if not common.keep_going(callback, i, t, latents):
             break
+    bar.close()
 
     if output_type == "latent":
         return latents

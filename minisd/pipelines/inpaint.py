@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Generator, Tensor
-from tqdm import tqdm
 
 from minisd.errors import MinisdError
 from minisd.noise import randn
@@ -49,7 +48,7 @@ def inpaint(
     latents: Tensor | None = None,
     prompt_embeds: Tensor | None = None,
     negative_prompt_embeds: Tensor | None = None,
-    eta: float = 0.0,
+    eta: float | None = None,
     clip_skip: int | None = None,
     sampler: str | Sampler = "PLMS",
     paste_unmasked: bool = False,
@@ -75,7 +74,7 @@ def inpaint(
     vae_tiling: decode (and encode) with the VAE in overlapping 512-pixel tiles (minisd.tiling), so images
     larger than 512×512 decode in bounded memory; smaller ones are unchanged. A float16 VAE that decodes to NaN
     falls back to float32 by itself (common.decode).
-    progress_bar: show a tqdm bar of the model calls on stderr (minisd.StableDiffusion shows one by default).
+    progress_bar: show a tqdm bar of the steps on stderr (minisd.StableDiffusion shows one by default).
     """
     unet, vae = components.unet, components.vae
     # --- every check before any compute
@@ -138,7 +137,8 @@ def inpaint(
         masked_image_model_input = torch.cat([masked_image_latents] * 2) if do_guidance else masked_image_latents
 
     # --- the denoising loop
-    for i, t in enumerate(tqdm(sampler.timesteps, disable=not progress_bar)):
+    bar = common.progress(sampler, progress_bar)  # counts steps: PLMS's warm-up call and Heun's 2nd calls add none
+    for i, t in enumerate(sampler.timesteps):
         latent_model_input = torch.cat([latents] * 2) if do_guidance else latents
         latent_model_input = sampler.scale_model_input(latent_model_input, t)
         if inpainting_unet:
@@ -155,8 +155,10 @@ def inpaint(
             if i < len(sampler.timesteps) - 1:
                 init_latents_proper = sampler.add_noise(image_latents, noise, sampler.timesteps[i + 1 : i + 2])
             latents = (1 - mask_latents) * init_latents_proper + mask_latents * latents
+        bar.update(sampler.steps_done - bar.n)
         if not common.keep_going(callback, i, t, latents):
             break
+    bar.close()
 
     if output_type == "latent":
         return latents

@@ -12,7 +12,6 @@ guidance_scale        w: ε = ε_∅ + w · (ε_c − ε_∅)                  g
 
 import torch
 from torch import Generator, Tensor
-from tqdm import tqdm
 
 from minisd.noise import randn
 from minisd.pipelines import checks, common
@@ -36,7 +35,7 @@ def txt2img(
     latents: Tensor | None = None,
     prompt_embeds: Tensor | None = None,
     negative_prompt_embeds: Tensor | None = None,
-    eta: float = 0.0,
+    eta: float | None = None,
     clip_skip: int | None = None,
     sampler: str | Sampler = "PLMS",
     callback=None,
@@ -52,7 +51,9 @@ def txt2img(
     height, width: pixels, multiples of 8 (None: components.sample_size, the model's own size). guidance_scale:
     w >= 0; w <= 1 turns guidance off (one UNet batch, no negative prompt). guidance_rescale: φ in [0, 1]
     (common.rescale_guidance). sampler: a name from minisd.samplers (A1111's "Euler a", "DPM++ 2M Karras", or
-    diffusers' class names) or a Sampler object. eta: the DDIM sampler's η. clip_skip: as
+    diffusers' class names) or a Sampler object (get_sampler(name, schedule_type=..., timestep_spacing=...) for
+    another schedule). eta: DDIM's η or the ancestral η of Euler a and DPM++ 2M SDE (None: the sampler's default,
+    minisd.samplers.get_sampler). clip_skip: as
     TextEncoder.prompt_embeds (A1111's "Clip skip: 2" is 1); like A1111 it applies to the negative prompt too
     (diffusers skips layers for the positive prompt only).
     generator / seed: a CPU torch.Generator, or a seed that makes one: the starting noise is drawn in float32 on
@@ -67,7 +68,7 @@ def txt2img(
     vae_tiling: decode (and encode) with the VAE in overlapping 512-pixel tiles (minisd.tiling), so images
     larger than 512×512 decode in bounded memory; smaller ones are unchanged. A float16 VAE that decodes to NaN
     falls back to float32 by itself (common.decode).
-    progress_bar: show a tqdm bar of the model calls on stderr (minisd.StableDiffusion shows one by default).
+    progress_bar: show a tqdm bar of the steps on stderr (minisd.StableDiffusion shows one by default).
     """
     unet, vae = components.unet, components.vae
     # --- every check before any compute
@@ -105,7 +106,8 @@ def txt2img(
     latents = latents * sampler.init_noise_sigma  # σ_max for the σ samplers, 1 for the ᾱ ones
 
     # --- the denoising loop
-    for i, t in enumerate(tqdm(sampler.timesteps, disable=not progress_bar)):
+    bar = common.progress(sampler, progress_bar)  # counts steps: PLMS's warm-up call and Heun's 2nd calls add none
+    for i, t in enumerate(sampler.timesteps):
         latent_model_input = torch.cat([latents] * 2) if do_guidance else latents
         latent_model_input = sampler.scale_model_input(latent_model_input, t)
         noise_pred = unet(latent_model_input, t, context)
@@ -115,8 +117,10 @@ def txt2img(
             if guidance_rescale > 0:
                 noise_pred = common.rescale_guidance(noise_pred, noise_pred_text, guidance_rescale)
         latents = sampler.step(noise_pred, t, latents, generator=generator)
+        bar.update(sampler.steps_done - bar.n)
         if not common.keep_going(callback, i, t, latents):
             break
+    bar.close()
 
     if output_type == "latent":
         return latents

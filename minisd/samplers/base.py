@@ -74,6 +74,13 @@ def inference_timesteps(
     return schedule[img2img_start(len(schedule), strength) :]
 
 
+def check_eta(eta: float) -> float:
+    """η (DDIM's, or an ancestral sampler's) as a float, or a one-line error unless it is a number in [0, 1]."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:  # NaN fails too
+        raise MinisdError(f"eta must be in [0, 1], got {eta!r}")
+    return float(eta)
+
+
 def upcast(x: Tensor) -> Tensor:
     """x in at least float32: steps are computed there and cast back, so fp16 latents lose nothing to the step."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -96,10 +103,22 @@ class Sampler:
     """
 
     name: str = ""  # the A1111 name, for PNG parameters
+    schedule_type: str = "Uniform"  # A1111's "Schedule type": which noise levels a run visits (sigmas.py)
+    timestep_spacing: str  # diffusers' name for how "Uniform" spaces the timesteps
     order: int = 1
     timesteps: Tensor
     init_noise_sigma: float = 1.0
     step_index: int = 0  # the index in `timesteps` of the next model call
+
+    @property
+    def num_steps(self) -> int:
+        """The method steps of this run, what a progress bar counts: one per model call here (PLMS, Heun differ)."""
+        return len(self.timesteps)
+
+    @property
+    def steps_done(self) -> int:
+        """How many of num_steps the model calls so far have completed."""
+        return self.step_index
 
     def start_run(self, timesteps: Tensor) -> None:
         """Set the model calls of a run (one timestep each) and count from the first: every set_timesteps ends here."""
@@ -156,14 +175,16 @@ class Sampler:
 
 
 class AlphaBarSampler(Sampler):
-    """What the ᾱ samplers (DDPM, DDIM, PLMS) share: SD v1's ᾱ table, a timestep spacing, a plan of integer
-    timesteps (one model call each; PLMS adds its warm-up call), and the forward process in x_t space."""
+    """What the ᾱ samplers (DDPM, DDIM, PLMS) share: an ᾱ table (SD v1's unless `betas` are given), a timestep
+    spacing, a plan of integer timesteps (one model call each; PLMS adds its warm-up call), and the forward process
+    in x_t space. betas: another model's β_t (T,), e.g. schedule.linear_betas() for Kandinsky 2.2's decoder."""
 
-    def __init__(self, timestep_spacing: str = "leading") -> None:
+    def __init__(self, timestep_spacing: str = "leading", betas: Tensor | None = None) -> None:
         if timestep_spacing not in schedule.SPACINGS:
             raise MinisdError(f"timestep_spacing must be one of {schedule.SPACINGS}, got {timestep_spacing!r}")
         self.timestep_spacing = timestep_spacing
-        self.alphas_cumprod = schedule.alphas_cumprod_from_betas(schedule.scaled_linear_betas())  # float64 (T,)
+        betas = schedule.scaled_linear_betas() if betas is None else betas.to(torch.float64)
+        self.alphas_cumprod = schedule.alphas_cumprod_from_betas(betas)  # float64 (T,)
         self.set_timesteps(50)
 
     def set_timesteps(

@@ -15,9 +15,8 @@ fresh noise of size σ_t when η > 0.
 
 from torch import Generator, Tensor
 
-from minisd.errors import MinisdError
 from minisd.noise import randn
-from minisd.samplers.base import AlphaBarSampler, x0_from_eps
+from minisd.samplers.base import AlphaBarSampler, check_eta, x0_from_eps
 
 
 def ddim_step(
@@ -54,11 +53,9 @@ class DDIMSampler(AlphaBarSampler):
 
     name = "DDIM"
 
-    def __init__(self, eta: float = 0.0, timestep_spacing: str = "leading") -> None:
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:  # NaN fails too
-            raise MinisdError(f"eta must be in [0, 1], got {eta!r}")
-        self.eta = float(eta)
-        super().__init__(timestep_spacing)
+    def __init__(self, eta: float = 0.0, timestep_spacing: str = "leading", betas: Tensor | None = None) -> None:
+        self.eta = check_eta(eta)
+        super().__init__(timestep_spacing, betas)
         # set_alpha_to_one=False (SD v1): past the last step, ᾱ_prev = ᾱ_0, not 1 (LDM's ddim.py does the same)
         self.final_alpha_bar = self.alphas_cumprod[0].item()
 

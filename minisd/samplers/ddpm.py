@@ -30,9 +30,22 @@ def ddpm_step(
     >>> ddpm_step(torch.tensor([1.0]), torch.tensor([0.0]), 0.25, 1.0)  # to ᾱ_prev = 1: x̂_0 = x_t / √ᾱ_t itself
     tensor([2.])
     """
+    x0_pred = x0_from_eps(x_t, eps, alpha_bar_t)  # eq. 4 solved for x_0
+    return ddpm_posterior_step(x_t, x0_pred, alpha_bar_t, alpha_bar_prev, noise)
+
+
+def ddpm_posterior_step(
+    x_t: Tensor, x0_pred: Tensor, alpha_bar_t: float, alpha_bar_prev: float, noise: Tensor | None = None
+) -> Tensor:
+    """Sample q(x_{t_prev} | x_t, x_0 = x0_pred) (eqs. 6-7) whatever predicted x_0: ddpm_step's second half, and
+    the whole step of a model that predicts x_0 itself (samplers/unclip.py). Shapes as ddpm_step's.
+
+    >>> import torch
+    >>> ddpm_posterior_step(torch.tensor([1.0]), torch.tensor([3.0]), 0.25, 1.0)  # to ᾱ_prev = 1: x0_pred itself
+    tensor([3.])
+    """
     alpha_t = alpha_bar_t / alpha_bar_prev  # one step of the spaced chain: α_t = ᾱ_t / ᾱ_prev
     beta_t = 1 - alpha_t
-    x0_pred = x0_from_eps(x_t, eps, alpha_bar_t)  # eq. 4 solved for x_0
     x0_coef = alpha_bar_prev**0.5 * beta_t / (1 - alpha_bar_t)  # eq. 7, μ̃_t's weight on x_0
     xt_coef = alpha_t**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar_t)  # eq. 7, μ̃_t's weight on x_t
     mean = x0_coef * x0_pred + xt_coef * x_t

@@ -1,6 +1,6 @@
 """DPM-Solver++(2M): a second-order multistep solver of the diffusion ODE written for the data prediction x_0
-(Lu et al. 2022, arXiv:2211.01095, Alg. 2; k-diffusion `sample_dpmpp_2m`; A1111 "DPM++ 2M" and, with
-use_karras_sigmas, "DPM++ 2M Karras"); with sde=True the same multistep form for the reverse SDE ("DPM++ 2M SDE",
+(Lu et al. 2022, arXiv:2211.01095, Alg. 2; k-diffusion `sample_dpmpp_2m`; A1111 "DPM++ 2M", with Schedule type
+Karras its 1.5-era "DPM++ 2M Karras"); with sde=True the same multistep form for the reverse SDE ("DPM++ 2M SDE",
 diffusers' algorithm_type "sde-dpmsolver++"), which forgets part of x_t each step and draws fresh noise for it.
 
 Unlike the other σ samplers it moves x_t itself (diffusers does the same): x_t = α_t·x_0 + σ_t·ε, so the UNet
@@ -16,6 +16,7 @@ r             r_i = h_{i−1} / h_i                           r0
 x0_pred       x_θ(x̃_t, t) = (x_t − σ_t·ε) / α_t           model_output after convert_model_output
 x0_prev       x_θ at the previous step                      model_outputs[-2]
 z             z ~ N(0, I), fresh each step (SDE only)       noise
+eta           η: how much of x_t the SDE forgets (k-diffusion) (diffusers: always 1)
 """
 
 import math
@@ -26,9 +27,9 @@ from torch import Generator, Tensor
 
 from minisd.errors import MinisdError
 from minisd.noise import randn
-from minisd.samplers.base import upcast
-from minisd.samplers.schedule import NUM_TRAIN_TIMESTEPS
-from minisd.samplers.sigmas import SigmaSampler, karras_sigmas, linspace_exact, sigma_at, t_at
+from minisd.samplers.base import check_eta, upcast
+from minisd.samplers.schedule import NUM_TRAIN_TIMESTEPS, spaced_timesteps
+from minisd.samplers.sigmas import SigmaSampler, linspace_exact, t_at
 
 
 def vp_coefficients(sigma: float) -> tuple[float, float]:
@@ -61,17 +62,20 @@ def dpmpp_2m_step(
     sigma_next: float,
     sigma_prev: float | None,
     noise: Tensor | None = None,
+    eta: float = 1.0,
 ) -> Tensor:
     """One DPM-Solver++ step from σ to σ_next in x_t space: first order (= DDIM) without a previous x_0 prediction,
     else the 2M update (Alg. 2). σ_next = 0 returns x0_pred itself (the update with e^(−h) = 0).
 
     With `noise` (z ~ N(0, I)), the step of the reverse SDE instead (Lu et al. 2022, App. B; diffusers'
-    "sde-dpmsolver++", midpoint solver), with the same D_i:
+    "sde-dpmsolver++", midpoint solver; k-diffusion `sample_dpmpp_2m_sde` written in x_t), with the same D_i:
 
         ODE:  x̃_{t_i} = (σ_{t_i}/σ_{t_{i−1}})·x̃_{t_{i−1}} + α_{t_i}·(1 − e^(−h))·D_i
-        SDE:  x̃_{t_i} = (σ_{t_i}/σ_{t_{i−1}})·e^(−h)·x̃_{t_{i−1}} + α_{t_i}·(1 − e^(−2h))·D_i + σ_{t_i}·√(1 − e^(−2h))·z
+        SDE:  x̃_{t_i} = (σ_{t_i}/σ_{t_{i−1}})·e^(−ηh)·x̃_{t_{i−1}} + α_{t_i}·(1 − e^(−(1+η)h))·D_i
+                        + σ_{t_i}·√(1 − e^(−2ηh))·z
 
-    The SDE keeps e^(−h) less of x_t and adds back, as fresh noise, exactly the variance it removed."""
+    The SDE keeps e^(−ηh) less of x_t and adds back, as fresh noise, exactly the variance it removed; η = 1 is
+    diffusers' (and A1111's default), η = 0 the ODE step."""
     if sigma_next == 0:
         return x0_pred
     alpha_next, sigma_t_next = vp_coefficients(sigma_next)
@@ -84,44 +88,66 @@ def dpmpp_2m_step(
         D = (1 + 1 / (2 * r)) * x0_pred - (1 / (2 * r)) * x0_prev  # Alg. 2: D_i
     if noise is None:
         return (sigma_t_next / sigma_t) * x - (alpha_next * math.expm1(-h)) * D  # Alg. 2: x̃_{t_i}
-    kept = (sigma_t_next / sigma_t) * math.exp(-h)
-    return kept * x - (alpha_next * math.expm1(-2 * h)) * D + sigma_t_next * math.sqrt(-math.expm1(-2 * h)) * noise
+    kept = (sigma_t_next / sigma_t) * math.exp(-eta * h)
+    x_next = kept * x - (alpha_next * math.expm1(-(1 + eta) * h)) * D
+    return x_next + sigma_t_next * math.sqrt(-math.expm1(-2 * eta * h)) * noise
+
+
+def dpm_timesteps(num_inference_steps: int, spacing: str, steps_offset: int = 1) -> Tensor:
+    """The "Uniform" grid of DPMSolverMultistepScheduler, int64 (n,), decreasing. diffusers spaces n + 1 points
+    and drops the last (the end at t = 0: σ goes from there straight to 0):
+      "linspace"  round(linspace(0, T − 1, n + 1)), reversed, without the final 0
+      "leading"   i·⌊T/(n + 1)⌋ + steps_offset for i = n … 1 (the offset lowered where t would pass T − 1, as
+                  schedule.spaced_timesteps does; diffusers shows the UNet t = 1000 there)
+      "trailing"  schedule.spaced_timesteps(n, "trailing"), the other samplers' grid
+    n = T would repeat a timestep (h = 0, a division by zero; diffusers returns NaN): refused.
+
+    >>> dpm_timesteps(4, "linspace").tolist(), dpm_timesteps(4, "leading").tolist()
+    ([999, 749, 500, 250], [801, 601, 401, 201])
+    """
+    n, T = num_inference_steps, NUM_TRAIN_TIMESTEPS
+    if spacing == "trailing":
+        return spaced_timesteps(n, spacing)
+    if n >= T:
+        raise MinisdError(f"num_inference_steps must be in [1, {T - 1}] for DPM++ 2M's {spacing} spacing, got {n}")
+    if spacing == "linspace":
+        return linspace_exact(T - 1, n + 1).round().flip(0)[:-1].long()
+    step_ratio = T // (n + 1)
+    offset = min(steps_offset, T - 1 - n * step_ratio)
+    return torch.arange(n, 0, -1, dtype=torch.int64) * step_ratio + offset
 
 
 class DPMSolverPP2MSampler(SigmaSampler):
     """DPM-Solver++(2M); step-equal to diffusers' DPMSolverMultistepScheduler with SD v1.5's scheduler config
-    (algorithm_type "dpmsolver++", solver_order 2, solver_type "midpoint", linspace spacing, lower_order_final, final
-    σ 0): the first step of every run is first order, the last (to σ = 0) returns the x_0 prediction.
+    (algorithm_type "dpmsolver++", solver_order 2, solver_type "midpoint", lower_order_final, final σ 0) and the
+    same timestep_spacing or Karras σ: the first step of every run is first order, the last (to σ = 0) returns the
+    x_0 prediction.
 
-    Timesteps are integers: round(linspace(999, 0, n + 1)) without its last 0, or with use_karras_sigmas the
-    rounded t of each Karras σ (eq. 5 of Karras et al. 2022, ρ = 7); near σ_min several Karras σ round to the
-    same t (from n = 50), so `timesteps` may repeat there, exactly as in diffusers. n = 1000 without Karras repeats
-    a timestep and so a σ (h = 0, a division by zero; diffusers returns NaN): minisd refuses it.
+    Timesteps are integers, as diffusers shows this UNet: the "Uniform" grids of dpm_timesteps, or the rounded t of
+    each σ of the other schedule types; near σ_min several Karras σ round to the same t (from n = 50), so
+    `timesteps` may repeat there, exactly as in diffusers. (diffusers' Exponential truncates t where minisd rounds.)
 
     sde=True is diffusers' algorithm_type "sde-dpmsolver++": every step draws one float32 standard normal tensor
     shaped like eps from `generator` (diffusers' randn_tensor), so the same generator gives diffusers' picture.
     A1111's "DPM++ 2M SDE" takes its noise from k-diffusion's Brownian tree instead: same method, other pictures.
+    eta (SDE only, in [0, 1]): k-diffusion's η, A1111's "Eta"; 1 is diffusers' (which has no other).
     """
 
-    name = "DPM++ 2M"  # "DPM++ 2M [SDE][ Karras]" with sde and use_karras_sigmas
+    name = "DPM++ 2M"  # "DPM++ 2M SDE" with sde
     timestep_dtype = torch.int64
 
-    def __init__(self, use_karras_sigmas: bool = False, sde: bool = False) -> None:
-        super().__init__()
-        self.use_karras_sigmas = use_karras_sigmas
+    def __init__(
+        self, schedule_type: str = "Uniform", timestep_spacing: str = "linspace", sde: bool = False, eta: float = 1.0
+    ) -> None:
+        super().__init__(schedule_type, timestep_spacing)
+        if eta != 1.0 and not sde:
+            raise MinisdError(f"eta applies to DPM++ 2M SDE (the ODE step draws no noise), got eta={eta!r}")
         self.sde = sde
-        self.name = "DPM++ 2M" + (" SDE" if sde else "") + (" Karras" if use_karras_sigmas else "")
+        self.eta = check_eta(eta)
+        self.name = "DPM++ 2M SDE" if sde else "DPM++ 2M"
 
-    def schedule(self, num_inference_steps: int) -> tuple[Tensor, Tensor]:
-        """(timesteps (n,) int64, sigmas (n,) float64) of the full run."""
-        n, table = num_inference_steps, self.sigma_table
-        if self.use_karras_sigmas:
-            sigmas = karras_sigmas(table[0].item(), table[-1].item(), n)
-            return self.timesteps_for(sigmas), sigmas
-        if n >= NUM_TRAIN_TIMESTEPS:
-            raise MinisdError(f"num_inference_steps must be in [1, {NUM_TRAIN_TIMESTEPS - 1}] for DPM++ 2M, got {n}")
-        timesteps = linspace_exact(NUM_TRAIN_TIMESTEPS - 1, n + 1).round().flip(0)[:-1].long()
-        return timesteps, sigma_at(timesteps, table)
+    def uniform_timesteps(self, num_inference_steps: int) -> Tensor:
+        return dpm_timesteps(num_inference_steps, self.timestep_spacing)
 
     def timesteps_for(self, sigmas: Tensor) -> Tensor:
         """The integer timestep nearest (in log σ) to each σ, as diffusers rounds for DPM++."""
@@ -168,6 +194,6 @@ class DPMSolverPP2MSampler(SigmaSampler):
         noise = None
         if self.sde:  # every step draws, the last (σ_next = 0, no noise added) included, as diffusers does
             noise = randn(eps.shape, generator, torch.float32, eps.device).to(x_t.dtype)
-        x_next = dpmpp_2m_step(x_t, x0_pred, self.x0_prev, sigma, sigma_next, sigma_prev, noise)
+        x_next = dpmpp_2m_step(x_t, x0_pred, self.x0_prev, sigma, sigma_next, sigma_prev, noise, self.eta)
         self.x0_prev = x0_pred
         return x_next.to(x.dtype)

@@ -37,6 +37,15 @@ class HeunSampler(SigmaSampler):
         """(timesteps, σ of x) per call: the first step's, then every later step's twice."""
         return timesteps.repeat_interleave(2)[1:], sigmas[:-1].repeat_interleave(2)[1:]
 
+    @property
+    def num_steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def steps_done(self) -> int:
+        """Calls 1, 3, 5, … complete a step, and the last call (a lone Euler step to σ = 0) the last one."""
+        return (self.step_index + 1) // 2
+
     def reset(self) -> None:
         self.pending = None  # (x_i, d_i, σ_i, σ_{i+1}) between a step's two calls
 

@@ -87,6 +87,15 @@ class PNDMSampler(AlphaBarSampler):
         self.eps_history: list[Tensor] = []
         self.warmup_start: tuple[Tensor, Tensor] | None = None  # (x, eps) at the first step, until its second call
 
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def steps_done(self) -> int:
+        """The warm-up's first call completes no step; every later call completes one."""
+        return self.step_index if len(self.steps) == 1 else max(self.step_index - 1, 0)
+
     def transfer(self, x: Tensor, eps: Tensor, j: int) -> Tensor:
         """φ (plms_transfer) over step j of `steps`: from steps[j] to the next one (past the last: ᾱ_0)."""
         t_prev = int(self.steps[j + 1]) if j + 1 < len(self.steps) else -1

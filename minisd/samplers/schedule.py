@@ -37,6 +37,34 @@ def scaled_linear_betas(
     return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
 
 
+def linear_betas(
+    beta_start: float = BETA_START, beta_end: float = BETA_END, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+) -> Tensor:
+    """DDPM's own β_t: linspace(β_start, β_end, T), float64, shape (T,) (Ho et al. 2020, §4; diffusers "linear").
+    Kandinsky 2.2's decoder was trained with it over SD v1's endpoints (its scheduler_config.json: "linear",
+    0.00085, 0.012), so its ᾱ falls faster than SD v1's "scaled linear" in the middle of the chain.
+
+    >>> betas = linear_betas()
+    >>> round(betas[500].item(), 6), round(scaled_linear_betas()[500].item(), 6)
+    (0.006431, 0.004815)
+    """
+    return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+
+
+def cosine_betas(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, max_beta: float = 0.999) -> Tensor:
+    """The cosine schedule (Nichol & Dhariwal 2021, arXiv:2102.09672, eq. 17): ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2)
+    with s = 0.008, and β_t = 1 − ᾱ(t+1)/ᾱ(t) capped at max_beta (their §3.2, "to prevent singularities near
+    t = T"). float64, shape (T,). Kandinsky 2.2's prior uses it (diffusers "squaredcos_cap_v2").
+
+    >>> betas = cosine_betas()
+    >>> round(betas[0].item(), 6), betas[-1].item()
+    (4.1e-05, 0.999)
+    """
+    t = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    alpha_bar = torch.cos((t + 0.008) / 1.008 * torch.pi / 2) ** 2  # eq. 17, at t = 0, 1/T, …, 1
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
+
+
 def alphas_cumprod_from_betas(betas: Tensor) -> Tensor:
     """ᾱ_t = ∏_{s<=t} (1 − β_s) (DDPM eq. 4's ᾱ). Same shape and dtype as `betas`.
 

@@ -13,6 +13,15 @@ SD's UNet was trained on x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε. Dividing by
 σ_t = √((1 − ᾱ_t)/ᾱ_t): the "variance exploding" form in which Karras et al. (arXiv:2206.00364) write every
 sampler as an ODE in σ. The UNet still wants x_t, so it is fed x / √(σ² + 1) (= x_t, because √ᾱ_t = 1/√(σ² + 1)).
 The samplers below step in σ; a run's σ list ends at 0, the clean image.
+
+Which σ a run visits is its schedule type (A1111's "Schedule type", k-diffusion's σ schedules), chosen apart from
+the sampler, as A1111 1.9+ does:
+    "Uniform"       t spaced by `timestep_spacing` (diffusers' linspace / leading / trailing), σ read off the table
+                    at those t: each sampler's diffusers schedule, and minisd's default
+    "Karras"        σ evenly spaced in σ^(1/7) from σ_max to σ_min (karras_sigmas; k-diffusion get_sigmas_karras)
+    "Exponential"   σ evenly spaced in log σ (exponential_sigmas; k-diffusion get_sigmas_exponential)
+    "SGM Uniform"   t = linspace(T − 1, 0, n + 1) without its last point, σ interpolated in log σ there
+                    (sgm_uniform_sigmas; A1111's sgm_uniform)
 """
 
 import math
@@ -25,12 +34,16 @@ from minisd.errors import MinisdError
 from minisd.samplers.base import Sampler, img2img_start, upcast
 from minisd.samplers.schedule import (
     NUM_TRAIN_TIMESTEPS,
+    SPACINGS,
     alphas_cumprod_from_betas,
     check_num_inference_steps,
     check_timesteps,
     scaled_linear_betas,
     sigmas_from_alphas_cumprod,
+    spaced_timesteps,
 )
+
+SCHEDULE_TYPES = ("Uniform", "Karras", "Exponential", "SGM Uniform")  # A1111's "Schedule type" labels
 
 
 def sd_sigma_table() -> Tensor:
@@ -68,6 +81,22 @@ def sigma_at(t: Tensor, sigma_table: Tensor) -> Tensor:
     return (1 - w) * sigma_table[low] + w * sigma_table[low + 1]
 
 
+def log_sigma_at(t: Tensor, sigma_table: Tensor) -> Tensor:
+    """σ at fractional timesteps t ∈ [0, T−1] by linear interpolation of log σ (k-diffusion's `t_to_sigma`, which
+    A1111's "Uniform" and "SGM Uniform" schedules read σ with); sigma_at interpolates σ itself, as diffusers does.
+    They agree at integer t. t: any shape; returns float64 of t's shape.
+
+    >>> table = torch.tensor([1.0, 4.0], dtype=torch.float64)
+    >>> log_sigma_at(torch.tensor([0.0, 0.5, 1.0]), table).tolist()  # √(1·4) halfway, where sigma_at gives 2.5
+    [1.0, 2.0, 4.0]
+    """
+    t = t.double()
+    low = t.floor().long().clamp(0, len(sigma_table) - 2)
+    w = t - low
+    log_table = sigma_table.log()
+    return ((1 - w) * log_table[low] + w * log_table[low + 1]).exp()
+
+
 def t_at(sigma: Tensor, sigma_table: Tensor) -> Tensor:
     """The fractional timestep whose σ is `sigma`: linear interpolation in log σ, clipped to [0, T−1]
     (k-diffusion `sigma_to_t`; diffusers `_sigma_to_t`). The inverse of `sigma_at` up to that log. float64.
@@ -94,6 +123,57 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     ramp = linspace_exact(1.0, n)
     max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho  # eq. 5
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> Tensor:
+    """n noise levels from σ_max down to σ_min, evenly spaced in log σ (k-diffusion `get_sigmas_exponential`;
+    A1111's "Exponential"): a constant ratio between neighbours. float64 (n,).
+
+    >>> [round(s, 6) for s in exponential_sigmas(0.1, 10.0, 3).tolist()]
+    [10.0, 1.0, 0.1]
+    """
+    ramp = linspace_exact(1.0, n)
+    log_max, log_min = math.log(sigma_max), math.log(sigma_min)
+    return (log_max + ramp * (log_min - log_max)).exp()
+
+
+def sgm_uniform_sigmas(sigma_table: Tensor, n: int) -> Tensor:
+    """A1111's "SGM Uniform" (Stability's sgm code): t = linspace(T − 1, 0, n + 1) without its last point (t = 0),
+    σ read off the table in log σ (log_sigma_at). Evenly spaced in t like "Uniform", but every step one n-th of
+    the way, the last ending above t = 0. float64 (n,).
+
+    >>> [round(s, 4) for s in sgm_uniform_sigmas(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64), 2).tolist()]
+    [4.0, 2.0]
+    """
+    t = linspace_exact(len(sigma_table) - 1, n + 1).flip(0)[:-1]
+    return log_sigma_at(t, sigma_table)
+
+
+def schedule_sigmas(schedule_type: str, sigma_table: Tensor, n: int) -> Tensor:
+    """The n σ of a "Karras", "Exponential" or "SGM Uniform" schedule over the table's range [σ_min, σ_max] (the
+    model's, as k-diffusion and A1111 take it), decreasing, float64 (n,)."""
+    sigma_min, sigma_max = sigma_table[0].item(), sigma_table[-1].item()
+    if schedule_type == "Karras":
+        return karras_sigmas(sigma_min, sigma_max, n)
+    if schedule_type == "Exponential":
+        return exponential_sigmas(sigma_min, sigma_max, n)
+    assert schedule_type == "SGM Uniform", schedule_type
+    return sgm_uniform_sigmas(sigma_table, n)
+
+
+def check_schedule(schedule_type: str, timestep_spacing: str) -> str:
+    """A σ sampler's schedule settings, checked: a schedule type of SCHEDULE_TYPES, a spacing of SPACINGS, and a
+    spacing other than "linspace" only with "Uniform" (the others space σ themselves). Returns schedule_type."""
+    if schedule_type not in SCHEDULE_TYPES:
+        raise MinisdError(f"schedule_type must be one of {', '.join(SCHEDULE_TYPES)}, got {schedule_type!r}")
+    if timestep_spacing not in SPACINGS:
+        raise MinisdError(f"timestep_spacing must be one of {', '.join(SPACINGS)}, got {timestep_spacing!r}")
+    if schedule_type != "Uniform" and timestep_spacing != "linspace":
+        raise MinisdError(
+            f"timestep_spacing {timestep_spacing!r} applies to the Uniform schedule only; {schedule_type} spaces "
+            "its own σ over the model's range"
+        )
+    return schedule_type
 
 
 def check_sigmas(sigmas: Tensor | list[float]) -> Tensor:
@@ -137,22 +217,41 @@ class SigmaSampler(Sampler):
     After `set_timesteps`: `sigmas` (m + 1,) float64, the σ of the m method steps this run makes, then 0;
     `timesteps` one float32 entry per model call (what the UNet is given); `call_sigmas` the σ of x at each call;
     `step_index` the next call's index (base.Sampler).
-    Default spacing "linspace" (diffusers' default for these schedulers; SD v1.5's scheduler_config sets none):
-    t = linspace(T − 1, 0, n), kept fractional, and σ interpolated there. n = 1 runs from t = T − 1 (pure noise);
-    diffusers' linspace(0, T − 1, 1) = [0] makes its one step start at σ_min = 0.029, from a nearly clean "noise".
+
+    schedule_type: one of SCHEDULE_TYPES (see the module docstring); the UNet is shown the fractional t of each σ
+    (t_at: log-σ interpolation, as k-diffusion and diffusers do). timestep_spacing, for "Uniform" only:
+      "linspace" (the default: diffusers' default for these schedulers; SD v1.5's scheduler_config sets none)
+                 t = linspace(T − 1, 0, n), kept fractional, σ interpolated there. n = 1 runs from t = T − 1 (pure
+                 noise); diffusers' linspace(0, T − 1, 1) = [0] makes its one step start at σ_min = 0.029.
+      "leading"  t = i·⌊T/n⌋ + 1 (SD v1's DDIM/PLMS grid: 50 steps visit 981 … 1; what
+                 `EulerDiscreteScheduler.from_config(pipe.scheduler.config)` inherits from SD v1.5's PNDM config)
+      "trailing" t = round(T − i·T/n) − 1 (999 first)
+    as schedule.spaced_timesteps computes them, each equal to diffusers' for that spacing.
     """
 
     timestep_dtype = torch.float32  # fractional t: what diffusers gives these UNet calls
 
-    def __init__(self) -> None:
+    def __init__(self, schedule_type: str = "Uniform", timestep_spacing: str = "linspace") -> None:
+        self.schedule_type = check_schedule(schedule_type, timestep_spacing)
+        self.timestep_spacing = timestep_spacing
         self.sigma_table = sd_sigma_table()
 
     def schedule(self, num_inference_steps: int) -> tuple[Tensor, Tensor]:
-        """The full run's (timesteps (n,) float32, sigmas (n,) float64), before truncation and the final 0."""
-        timesteps = linspace_exact(NUM_TRAIN_TIMESTEPS - 1, num_inference_steps).flip(0).float()
+        """The full run's (timesteps (n,), sigmas (n,) float64), before truncation and the final 0."""
+        if self.schedule_type != "Uniform":
+            sigmas = schedule_sigmas(self.schedule_type, self.sigma_table, num_inference_steps)
+            return self.timesteps_for(sigmas), sigmas
+        timesteps = self.uniform_timesteps(num_inference_steps).to(self.timestep_dtype)
+        return timesteps, sigma_at(timesteps, self.sigma_table)  # σ of exactly the t the UNet sees
+
+    def uniform_timesteps(self, num_inference_steps: int) -> Tensor:
+        """The "Uniform" schedule's t (n,), decreasing: the spacing's grid (see the class docstring)."""
+        if self.timestep_spacing != "linspace":
+            return spaced_timesteps(num_inference_steps, self.timestep_spacing).double()
+        timesteps = linspace_exact(NUM_TRAIN_TIMESTEPS - 1, num_inference_steps).flip(0)
         if num_inference_steps == 1:  # diffusers: linspace(0, T−1, 1) = [0], one step from σ_min; start at T−1
             timesteps[0] = NUM_TRAIN_TIMESTEPS - 1
-        return timesteps, sigma_at(timesteps, self.sigma_table)  # σ of exactly the t the UNet sees
+        return timesteps
 
     def timesteps_for(self, sigmas: Tensor) -> Tensor:
         """The timesteps the UNet is shown for caller-given σ: the fractional t of each (log-σ interpolation)."""
@@ -197,7 +296,10 @@ class SigmaSampler(Sampler):
         self.sigmas = sigmas[start:]
         call_timesteps, self.call_sigmas = self.calls_for(timesteps[start:], self.sigmas)
         self.start_run(call_timesteps)
-        self.init_noise_sigma = self.sigmas[0].item()  # σ of the first x (the full schedule's σ_max for txt2img)
+        # the std of the first x: σ_max (the run's first σ), or with "leading" spacing, as diffusers does there,
+        # √(σ_max² + 1): the std of x = x_0 + σ·ε for unit-variance x_0 (a leading run starts below t = T − 1)
+        sigma_max = self.sigmas[0].item()
+        self.init_noise_sigma = math.sqrt(sigma_max**2 + 1) if self.timestep_spacing == "leading" else sigma_max
         self.reset()
 
     def reset(self) -> None:

@@ -108,6 +108,8 @@ def _main(argv: list[str] | None) -> int:
     evaluate.add_argument("--steps", type=positive_int, default=25, help="sampling steps (25)")
     evaluate.add_argument("--sampler", default="DPM++ 2M", help="sampler name (DPM++ 2M)")
     evaluate.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    evaluate.add_argument("--phrasings", action="store_true", help="also adherence per phrasing family on the "
+                          "held-out scenes (over, beneath, left of, the, a full stop, ...)")  # fmt: skip
     evaluate.add_argument("--grid", type=Path, help="write a labelled sample grid here (a new .png)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --grid file")
     args = parser.parse_args(argv)
@@ -199,6 +201,12 @@ def _evaluate(args: argparse.Namespace) -> int:
             f"({len(captions)} captions; failed on {result.failures or 'nothing'}; {result.seconds:.3f} s/picture "
             "batched)"
         )
+    if args.phrasings:
+        print("held-out scenes by phrasing family:")
+        for family, captions in evaluate.phrasing_families().items():
+            result = evaluate.adherence(components, captions, seeds=args.seeds, **sampling)
+            failed = ", ".join(f"{n} {part}" for part, n in result.failures.items()) or "none"
+            print(f"  {family:18} {100 * result.rate:5.1f}% ({result.accepted}/{result.total}; failed: {failed})")
     print(f"VAE reconstruction PSNR on 512 held-out pictures: {evaluate.vae_psnr(components):.2f} dB")
     if args.grid is not None:
         captions = evaluate.sample_captions_for_grid()

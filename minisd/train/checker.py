@@ -164,6 +164,11 @@ def shape_of(mask: Tensor) -> str:
 
 def find_objects(image: Tensor | Image.Image) -> list[Found]:
     """Every object in the picture, largest first: its colour, shape, centroid and area."""
+    return [found for found, _ in find_object_masks(image)]
+
+
+def find_object_masks(image: Tensor | Image.Image) -> list[tuple[Found, Tensor]]:
+    """find_objects with each object's (h, w) bool pixel mask beside it."""
     rgb = to_rgb(image)
     h, w = rgb.shape[-2:]
     hue, saturation, value = _hsv(rgb)
@@ -182,8 +187,8 @@ def find_objects(image: Tensor | Image.Image) -> list[Found]:
             continue
         ys, xs = torch.nonzero(mask, as_tuple=True)
         name = [*names, "other"][k]
-        found.append(Found(name, shape_of(mask), xs.float().mean().item(), ys.float().mean().item(), len(xs)))
-    return sorted(found, key=lambda f: -f.area)
+        found.append((Found(name, shape_of(mask), xs.float().mean().item(), ys.float().mean().item(), len(xs)), mask))
+    return sorted(found, key=lambda fm: -fm[0].area)
 
 
 def _holds(relation: str, a: Found, b: Found) -> bool:

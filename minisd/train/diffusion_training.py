@@ -46,6 +46,7 @@ from minisd.errors import MinisdError
 from minisd.samplers.schedule import NUM_TRAIN_TIMESTEPS, add_noise, alphas_cumprod_from_betas, scaled_linear_betas
 from minisd.tokenizer import Tokenizer
 from minisd.train import shapes
+from minisd.train.captions import PHRASINGS_PER_PICTURE, phrasing_ids, pick_phrasing
 from minisd.train.common import (
     EMA,
     Distributed,
@@ -199,15 +200,16 @@ def draw_batch(
     p_uncond: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One global batch, every draw from `generator` on the CPU: x0 (b, 4, h, w), input_ids (b, 77), t (b,),
-    noise (b, 4, h, w). Every DDP rank draws the same global batch and keeps its own shard, so the run does not
-    depend on the number of processes."""
+    noise (b, 4, h, w). caption_ids: (n, 77), or (n, k, 77) with k phrasings a picture, one picked per draw
+    (captions.py). Every DDP rank draws the same global batch and keeps its own shard, so the run does not depend
+    on the number of processes."""
     index = torch.randint(len(mean), (batch_size,), generator=generator)
     z = mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)  # z ~ q(z | image)
     x0 = scale * z
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch_size,), generator=generator)  # t ~ U{0, …, 999}
     noise = torch.randn(x0.shape, generator=generator)  # ε ~ N(0, I)
     drop = torch.rand(batch_size, generator=generator) < p_uncond  # classifier-free guidance: y -> ""
-    input_ids = torch.where(drop[:, None], empty_ids, caption_ids[index])
+    input_ids = torch.where(drop[:, None], empty_ids, pick_phrasing(caption_ids, index, generator))
     return x0, input_ids, t, noise
 
 
@@ -224,18 +226,20 @@ def reusable(path: Path, source: dict, what: str) -> bool:
 
 
 def prepare_latents(run_dir: Path, vae_path: str | os.PathLike, vae: VAE, config: DiffusionTrainingConfig) -> Path:
-    """Draw the training pictures, encode them with the frozen VAE (`vae`, read from `vae_path`) and tokenize their
-    captions, once; saved as run_dir/latents.safetensors (mean, std, caption_ids, scale), which later runs and
-    resumes reuse."""
+    """Draw the training pictures, encode them with the frozen VAE (`vae`, read from `vae_path`) and tokenize
+    PHRASINGS_PER_PICTURE phrasings of each caption (captions.py), once; saved as run_dir/latents.safetensors
+    (mean, std, caption_ids (n, k, 77), scale), which later runs and resumes reuse."""
     path = run_dir / "latents.safetensors"
     source = {"vae_sha256": hashlib.sha256(Path(vae_path).read_bytes()).hexdigest(), "seed": config.seed}
     source["num_pictures"] = config.num_pictures
+    source["phrasings"] = {"per_picture": PHRASINGS_PER_PICTURE, "documented_fraction": shapes.DOCUMENTED_FRACTION}
+    source["phrasings"]["relations"] = {r: list(p) for r, p in shapes.RELATION_PHRASES.items()}  # JSON: lists
     if reusable(path, source, "another VAE or data set"):
         return path
     pixels, captions = shapes.dataset(config.num_pictures, seed=config.seed)
     mean, std = encode_pictures(vae, pixels)
     scale = latent_scale(mean, std, torch.Generator().manual_seed(config.seed))
-    caption_ids = Tokenizer.from_default()(captions)  # (n, 77)
+    caption_ids = phrasing_ids(captions, PHRASINGS_PER_PICTURE, torch.Generator().manual_seed(config.seed))
     save_checkpoint(path, {"mean": mean, "std": std, "caption_ids": caption_ids, "scale": scale, "source": source})
     return path
 

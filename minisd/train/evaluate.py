@@ -3,12 +3,14 @@
     adherence  for every held-out caption (shapes.heldout_captions(): 28 scenes, 56 captions, none trained on),
                draw `seeds` pictures with the ordinary txt2img pipeline and ask checker.check whether each shows its
                caption (count, colour, shape, relation). The same on as many training captions, for comparison.
+    phrasings  the same held-out scenes said each way people type them (phrasing_families: "over", "left of",
+               "the", a full stop, ...): adherence per family, so a phrasing the model has not learned shows.
     PSNR       the VAE's deterministic reconstruction D(μ) of held-out pictures (vae_training.evaluate_vae).
     grid       one picture per caption, in rows, with the captions printed under them.
     guidance   the model's default guidance scale: the best of a few on training captions (choose_guidance),
                written into the file (record_guidance); `python -m minisd.train all` does this last.
 
-`python -m minisd.train evaluate --model minisd/data/nano.safetensors --seeds 4 --grid samples.png`.
+`python -m minisd.train evaluate --model minisd/data/nano.safetensors --seeds 4 --phrasings --grid samples.png`.
 """
 
 import os
@@ -36,16 +38,23 @@ from weights_convert.folders import file_metadata
 def prompt_note(source: str | os.PathLike, prompt: str) -> str | None:
     """A one-line note when weights trained by `python -m minisd.train` (the nano model) get a prompt outside the one
     grammar they were trained on: such a model draws *something* for any prompt, so `minisd generate` says so rather
-    than stay silent. None for other weights and for prompts in the grammar. Call it after loading: the file is
-    known to be readable."""
+    than stay silent, naming the words it does not know (or, when it knows them all, that they do not make one of
+    its captions), with the grammar. None for other weights and for prompts in the grammar. Call it after loading:
+    the file is known to be readable."""
     path = Path(source)
     if not path.is_file() or "minisd.train_config" not in file_metadata(path):
         return None
+    text = "".join(text for text, _ in parse_emphasis(prompt))  # "(red:1.2)" is still "red"
     try:
-        shapes.parse_caption("".join(text for text, _ in parse_emphasis(prompt)))  # "(red:1.2)" is still "red"
-    except MinisdError as error:
-        return f"note: {path.name} knows only its training captions: {error}"
-    return None
+        shapes.parse_caption(text)
+        return None
+    except MinisdError:
+        unknown = shapes.unknown_words(text)
+    if unknown:
+        said = f"does not know {', '.join(repr(w) for w in unknown)}"
+    else:
+        said = f"knows every word of {text.strip()!r}, but that is not one of its captions"
+    return f"note: {path.name} {said}; it draws only captions {shapes.grammar()}"
 
 
 class Adherence(NamedTuple):
@@ -100,6 +109,24 @@ def adherence(components: Components, captions: list[str], seeds: int = 4, **sam
     return Adherence(accepted, total, failures, (time.perf_counter() - start) / total)
 
 
+def phrasing_families() -> dict[str, list[str]]:
+    """The held-out captions (28 scenes, never trained on in any phrasing) in each way shapes.py's grammar says them:
+    "documented" (56 captions: a … a …, the documented relation), "the … the" (56), "trailing . or !" (56,
+    alternately), and one family per other relation phrase ("over", "beneath", "left of", ...: the held-out captions
+    of that relation, once with "a … a" and once with "the … the", 28 each)."""
+    scenes = [shapes.parse_caption(c) for c in shapes.heldout_captions()]
+    families = {
+        "documented": [shapes.say(s) for s in scenes],
+        "the … the": [shapes.say(s, None, ("the", "the")) for s in scenes],
+        "trailing . or !": [shapes.say(s, None, ("a", "a"), ".!"[i % 2]) for i, s in enumerate(scenes)],
+    }
+    for relation, phrases in shapes.RELATION_PHRASES.items():
+        for phrase in phrases[1:]:
+            said = [s for s in scenes if s.relation == relation]
+            families[f'"{phrase}"'] = [shapes.say(s, phrase, (x, x)) for x in shapes.ARTICLES for s in said]
+    return families
+
+
 def vae_psnr(components: Components, num_pictures: int = 512, seed: int = 1) -> float:
     """PSNR (dB) of the VAE's reconstruction of `num_pictures` held-out pictures (drawn from held-out captions).
 
@@ -111,10 +138,15 @@ def vae_psnr(components: Components, num_pictures: int = 512, seed: int = 1) -> 
 
 
 def sample_captions_for_grid() -> list[str]:
-    """Eight held-out captions (every relation, colour and shape appears) and four seen in training."""
-    heldout = shapes.heldout_captions()
-    train = shapes.train_captions()
-    return heldout[::7][:8] + train[::97][:4]
+    """Eight held-out scenes (every relation, colour and shape appears), said in as many ways (the documented
+    phrasing first, then "left of", "beneath", "the", a full stop ...), and four training captions."""
+    heldout = [shapes.parse_caption(c) for c in shapes.heldout_captions()[::7][:8]]
+    said = []
+    for i, scene in enumerate(heldout):
+        phrases = shapes.RELATION_PHRASES[scene.relation]
+        phrase = phrases[(i // 2 + 1) % len(phrases)] if i else None
+        said.append(shapes.say(scene, phrase, (shapes.ARTICLES[i // 2 % 2],) * 2, shapes.ENDINGS[i % 3]))
+    return said + shapes.train_captions()[::97][:4]
 
 
 def labelled_grid(pictures: Tensor, captions: list[str], columns: int = 4, scale: int = 3) -> Image.Image:

@@ -11,6 +11,10 @@ two shapes drawn with PIL at 4× and box-filtered down (anti-aliased edges, as a
 vocabulary     COLOURS = red, yellow, green, blue (hues ~0°, 47°, 129°, 226°: far apart, so the checker can
                tell them by hue alone);  SHAPES = circle, square, triangle (radial extent / equivalent radius
                1.0, 1.25, ~1.6: far apart);  RELATIONS = above, below, to the left of, to the right of.
+phrasings      each relation also as people type it: above = over, on top of; below = under, beneath,
+               underneath; to the left of = left of, on the left of (and right alike); "a" or "the" before each
+               object; an optional "." or "!" at the end. The *documented* phrasing is the first of each
+               (`str(scene)`: "a red circle above a blue square").
 jitter         half-size r ~ U[7, 10] px, position ±2–5 px, each RGB channel ±12: the model must generalise,
                not memorise 2D stamps.
 layout         two objects sit on the axis of their relation with a clear gap (centres ≥ 24 px apart along it,
@@ -29,8 +33,15 @@ paraphrase of a training picture: the model has seen each of the two objects, in
 side of that relation, with other partners, but never this pair in this arrangement. Every single object, every
 ordered colour pair on each axis and every object on each side of each relation stays in training (checked in
 tests/test_shapes.py), so held-out captions test composition, not unseen words.
+
+Paraphrases: a picture is drawn once, from a documented caption; every time training draws it, it draws a phrasing
+too (`sample_phrasings`: the documented one a quarter of the time, else any of that caption's phrasings, the
+documented one included). So every training scene is seen in every phrasing, and the model learns that "over" and
+"above" mean one thing from the same pictures. The held-out test is a property of the scene (`is_heldout` parses
+any phrasing), so a held-out scene is held out in every phrasing.
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +56,16 @@ BACKGROUND = (255, 255, 255)
 COLOURS = {"red": (215, 40, 40), "yellow": (235, 195, 30), "green": (40, 165, 65), "blue": (45, 85, 215)}
 SHAPES = ("circle", "square", "triangle")
 RELATIONS = ("above", "below", "to the left of", "to the right of")
+# How each relation may be said, the documented phrasing first.
+RELATION_PHRASES = {
+    "above": ("above", "over", "on top of"),
+    "below": ("below", "under", "beneath", "underneath"),
+    "to the left of": ("to the left of", "left of", "on the left of"),
+    "to the right of": ("to the right of", "right of", "on the right of"),
+}
+ARTICLES = ("a", "the")
+ENDINGS = ("", ".", "!")  # an optional full stop or exclamation mark after the caption
+DOCUMENTED_FRACTION = 0.25  # share of training draws in the documented phrasing (the rest: any phrasing)
 SINGLE_FRACTION = 0.25  # share of one-object captions in `dataset(split="train")`
 
 
@@ -75,31 +96,96 @@ class Scene:
         return (self.first,) if self.second is None else (self.first, self.second)
 
 
+def say(
+    scene: Scene, relation_phrase: str | None = None, articles: tuple[str, str] = ("a", "a"), ending: str = ""
+) -> str:
+    """One phrasing of `scene`: a relation phrase from RELATION_PHRASES[scene.relation] (default: the documented
+    one), an article for each object, an ending from ENDINGS.
+
+    >>> say(parse_caption("a red circle to the left of a blue square"), "left of", ("the", "a"), ".")
+    'the red circle left of a blue square.'
+    """
+    first = f"{articles[0]} {scene.first.colour} {scene.first.shape}"
+    if scene.relation is None:
+        return first + ending
+    relation_phrase = relation_phrase or scene.relation
+    assert relation_phrase in RELATION_PHRASES[scene.relation], (scene.relation, relation_phrase)
+    return f"{first} {relation_phrase} {articles[1]} {scene.second.colour} {scene.second.shape}{ending}"
+
+
+def phrasings(caption: str) -> list[str]:
+    """Every phrasing of the grammar that says what `caption` says, with its objects in the same order; the
+    documented phrasing first. 6 for one object; 36 or 48 for two (3 or 4 relation phrases × 4 article pairs × 3
+    endings).
+
+    >>> p = phrasings("a red circle below a blue square")
+    >>> len(p), p[0], "the red circle beneath a blue square!" in p
+    (48, 'a red circle below a blue square', True)
+    """
+    scene = parse_caption(caption)
+    article_pairs = [(x, y) for x in ARTICLES for y in ARTICLES]
+    if scene.relation is None:
+        return [say(scene, None, (x, x), e) for e in ENDINGS for x in ARTICLES]
+    phrases = RELATION_PHRASES[scene.relation]
+    return [say(scene, r, xy, e) for e in ENDINGS for r in phrases for xy in article_pairs]
+
+
 def parse_caption(caption: str) -> Scene:
-    """Read a caption of this data set's grammar back into a Scene.
+    """Read a caption of this data set's grammar, in any of its phrasings, back into a Scene (whose str() is the
+    documented phrasing). Case and surrounding spaces do not matter.
 
     >>> scene = parse_caption("a red circle to the left of a blue square")
     >>> scene.first, scene.relation, scene.second.shape
     (Thing(colour='red', shape='circle'), 'to the left of', 'square')
+    >>> str(parse_caption("The red circle on top of the blue square."))
+    'a red circle above a blue square'
     """
-    words = caption.strip().lower().split()
+    text = caption.strip().lower()
+    if text and text[-1] in ENDINGS:  # one optional "." or "!"
+        text = text[:-1]
+    words = text.split()
 
     def thing(ws: list[str]) -> Thing | None:
-        ok = len(ws) == 3 and ws[0] == "a" and ws[1] in COLOURS and ws[2] in SHAPES
+        ok = len(ws) == 3 and ws[0] in ARTICLES and ws[1] in COLOURS and ws[2] in SHAPES
         return Thing(ws[1], ws[2]) if ok else None
 
     if len(words) == 3 and thing(words):
         return Scene(thing(words))
-    for relation in RELATIONS:
-        r = relation.split()
-        if words[3 : 3 + len(r)] == r:
-            first, second = thing(words[:3]), thing(words[3 + len(r) :])
-            if first and second and first.colour != second.colour:
-                return Scene(first, relation, second)
-    raise MinisdError(
-        f"caption must read 'a <colour> <shape>[ <relation> a <colour> <shape>]' with colours in {list(COLOURS)} "
-        f"(two different), shapes in {list(SHAPES)}, relations in {list(RELATIONS)}; got {caption!r}"
+    for relation, phrases in RELATION_PHRASES.items():
+        for phrase in phrases:
+            r = phrase.split()
+            if words[3 : 3 + len(r)] == r:
+                first, second = thing(words[:3]), thing(words[3 + len(r) :])
+                if first and second and first.colour != second.colour:
+                    return Scene(first, relation, second)
+    raise MinisdError(f"caption must read {grammar()}; got {caption!r}")
+
+
+def grammar() -> str:
+    """The caption grammar in one line (parse_caption's error, the CLI's note on the nano model, README).
+
+    >>> grammar()[:63]
+    "'<a|the> <colour> <shape> [<relation> <a|the> <colour> <shape>]"
+    """
+    relations = " | ".join(p for ps in RELATION_PHRASES.values() for p in ps)
+    return (
+        f"'<a|the> <colour> <shape> [<relation> <a|the> <colour> <shape>][.|!]' with <colour> {' | '.join(COLOURS)} "
+        f"(two different), <shape> {' | '.join(SHAPES)}, <relation> {relations}"
     )
+
+
+RELATION_WORDS = {w for ps in RELATION_PHRASES.values() for p in ps for w in p.split()}  # above, on, top, of, ...
+WORDS = frozenset([*ARTICLES, *COLOURS, *SHAPES, *RELATION_WORDS])  # every word a caption uses: 23
+
+
+def unknown_words(text: str) -> list[str]:
+    """The words of `text` that no caption uses, in order, each once; case and punctuation do not count.
+
+    >>> unknown_words("A red cat, left of the big blue square!")
+    ['cat', 'big']
+    """
+    words = re.findall(r"[^\W_]+", text.lower())  # runs of letters and digits
+    return list(dict.fromkeys(w for w in words if w not in WORDS))
 
 
 def _layout(scene: Scene) -> tuple[Thing, Thing, int]:

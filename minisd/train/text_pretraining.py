@@ -34,6 +34,7 @@ from tqdm import tqdm
 from minisd.clip import TextEncoder
 from minisd.tokenizer import Tokenizer
 from minisd.train import shapes
+from minisd.train.captions import pick_phrasing
 from minisd.train.common import LossLog, init_weights, linear_warmup
 
 END = 49407  # <|endoftext|>: CLIP's end token, and SD v1's padding
@@ -80,8 +81,10 @@ def pooled(text_encoder: TextEncoder, input_ids: Tensor) -> Tensor:
 
 
 def scene_ids(caption_ids: Tensor) -> Tensor:
-    """An integer per caption, equal for captions that describe the same scene (the two phrasings of a pair).
-    caption_ids (n, 77) -> (n,) int64."""
+    """An integer per caption, equal for captions that describe the same scene (the two orders of a pair, in any
+    phrasing). caption_ids (n, 77) -> (n,) int64; (n, k, 77), k phrasings of each picture's caption -> (n,)."""
+    if caption_ids.dim() == 3:
+        caption_ids = caption_ids[:, 0]  # the k phrasings of a picture say one scene
     unique, inverse = torch.unique(caption_ids, dim=0, return_inverse=True)
     tokenizer = Tokenizer.from_default()
     keys = [shapes.scene_key(shapes.parse_caption(tokenizer.decode(ids))) for ids in unique]
@@ -116,7 +119,8 @@ def pretrain_text_encoder(
     progress: bool = True,
 ) -> TextEncoder:
     """Train `text_encoder` in place against the training pictures' latents (mean, std: (n, 4, h, w), the VAE
-    posterior of each picture; caption_ids: (n, 77)) and return it. The towers' weights are dropped after."""
+    posterior of each picture; caption_ids: (n, 77), or (n, k, 77) with one of k phrasings picked per draw) and
+    return it. The towers' weights are dropped after."""
     generator = torch.Generator().manual_seed(config.seed)
     image_tower = ImageTower(mean[0].numel(), config.embed_dim)
     text_projection = nn.Linear(text_encoder.config.hidden_size, config.embed_dim, bias=False)
@@ -134,7 +138,7 @@ def pretrain_text_encoder(
             group["lr"] = config.lr * linear_warmup(step, config.warmup_steps)
         index = torch.randint(len(mean), (config.batch_size,), generator=generator)
         z = scale * (mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator))
-        text_embeds = text_projection(pooled(text_encoder, caption_ids[index]))
+        text_embeds = text_projection(pooled(text_encoder, pick_phrasing(caption_ids, index, generator)))
         loss = contrastive_loss(image_tower(z), text_embeds, logit_scale, scenes[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,83 @@
+"""The hashes that tie an image's record (minisd/parameters.py) to its weights and source images, and the source
+images given again for a record: no path of the maker's machine is recorded, the files are found again by hash.
+
+    file_hash          A1111's "Model hash": the first 10 hex digits of the file's SHA-256
+    legacy_file_hash   A1111's old 8-digit "Model hash" (SHA-256 of 64 KiB at offset 1 MiB), still in old PNGs
+    pixels_hash        "Init image hash" / "Mask image hash": SHA-256 of an image's pixels (mode, size, bytes)
+"""
+
+import hashlib
+import os
+import re
+
+from PIL import Image
+
+from minisd.errors import MinisdError
+from minisd.images import open_image
+
+
+def short_hash(data: bytes) -> str:
+    """The first 10 hex digits of SHA-256: A1111's short "Model hash" form.
+
+    >>> short_hash(b"")
+    'e3b0c44298'
+    """
+    return hashlib.sha256(data).hexdigest()[:10]
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """short_hash of a file's bytes, read in 16 MiB pieces (A1111's model hash of a single file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(16 << 20):
+            digest.update(piece)
+    return digest.hexdigest()[:10]
+
+
+def legacy_file_hash(path: str | os.PathLike) -> str:
+    """A1111's old 8-digit model hash (before 2022-12): SHA-256 of the 64 KiB at offset 1 MiB, first 8 hex digits."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def hash_matches(recorded: str, path: str | os.PathLike) -> bool:
+    """Whether a recorded "Model hash" names this file: A1111's short hash (10 hex digits, file_hash) or its old
+    one (8, legacy_file_hash). Any other form matches nothing."""
+    if re.fullmatch(r"[0-9a-f]{10}", recorded):
+        return file_hash(path) == recorded
+    return bool(re.fullmatch(r"[0-9a-f]{8}", recorded)) and legacy_file_hash(path) == recorded
+
+
+def pixels_hash(pil: Image.Image) -> str:
+    """short_hash of an image's pixels: mode, size and bytes (the same picture in another file format hashes alike)."""
+    return short_hash(f"{pil.mode} {pil.width}x{pil.height}\n".encode() + pil.tobytes())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Source images: given as PIL images or paths, recorded by path and hash
+
+
+def source_image(name: str, image: Image.Image | str | os.PathLike) -> tuple[Image.Image, str]:
+    """image (PIL or a path) -> (the PIL image, its pixels hash)."""
+    if isinstance(image, Image.Image):
+        return image, pixels_hash(image)
+    if isinstance(image, str | os.PathLike):
+        pil = open_image(name, image)
+        return pil, pixels_hash(pil)
+    raise MinisdError(f"{name} must be a PIL image or an image file path, got {type(image).__name__}")
+
+
+def recorded_image(name: str, image: Image.Image | str | os.PathLike | None, recorded_hash: str | None) -> Image.Image:
+    """A source image given again for a record, checked against its recorded pixels hash (or A1111's "Init image
+    hash": the MD5 of its bytes, 32 hex digits)."""
+    if image is None:
+        raise MinisdError(f"the parameters were made from a {name} (pixels hash {recorded_hash}): give it again")
+    pil, digest = source_image(name, image)
+    if recorded_hash is not None and len(recorded_hash) == 32:
+        digest = hashlib.md5(pil.tobytes()).hexdigest()  # A1111's, for naming files, not for security
+    if recorded_hash is not None and digest != recorded_hash:
+        raise MinisdError(
+            f"{name} {str(image)[:80]!r} is not the one recorded: pixels hash {digest}, recorded {recorded_hash}"
+        )
+    return pil
