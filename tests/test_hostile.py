@@ -659,6 +659,8 @@ def test_hub_ids_offline_by_default(commands, tmp_path):
             assert time.perf_counter() - before < 10, "the hub client retried"
         reply = commands.run("minisd", "info", "org/tiny", cwd=tmp_path, env=hanging)
         assert reply["rc"] == 0 and reply["seconds"] < 10, reply
+        argv = ("generate", "a fox", "--model", "org/tiny", "--steps", "1", "--guidance", "1000")  # refused once loaded
+        assert_refused(commands, "minisd", *argv, cwd=tmp_path, env=hanging, says=("guidance",))
         text = "a fox\nSteps: 1, Sampler: Euler, CFG scale: 3, Seed: 1, Size: 64x64, Model: org/absent"
         save_png(Image.new("RGB", (64, 64)), tmp_path / "tampered.png", text)
         assert_refused(
@@ -826,3 +828,44 @@ def test_messages_quote_little(commands, tmp_path):
     reply = commands.run("minisd", "generate", prompt, "--steps", "1", "--seed", "1", "-o", "out.png", cwd=tmp_path)
     assert reply["rc"] == 0 and reply["stderr"], reply["stderr"][:300]
     assert all(len(line) <= 600 for line in reply["stderr"].splitlines()), reply["stderr"][:2000]
+
+
+def test_kandinsky_shares_the_protections(commands, tmp_path):
+    """Kandinsky 2.2's CLI reads the same kinds of files through its own loader: a config that drives memory, NaN
+    weights, oversized or blocking source images, a PNG's Device: each refused in one line, bounded, nothing written."""
+    import shutil
+
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    from minisd.images import save_png
+    from tests.kandinsky_reference import save_tiny_repos, tiny_reference
+    from tests.reference import write_reference_tokenizer_folder
+
+    save_tiny_repos(tmp_path, tiny_reference(write_reference_tokenizer_folder(tmp_path / "tokenizer")))
+    shutil.copytree(tmp_path / "decoder", tmp_path / "layers")  # a unet config that says a million layers
+    config = json.loads((tmp_path / "layers" / "unet" / "config.json").read_text())
+    (tmp_path / "layers" / "unet" / "config.json").write_text(json.dumps({**config, "layers_per_block": 1_000_000}))
+    shutil.copytree(tmp_path / "decoder", tmp_path / "nan")  # a NaN in MoVQ's weights
+    movq = tmp_path / "nan" / "movq" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(movq)
+    next(iter(weights.values())).view(-1)[0] = float("nan")
+    save_file(weights, movq)
+    (tmp_path / "huge.png").write_bytes(png_declaring(10_000, 10_000))
+    os.mkfifo(tmp_path / "fifo.png")
+    shutil.rmtree(tmp_path / "tokenizer")
+    shared = ("--prior", "prior", "--steps", "1", "--prior-steps", "1")
+    for argv, says in (
+        (("generate", "a cat", "--model", "layers", *shared), ("layers_per_block",)),
+        (("generate", "a cat", "--model", "nan", *shared), ("NaN or inf",)),
+        (("img2img", "a cat", "--model", "decoder", "--image", "huge.png", *shared), ("huge.png",)),
+        (("img2img", "a cat", "--model", "decoder", "--image", "fifo.png", *shared), ("fifo.png",)),
+        (("generate", "a cat", "--model", "decoder", "--height", "4096", "--width", "4096", *shared), ("4096",)),
+    ):
+        assert_refused(commands, "minisd", *argv, cwd=tmp_path, says=says)
+    text = "a cat\nSteps: 1, Sampler: DDPM, CFG scale: 4, Seed: 1, Size: 64x64, Model: decoder, Device: meta, " + (
+        "Prior steps: 1, Prior: prior"
+    )
+    save_png(Image.new("RGB", (64, 64)), tmp_path / "meta.png", text)
+    argv = ("regenerate", "meta.png", "--model", "decoder", "--prior", "prior")
+    assert_refused(commands, "minisd", *argv, cwd=tmp_path, says=("meta", "Device"))

@@ -220,6 +220,23 @@ def fields_from(config_class, config: dict):
     return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+def check_sizes_within(component: str, config, state_dict: dict[str, Tensor]) -> None:
+    """A bound for networks without a size table (Kandinsky 2.2's): no integer in the dataclass `config` may exceed
+    what its weights could show, the largest tensor side or the number of tensors, whichever is larger (defaults
+    aside). A config saying a million layers is refused before a million layers are built (on the meta device:
+    seconds, gigabytes)."""
+    bound = max([len(state_dict), *(max(t.shape, default=1) for t in state_dict.values())])
+    for f in fields(config):
+        values = getattr(config, f.name)
+        if values == f.default:  # a field the file did not set (or set to minisd's own default): a known size
+            continue
+        for value in values if isinstance(values, tuple) else (values,):
+            if type(value) is int and value > bound:
+                raise MinisdError(
+                    f"{component}: the config says {f.name} {value}; its weights show no size over {bound}"
+                )
+
+
 # The config keys whose values the weights show (read by unet_config, vae_config, text_encoder_config).
 SHAPE_KEYS = {
     "unet": ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "cross_attention_dim"),
