@@ -382,7 +382,9 @@ def build_parser() -> ArgumentParser:
     weights.add_argument("--checkpoint", metavar="FILE", help="a single weights file (default: the nano model)")
     weights.add_argument("--model", metavar="ID|DIR", help="a Hugging Face hub id or a diffusers folder")
     explain.add_argument("--device", help="cpu (default), cuda, cuda:1, mps")
-    explain.add_argument("--port", type=positive_int, default=7860, help="http://127.0.0.1:PORT (7860)")
+    explain.add_argument(
+        "--port", type=partial(positive_int, most=65535), default=7860, help="http://127.0.0.1:PORT (7860)"
+    )
     explain.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     info = commands.add_parser("info", help="what a weights file, diffusers folder or hub id holds")
     info.add_argument("source", metavar="FILE_OR_ID", help="a .safetensors/.ckpt file, a diffusers folder or a hub id")

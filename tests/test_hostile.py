@@ -624,6 +624,8 @@ def test_devices_that_hold_no_numbers(commands, tmp_path):
     save_png(Image.new("RGB", (64, 64)), tmp_path / "meta.png", text)
     argv = ("regenerate", "meta.png", "--checkpoint", NANO)
     assert_refused(commands, "minisd", *argv, cwd=tmp_path, says=("meta", "Device"))
+    assert_refused(commands, "minisd", "explain", "--device", "meta", "--no-browser", cwd=tmp_path, says=("meta",))
+    assert_refused(commands, "minisd", "explain", "--port", "99999", "--no-browser", cwd=tmp_path, says=("--port",))
 
 
 def test_hub_ids_offline_by_default(commands, tmp_path):
