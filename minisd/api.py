@@ -26,13 +26,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from minisd.additions import Additions, AdditionsMethods, separate_vae
 from minisd.errors import MinisdError
 from minisd.fast import make_fast
 from minisd.hashes import file_hash, source_image
 from minisd.loading import HUB_ID, Components, load_components
 from minisd.parameters import MODES, GenerationParameters, draw_seed
 from minisd.pipelines import img2img, inpaint, txt2img
-from minisd.pipelines.checks import check_bool, check_int, check_seed, prompt_list
+from minisd.pipelines.checks import check_bool, check_int, check_seed, prompt_pairs
 from minisd.pipelines.common import INPAINT_CHANNELS
 from minisd.samplers import SIGMA_SAMPLERS, Sampler, get_sampler, resolve_name
 
@@ -57,12 +58,12 @@ class GenerationOutput:
         return [p.seed for p in self.parameters]
 
 
-class StableDiffusion:
+class StableDiffusion(AdditionsMethods):
     """SD v1 ready to generate: the four networks (.tokenizer .text_encoder .vae .unet), and where they came from.
 
     Build it with from_pretrained (a file, a diffusers folder or a hub id); call it for text-to-image, .img2img and
     .inpaint for the others. Each call returns a GenerationOutput. Device and dtype are the UNet's. Each image's
-    denoising loop draws a tqdm bar on stderr: set_progress_bar_config(disable=True) hides it.
+    denoising loop draws a tqdm bar on stderr: set_progress_bar_config(disable=True) hides it. LoRAs etc.: additions.py
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class StableDiffusion:
         self.fast = fast
         self.progress_bar = True  # a tqdm bar of each image's denoising steps on stderr (set_progress_bar_config)
         self._model_hash: str | None = None
+        self.additions = Additions(components, fast)  # embeddings, LoRAs, a separate VAE
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         """Hide (disable=True) or show the tqdm bar each image's denoising loop draws on stderr, as diffusers'
@@ -94,12 +96,14 @@ class StableDiffusion:
         variant: str | None = None,
         local_files_only: bool = False,
         fast: bool = False,
+        vae: str | os.PathLike | None = None,
     ) -> "StableDiffusion":
         """Load SD v1 from a single file (.safetensors / .ckpt), a diffusers folder or a hub id ("org/name", through
         the Hugging Face cache). The arguments are minisd.loading.load_components', except that dtype None on the CPU
         means float32 (CPUs compute float16 slowly and some ops not at all); on a GPU it keeps the file's dtype.
         fast: apply minisd.fast.make_fast to the three networks (fused QKV, channels_last, prepacked CPU convs):
-        faster, equal to the eager networks up to float rounding; recorded in each image's parameters."""
+        faster, equal to the eager networks up to float rounding; recorded in each image's parameters.
+        vae: a separate VAE (minisd.loading.load_vae: a file, folder or hub id such as "stabilityai/sd-vae-ft-mse")."""
         if not isinstance(fast, bool):  # before loading: a typo should not cost a multi-GB load
             raise MinisdError(f"fast must be True or False, got {fast!r}")
         if dtype is None and str(device).startswith("cpu"):
@@ -113,10 +117,14 @@ class StableDiffusion:
         else:
             weights, name = str(source), str(source)
         assert path.exists() or HUB_ID.match(str(source)), "load_components accepts only paths and hub ids"
+        if vae is not None:
+            components.vae = separate_vae(components, vae, dtype, device, local_files_only)
         if fast:
             for model in (components.unet, components.vae, components.text_encoder):
                 make_fast(model)
-        return cls(components, weights, name, fast)
+        pipe = cls(components, weights, name, fast)
+        pipe.additions.vae_record(vae)  # None: the model's own
+        return pipe
 
     @property
     def model_hash(self) -> str | None:
@@ -346,6 +354,7 @@ class StableDiffusion:
         if mode == "inpaint":
             mask, params.mask_hash = source_image("mask_image", mask_image)
             sources.append(mask)
+        self.additions.record(params)  # embeddings, LoRAs, VAE (loads the folder's embeddings the prompts name)
         return params, sources
 
     def sampler(
@@ -418,29 +427,24 @@ class StableDiffusion:
         output = GenerationOutput([])
         for i in range(num_images):  # one image per call, image i from seed + i (A1111's rule)
             sampler = get_sampler(params.sampler, params.eta, params.schedule_type, params.timestep_spacing)
-            if params.mode == "txt2img":
-                images = txt2img(
-                    self.components, params.prompt, height=params.height, width=params.width, seed=seed + i,
-                    sampler=sampler, **shared,
-                )  # fmt: skip
-            elif params.mode == "img2img":
-                (image,) = sources
-                images = img2img(
-                    self.components, params.prompt, image=image, strength=params.strength, seed=seed + i,
-                    sampler=sampler, **shared,
-                )  # fmt: skip
-            else:
-                image, mask_image = sources
-                images = inpaint(
-                    self.components, params.prompt, image=image, mask_image=mask_image, strength=params.strength,
-                    seed=seed + i, sampler=sampler, paste_unmasked=params.paste_unmasked, **shared,
-                )  # fmt: skip
+            with self.additions.applied(params) as prompt:  # the prompt's <lora:…> tags on, and out of the text
+                if params.mode == "txt2img":
+                    images = txt2img(
+                        self.components, prompt, height=params.height, width=params.width, seed=seed + i,
+                        sampler=sampler, **shared,
+                    )  # fmt: skip
+                elif params.mode == "img2img":
+                    (image,) = sources
+                    images = img2img(
+                        self.components, prompt, image=image, strength=params.strength, seed=seed + i,
+                        sampler=sampler, **shared,
+                    )  # fmt: skip
+                else:
+                    image, mask_image = sources
+                    images = inpaint(
+                        self.components, prompt, image=image, mask_image=mask_image, strength=params.strength,
+                        seed=seed + i, sampler=sampler, paste_unmasked=params.paste_unmasked, **shared,
+                    )  # fmt: skip
             output.images.append(images[0] if output_type == "pil" else images)
             output.parameters.append(replace(params, seed=seed + i, model_hash=self.model_hash))
         return output
-
-
-def prompt_pairs(prompt: str | list[str], negative_prompt: str | list[str]) -> list[tuple[str, str]]:
-    """(prompt, negative prompt) pairs: a list of prompts with one negative prompt for all, or one each."""
-    prompts = prompt_list("prompt", prompt)
-    return list(zip(prompts, prompt_list("negative_prompt", negative_prompt, len(prompts)), strict=True))

@@ -7,11 +7,13 @@
     minisd regenerate fox.png --models-dir models/     # the same image again, from the parameters in the PNG
 
 Weights: --checkpoint FILE, or --model ID_OR_FOLDER (a hub id through the Hugging Face cache, or a diffusers
-folder; a Kandinsky 2.2 decoder: see minisd/kandinsky/cli.py). PNGs hold A1111's "parameters" text; without -o
+folder; a Kandinsky 2.2 decoder: see minisd/kandinsky/cli.py). What users bring: --vae FILE|ID, --lora
+FILE[:WEIGHT] (repeatable), --embedding FILE (repeatable; type its name), and A1111's folders --embeddings DIR (a
+file's name typed in a prompt) and --lora-dir DIR (<lora:name:0.8>). PNGs hold A1111's "parameters" text; without -o
 they go to outputs/00001.png, 00002.png, ... An existing file is never replaced without --overwrite: a fresh
 name is taken and printed instead. With --num-images N, image i uses seed + i and goes to its own file (OUT-1.png
 ... OUT-N.png with -o OUT.png); --grid adds one picture of them all. `regenerate` finds the weights the PNG names
-by name and hash (minisd/locate.py).
+by name and hash (minisd/locate.py), and its embeddings, LoRAs and VAE the same way.
 Bad arguments or files: one line on stderr, exit status 2. Progress goes to stderr when it is a terminal.
 """
 
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from minisd import __version__
+from minisd import __version__, additions_cli
 from minisd.api import StableDiffusion, default_model
 from minisd.arguments import DTYPES, ArgumentParser, number, positive_int
 from minisd.errors import MinisdError
@@ -34,7 +36,7 @@ from minisd.hashes import hash_matches
 from minisd.images import make_grid, open_image, read_png_parameters, save_png
 from minisd.kandinsky import cli as kandinsky_cli
 from minisd.loading import HUB_ID, check_device
-from minisd.locate import find_weights
+from minisd.locate import find_vae, find_weights
 from minisd.parameters import GenerationParameters, check_fields, draw_seed, parse_parameters
 from minisd.samplers import sampler_names
 from minisd.samplers.schedule import SPACINGS
@@ -123,12 +125,18 @@ def weights_source(args) -> str:
 
 
 def load(
-    source: str, dtype: str | None, device: str | None, fast: bool, status: Status, cached_only: bool = False
+    source: str,
+    dtype: str | None,
+    device: str | None,
+    fast: bool,
+    status: Status,
+    cached_only: bool = False,
+    vae: str | None = None,
 ) -> StableDiffusion:
     status.phase(f"loading {source}")
     dtype = DTYPES[dtype] if dtype else None
     pipe = StableDiffusion.from_pretrained(
-        source, dtype=dtype, device=device or "cpu", fast=fast, local_files_only=cached_only
+        source, dtype=dtype, device=device or "cpu", fast=fast, local_files_only=cached_only, vae=vae
     )
     pipe.set_progress_bar_config(disable=not status.live)  # the steps' bar on a terminal only, as the status lines
     status.done(f"loaded {source}")
@@ -214,8 +222,10 @@ def command_generate(args, status: Status) -> None:
     image = None if args.image is None else open_image("--image", args.image)
     mask = None if args.mask is None else open_image("--mask", args.mask)
     seed = args.seed if args.seed is not None else draw_seed()
+    loras = additions_cli.check(args)  # a bad --lora or <lora:…> tag fails before loading
     paths = output_paths(args.output, args.num_images)
-    pipe = load(source, args.dtype, args.device, args.fast, status)
+    pipe = load(source, args.dtype, args.device, args.fast, status, vae=args.vae)
+    added = additions_cli.apply(pipe, args, loras)
     params, sources = pipe.parameters(
         MODES[args.command], args.prompt, args.negative_prompt, args.steps, args.guidance, args.sampler, args.eta,
         args.clip_skip, height=args.height, width=args.width, strength=args.strength, image=image,
@@ -232,7 +242,8 @@ def command_generate(args, status: Status) -> None:
         print(f"{write_png(grid, grid_path, None, args.overwrite)}  grid of {len(written)} images")
     from minisd.train.evaluate import prompt_note  # the nano model's grammar: a note for prompts outside it
 
-    note = prompt_note(source, args.prompt)  # after the run: a refused argument stays the only line
+    note = None if added else prompt_note(source, args.prompt)  # new words, LoRAs: no note; after the run: a
+    # refused argument stays the only line
     if note is not None:
         print(note, file=sys.stderr)
     if args.seed is None:
@@ -267,11 +278,15 @@ def command_regenerate(args, status: Status) -> None:
         check_device(device, "--device" if args.device else f"{args.png}'s Device parameter")
     if params.threads is not None and (device or "cpu").startswith("cpu"):
         torch.set_num_threads(params.threads)  # the CPU's float sums depend on how the work is split
-    pipe = load(source, dtype, device, args.fast or params.fast, status, cached_only)
+    vae = None if params.vae is None else find_vae(params.vae, params.vae_hash, args.models_dir or [])
+    pipe = load(source, dtype, device, args.fast or params.fast, status, cached_only, vae)
     if params.model_hash is not None and Path(source).is_file() and not hash_matches(params.model_hash, source):
         raise MinisdError(f"{source} has model hash {pipe.model_hash}, the PNG was made with {params.model_hash}")
+    pipe.additions.restore(params, args.models_dir or [])  # its embeddings and LoRAs, found by name and hash
     params.model_name = pipe.model_name  # as loaded now (the same unless overridden)
+    params.model_hash = pipe.model_hash  # A1111's 10 digits, also where the PNG held its old 8
     params.dtype, params.device = str(pipe.dtype).removeprefix("torch."), pipe.device.type
+    params.threads = torch.get_num_threads() if pipe.device.type == "cpu" else None  # also where A1111 wrote none
     path = next(output_paths(args.output, 1))
     make_image(pipe, params, sources, params.seed, path, args.overwrite, status, "regenerating")
 
@@ -331,8 +346,8 @@ def add_generation_args(command, name: str) -> None:
     schedules = ", ".join(SCHEDULE_TYPES)
     command.add_argument("--schedule-type", metavar="TYPE", help=f"the σ samplers' schedule: {schedules} or "
                          "Automatic (A1111's choice for the sampler) (default: Uniform)")  # fmt: skip
-    command.add_argument("--timestep-spacing", choices=SPACINGS, help="diffusers' spacing of the Uniform schedule "
-                         "(default: leading for DDPM, DDIM, PLMS; linspace for the others)")  # fmt: skip
+    command.add_argument("--timestep-spacing", choices=SPACINGS, help="diffusers' spacing of the timesteps (not with "
+                         "SGM Uniform) (default: leading for DDPM, DDIM, PLMS; linspace for the others)")  # fmt: skip
     command.add_argument("--eta", type=number, help="DDIM's eta (default 0), or Euler a's / DPM++ 2M SDE's (1)")
     command.add_argument("--seed", type=int, help="random seed (default: drawn, then printed)")
     command.add_argument("--clip-skip", type=int, help="CLIP layers skipped at the end (A1111's Clip skip 2 = 1)")
@@ -368,11 +383,12 @@ def build_parser() -> ArgumentParser:
         command = commands.add_parser(name, help=help_text)
         add_generation_args(command, name)
         add_weights_args(command)
+        additions_cli.add_arguments(command)
         kandinsky_cli.add_arguments(command, name, positive_int, number)
     regenerate = commands.add_parser("regenerate", help="make a PNG minisd or A1111 wrote again, from its parameters")
     regenerate.add_argument("png", help="a PNG with A1111's 'parameters' text (minisd's, or A1111's own)")
     regenerate.add_argument("--models-dir", metavar="DIR", type=Path, action="append", help="where to look for the "
-                            "weights the PNG names, by hash (any number of times)")  # fmt: skip
+                            "weights, embeddings, LoRAs and VAE the PNG names, by hash or name (repeat)")  # fmt: skip
     regenerate.add_argument("--image", help="the source image of an img2img or inpaint PNG (checked by its hash)")
     regenerate.add_argument("--mask", help="the mask of an inpaint PNG (checked by its hash)")
     add_weights_args(regenerate)

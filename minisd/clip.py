@@ -18,7 +18,7 @@ Two config fields name what other models' CLIPs do differently (SD v1 uses neith
     prior reads beside the per-token states.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -189,9 +189,44 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: Tensor) -> TextEncoderOutput:
         """input_ids: (b, s) integer token ids, 1 <= s <= max_position_embeddings. Returns TextEncoderOutput."""
+        return self.output_embeddings(self.input_embeddings(input_ids))
+
+    def input_embeddings(self, input_ids: Tensor) -> Tensor:
+        """The first half, the lesson's `input_embeddings = token_embeddings + position_embeddings`: one row of the
+        token table per id plus one row of the position table per place. input_ids: (b, s). Returns (b, s, d).
+
+        Replace or mix rows of the result by hand (a learned concept's vector, a blend of two words), then finish
+        with output_embeddings, as the lesson's `get_output_embeds` does."""
         self._check_input_ids(input_ids)
-        hidden_states = self.encoder(self.embeddings(input_ids))
+        return self.embeddings(input_ids)
+
+    def output_embeddings(self, input_embeddings: Tensor) -> TextEncoderOutput:
+        """The second half: input embeddings (b, s, d) through the causal transformer layers and the final norm.
+        Returns TextEncoderOutput; output_embeddings(input_embeddings(ids)) is forward(ids)."""
+        max_length, d = self.config.max_position_embeddings, self.config.hidden_size
+        x = input_embeddings
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[2] != d or not 1 <= x.shape[1] <= max_length:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise MinisdError(f"input_embeddings must be a (b, s <= {max_length}, {d}) tensor, got {shape}")
+        hidden_states = self.encoder(x)
         return TextEncoderOutput(self.final_layer_norm(hidden_states[-1]), hidden_states)
+
+    @torch.no_grad()
+    def add_token_embeddings(self, vectors: Tensor) -> list[int]:
+        """Grow the token table by n rows holding `vectors` (n, d): textual inversion's new words. Returns their ids,
+        the next free ones (49408, 49409, … for SD v1), as transformers' resize_token_embeddings + a row write.
+
+        The old rows are copied into a new table on the same device and dtype; config.vocab_size follows."""
+        table = self.embeddings.token_embedding.weight
+        if not isinstance(vectors, Tensor) or vectors.dim() != 2 or vectors.shape[1] != table.shape[1]:
+            shape = tuple(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__
+            raise MinisdError(f"vectors must be (n, {table.shape[1]}), this text encoder's width; got {shape}")
+        grown = nn.Embedding(table.shape[0] + len(vectors), table.shape[1], device=table.device, dtype=table.dtype)
+        grown.weight.copy_(torch.cat([table, vectors.to(table)]))
+        grown.weight.requires_grad_(table.requires_grad)
+        self.embeddings.token_embedding = grown
+        self.config = replace(self.config, vocab_size=grown.num_embeddings)  # a new config: others may share the old
+        return list(range(table.shape[0], grown.num_embeddings))
 
     def prompt_embeds(self, input_ids: Tensor, clip_skip: int | None = None) -> Tensor:
         """The (b, s, d) embeddings a pipeline hands the UNet, optionally from `clip_skip` layers before the end.
@@ -236,7 +271,8 @@ class TextEncoder(nn.Module):
             raise MinisdError(f"input_ids length must be in [1, {max_length}] tokens, got {input_ids.shape[1]}")
         if input_ids.numel() and input_ids.device.type != "meta":
             low, high = input_ids.min().item(), input_ids.max().item()
-            if low < 0 or high >= self.config.vocab_size:
+            vocab_size = self.embeddings.token_embedding.num_embeddings  # with any added words
+            if low < 0 or high >= vocab_size:
                 raise MinisdError(
-                    f"input_ids must be token ids in [0, {self.config.vocab_size - 1}], got values in [{low}, {high}]"
+                    f"input_ids must be token ids in [0, {vocab_size - 1}], got values in [{low}, {high}]"
                 )

@@ -1,7 +1,9 @@
 """The hashes that tie an image's record (minisd/parameters.py) to its weights and source images, and the source
 images given again for a record: no path of the maker's machine is recorded, the files are found again by hash.
 
-    file_hash          A1111's "Model hash": the first 10 hex digits of the file's SHA-256
+    file_hash          A1111's "Model hash" and "VAE hash": the first 10 hex digits of the file's SHA-256; "TI
+                       hashes": 12
+    lora_hash          A1111's "Lora hashes": 12 hex digits of the SHA-256 of a .safetensors file's tensor bytes
     legacy_file_hash   A1111's old 8-digit "Model hash" (SHA-256 of 64 KiB at offset 1 MiB), still in old PNGs
     pixels_hash        "Init image hash" / "Mask image hash": SHA-256 of an image's pixels (mode, size, bytes)
 """
@@ -9,6 +11,7 @@ images given again for a record: no path of the maker's machine is recorded, the
 import hashlib
 import os
 import re
+from pathlib import Path
 
 from PIL import Image
 
@@ -25,13 +28,26 @@ def short_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:10]
 
 
-def file_hash(path: str | os.PathLike) -> str:
-    """short_hash of a file's bytes, read in 16 MiB pieces (A1111's model hash of a single file)."""
+def file_hash(path: str | os.PathLike, digits: int = 10, skip: int = 0) -> str:
+    """The first `digits` hex digits of the SHA-256 of a file's bytes from byte `skip` on, read in 16 MiB pieces:
+    A1111's "Model hash" and "VAE hash" (10 digits) and "TI hashes" (12)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        f.seek(skip)
         while piece := f.read(16 << 20):
             digest.update(piece)
-    return digest.hexdigest()[:10]
+    return digest.hexdigest()[:digits]
+
+
+def lora_hash(path: str | os.PathLike) -> str:
+    """A1111's "Lora hashes" entry: 12 hex digits of the SHA-256 of a .safetensors file's tensor bytes, after its
+    JSON header (kohya's sd-scripts "addnet" hash, unchanged when only the metadata is edited); of the whole file for
+    other formats."""
+    skip = 0
+    if str(path).lower().endswith(".safetensors"):
+        with open(path, "rb") as f:
+            skip = 8 + int.from_bytes(f.read(8), "little")  # u64 header length, then the header
+    return file_hash(path, digits=12, skip=skip)
 
 
 def legacy_file_hash(path: str | os.PathLike) -> str:
@@ -43,7 +59,9 @@ def legacy_file_hash(path: str | os.PathLike) -> str:
 
 def hash_matches(recorded: str, path: str | os.PathLike) -> bool:
     """Whether a recorded "Model hash" names this file: A1111's short hash (10 hex digits, file_hash) or its old
-    one (8, legacy_file_hash). Any other form matches nothing."""
+    one (8, legacy_file_hash), in either case (A1111 writes lower case, Civitai shows its "AutoV2" in upper).
+    Any other form matches nothing."""
+    recorded = recorded.lower()
     if re.fullmatch(r"[0-9a-f]{10}", recorded):
         return file_hash(path) == recorded
     return bool(re.fullmatch(r"[0-9a-f]{8}", recorded)) and legacy_file_hash(path) == recorded
@@ -52,6 +70,23 @@ def hash_matches(recorded: str, path: str | os.PathLike) -> bool:
 def pixels_hash(pil: Image.Image) -> str:
     """short_hash of an image's pixels: mode, size and bytes (the same picture in another file format hashes alike)."""
     return short_hash(f"{pil.mode} {pil.width}x{pil.height}\n".encode() + pil.tobytes())
+
+
+ADDITION_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")  # embeddings, LoRAs and VAE files
+
+
+def find_by_hash(what: str, name: str, recorded: str, hash_of, places: list[Path]) -> Path:
+    """The file under `places` (folders, searched at any depth) whose hash_of(path) is `recorded`, files whose stem
+    is `name` tried first: an embedding, LoRA or VAE a record names (minisd/additions.py)."""
+    for folder in places:
+        if not Path(folder).is_dir():
+            raise MinisdError(f"--models-dir {str(folder)!r}: no such folder")
+        files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in ADDITION_SUFFIXES and p.is_file())
+        for path in sorted(files, key=lambda p: p.stem != name):
+            if hash_of(path) == recorded:
+                return path
+    where = ", ".join(str(folder) for folder in places) or "no --models-dir given"
+    raise MinisdError(f"the {what} {name!r} (hash {recorded}) the PNG names is not in {where}: pass --models-dir DIR")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ from weights_convert.configs import COMPONENTS, check_config, fields_from
 from weights_convert.detect import CheckpointInfo
 from weights_convert.files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 from weights_convert.folders import TOKENIZER_FILES, WEIGHT_FILES, read_weights
+from weights_convert.vae_files import FOLDER_WEIGHTS as VAE_FOLDER_WEIGHTS
+from weights_convert.vae_files import read_vae
 
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # "org/name"
@@ -224,6 +226,57 @@ def hub_snapshot(
     except (HfHubHTTPError, OSError, ValueError) as error:
         raise MinisdError(f"{repo_id}: cannot fetch from the Hugging Face Hub ({error})") from None
     return Path(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A separate VAE
+
+
+def load_vae(
+    source: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    local_files_only: bool = False,
+) -> VAE:
+    """A VAE on its own (vae-ft-mse-840000, sd-vae-ft-ema): a VAE-only file (.safetensors/.ckpt, LDM or diffusers
+    names), a diffusers AutoencoderKL folder (or an SD folder's vae/), or a hub id such as
+    "stabilityai/sd-vae-ft-mse" (through the Hugging Face cache). Read by weights_convert.vae_files, built strictly
+    as load_components builds the model's."""
+    path = Path(source)
+    if not path.exists():
+        if not (HUB_ID.match(str(source)) and path.suffix not in WEIGHT_SUFFIXES):
+            raise MinisdError(
+                f"vae must be a VAE file, a folder or a hub id 'org/name'; {str(source)!r} is none of these"
+            )
+        path = _hub_vae_snapshot(str(source), local_files_only)
+    weights = read_vae(path)
+    try:
+        return _build("vae", weights.config, weights.state_dict, dtype, torch.device(device))
+    except MinisdError as error:
+        raise MinisdError(f"{source}: {error}") from None
+
+
+def _hub_vae_snapshot(repo_id: str, local_files_only: bool) -> Path:
+    """A VAE repository's config and weights (at its root, or in vae/ of an SD repository), from the cache when
+    there, else downloaded (unless offline)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = [f"{folder}{name}" for folder in ("", "vae/") for name in ("config.json", *VAE_FOLDER_WEIGHTS)]
+    patterns = [p.format(v="") for p in patterns]
+    try:  # the cache first: no network call for an id already there
+        return Path(
+            snapshot_download(repo_id, allow_patterns=patterns, cache_dir=_hub_cache_dir(), local_files_only=True)
+        )
+    except LocalEntryNotFoundError:
+        pass
+    if local_files_only or _hub_offline():
+        raise MinisdError(f"vae {repo_id} is not in the Hugging Face cache ({_hub_cache_dir()}) and downloads are off")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=_hub_cache_dir()))
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        raise MinisdError(f"vae {repo_id}: cannot fetch it ({' '.join(str(error).split())})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,12 @@ minisd's own keys, for what A1111 lacks or does otherwise (A1111 shows them and 
     Dtype, Device       the UNet's: other arithmetic gives other bytes
     Threads             the CPU threads torch computed with: the CPU's float sums depend on how work is split
     Fast                minisd.fast applied: the same image up to float rounding, not to the byte
+    TI hashes           A1111's: each textual-inversion embedding the prompts used, "name: first 12 hex digits of
+                        the file's SHA-256, …" (hashes.file_hash)
+    Lora hashes         A1111's: each LoRA applied, "name: 12 hex digits of its tensor bytes' SHA-256, …"
+                        (hashes.lora_hash); minisd adds Lora weights, {name: {"weight": w, "fused": bool}} as JSON, for
+                        LoRAs loaded for every image (a <lora:name:w> tag's weight is in the prompt)
+    VAE, VAE hash       A1111's: a separate VAE's file name (or folder name, or hub id) and its file's 10-digit hash
 No path of the maker's machine is written (minisd before this wrote "Weights", "Init image" and "Mask image" paths;
 they are read no more). Not recorded: library versions and the CPU or GPU model.
 Same recorded parameters, same weights, same torch version, device kind, dtype, CPU thread count and CPU or GPU
@@ -39,15 +45,17 @@ import math
 import os
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image
 
 from minisd import samplers
 from minisd.errors import MinisdError
 from minisd.hashes import recorded_image
+from minisd.parameter_line import key_values  # the last line's pairs, in linear time
 
 MODES = ("txt2img", "img2img", "inpaint")
+MAX_THREADS = 1024  # a recorded CPU thread count regenerate sets: more is a tampered file, not a machine
 DRAWN_SEEDS = 2**32  # a seed left to chance is drawn below 2**32, as A1111 draws it (any seed < 2**64 works)
 
 
@@ -59,16 +67,6 @@ def draw_seed() -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # A1111's "parameters" text
 
-# One "key: value" pair of the last line, as A1111's parser reads it: a key of word characters, spaces, "-" and "/",
-# then either a JSON string or anything up to the next comma. A1111 finds them with this regex (`re_param`), which
-# takes quadratic time on a long run of key characters without a ":" (100 KB: 54 s); key_values reads the same
-# pairs in one pass, with the four linear pieces below.
-PARAMETER = re.compile(r'\s*(?P<key>\w[\w \-/]+):\s*(?P<value>"(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-_SPACES = re.compile(r"\s*")
-_KEY_TAIL = re.compile(r"[\w \-/]*")
-_QUOTED = re.compile(r'"(?:\\.|[^\\"])+"')
-_UNQUOTED = re.compile(r"[^,]*")
-MAX_THREADS = 1024  # a PNG's Threads: torch starts that many CPU threads (0 is an error, 10**6 a blow-up)
 MAX_PARAMETERS = 256 << 10  # characters of a "parameters" text (a 10,000-word prompt is ~60 KB)
 NEGATIVE_PREFIX = "Negative prompt:"
 FIXED_KEYS = (
@@ -163,40 +161,6 @@ def format_parameters(
     return f"{prompt}{negative}\n{line}".strip()
 
 
-def key_values(line: str) -> list[tuple[str, str]]:
-    """The (key, value) pairs of a parameters line: what PARAMETER.findall(line) returns, in linear time.
-
-    At each position: skip spaces; a key is a word character and the longest run of key characters after it, and
-    must be followed by ":" (no shorter run can be: ":" is not a key character, so on failure the scan goes on after
-    the run); the value is a JSON string followed by "," or the end, else everything up to the next ",".
-
-    >>> key_values('Steps: 20, Size: 512x512, Model: "a, b", ok')
-    [('Steps', '20'), ('Size', '512x512'), ('Model', '"a, b"')]
-    """
-    pairs = []
-    i, n = 0, len(line)
-    while i < n:
-        j = _SPACES.match(line, i).end()
-        if j == n:
-            break
-        if not (line[j].isalnum() or line[j] == "_"):  # \w
-            i = j + 1
-            continue
-        k = _KEY_TAIL.match(line, j + 1).end()
-        if k - j < 2 or k == n or line[k] != ":":
-            i = k
-            continue
-        start = _SPACES.match(line, k + 1).end()
-        quoted = _QUOTED.match(line, start)
-        if quoted and (quoted.end() == n or line[quoted.end()] == ","):
-            end = quoted.end()
-        else:
-            end = _UNQUOTED.match(line, start).end()
-        pairs.append((line[j:k], line[start:end]))
-        i = end + 1
-    return pairs
-
-
 def parse_parameters(text: str) -> dict[str, str]:
     """Read an A1111 "parameters" text: {"Prompt": ..., "Negative prompt": ..., "Steps": "20", ...}, every value a
     str as written (JSON strings decoded). The last line is the parameters when it holds at least 3 "key: value"
@@ -263,12 +227,8 @@ REFUSED = {
     "NGMS": "skipping the negative prompt at small σ (NGMS)",
     "Emphasis": "an emphasis mode other than A1111's Original",  # refused unless "Original"
     "FP8 weight": "FP8 weights",
-    "VAE": "a separate VAE file",
-    "VAE hash": "a separate VAE file",
     "VAE Decoder": "another VAE decoder (TAESD)",
     "VAE Encoder": "another VAE encoder (TAESD)",
-    "Lora hashes": "LoRA networks",
-    "TI hashes": "textual inversion embeddings",
     "Downcast alphas_cumprod": "a float16 ᾱ table",
 }
 # Fields that do not change the picture minisd makes: A1111's version and user, its hash list, its noise source
@@ -277,6 +237,7 @@ IGNORED = ("Version", "User", "Hashes", "RNG", "ENSD", "Pad conds", "Weights", "
 READ = (
     *FIXED_KEYS, "Clip skip", "Eta", "Eta DDIM", "Denoising strength", "Init image hash", "Mask image hash",
     "Timestep spacing", "Guidance rescale", "VAE tiling", "Paste unmasked", "Dtype", "Device", "Threads", "Fast",
+    "TI hashes", "Lora hashes", "Lora weights", "VAE", "VAE hash",
 )  # fmt: skip
 
 
@@ -301,6 +262,7 @@ def sampler_settings(fields: dict[str, str]) -> tuple[str, str, float | None]:
     except MinisdError as error:
         raise MinisdError(f"Sampler: {error}") from None
     label = fields.get("Schedule type")
+    label = None if label is None else samplers.schedule_type_label(label)  # A1111 reads "karras" as "Karras"
     schedule = implied or ("Uniform" if label in (None, "Automatic") else label)
     if label == "Automatic" and implied is None:
         schedule = samplers.A1111_AUTOMATIC.get(display, "Uniform")
@@ -311,10 +273,14 @@ def sampler_settings(fields: dict[str, str]) -> tuple[str, str, float | None]:
             f"Schedule type: {label!r} is an A1111 schedule minisd does not have; it has "
             f"{', '.join(samplers.SCHEDULE_TYPES)}"
         )
-    eta = fields.get("Eta DDIM", fields.get("Eta")) if display == "DDIM" else fields.get("Eta")
+    key = "Eta DDIM" if display == "DDIM" and "Eta DDIM" in fields else "Eta"
+    eta = fields.get(key)
     if eta is not None and display not in ("DDIM", *samplers.ANCESTRAL):
         raise MinisdError(f"Eta: {eta!r} is an ancestral sampler's η; {display} takes none")
-    return display, schedule, None if eta is None else float(eta)
+    try:
+        return display, schedule, None if eta is None else float(eta)
+    except ValueError:
+        raise MinisdError(f"{key}: {eta[:40]!r} is not a number") from None
 
 
 @dataclass
@@ -346,6 +312,11 @@ class GenerationParameters:
     device: str | None = None
     threads: int | None = None  # torch.get_num_threads() of a CPU run
     fast: bool = False  # minisd.fast.make_fast applied: the same image up to float rounding, not to the byte
+    ti_hashes: dict[str, str] = field(default_factory=dict)  # embedding name as typed -> 12 hex digits
+    lora_hashes: dict[str, str] = field(default_factory=dict)  # LoRA name -> 12 hex digits (lora_hash)
+    lora_weights: dict[str, dict] = field(default_factory=dict)  # loaded LoRA -> {"weight": w, "fused": bool}
+    vae: str | None = None  # a separate VAE's file name or hub id (A1111's "VAE")
+    vae_hash: str | None = None
 
     def source_images(
         self,
@@ -381,6 +352,11 @@ class GenerationParameters:
             "Device": self.device,
             "Threads": self.threads,
             "Fast": "True" if self.fast else None,
+            "TI hashes": _name_list(self.ti_hashes),
+            "Lora hashes": _name_list(self.lora_hashes),
+            "Lora weights": json.dumps(self.lora_weights) if self.lora_weights else None,
+            "VAE": self.vae,
+            "VAE hash": self.vae_hash,
         }
         schedule = self.schedule_type if self.sampler in samplers.SIGMA_SAMPLERS else None
         return format_parameters(
@@ -399,11 +375,14 @@ class GenerationParameters:
             raise MinisdError(f"parameters lack {', '.join(missing)}: not written by minisd or A1111")
         check_fields(fields)
         sampler, schedule_type, eta = sampler_settings(fields)
+        threads = fields.get("Threads")
+        if threads is not None and not (re.fullmatch(r"[0-9]{1,4}", threads) and 1 <= int(threads) <= MAX_THREADS):
+            raise MinisdError(f"Threads: must be an integer in [1, {MAX_THREADS}], got {threads[:40]!r}")
         try:
             width, height = (int(v) for v in fields["Size"].split("x"))
             clip_skip, strength = fields.get("Clip skip"), fields.get("Denoising strength")
-            threads, mask = fields.get("Threads"), fields.get("Mask image hash")
-            params = cls(
+            mask = fields.get("Mask image hash")
+            return cls(
                 mode="inpaint" if mask else "img2img" if strength else "txt2img",
                 prompt=fields["Prompt"],
                 negative_prompt=fields["Negative prompt"],
@@ -429,9 +408,39 @@ class GenerationParameters:
                 device=fields.get("Device"),
                 threads=None if threads is None else int(threads),
                 fast=fields.get("Fast") == "True",
+                ti_hashes=_read_name_list(fields.get("TI hashes")),
+                lora_hashes=_read_name_list(fields.get("Lora hashes")),
+                lora_weights=_read_json("Lora weights", fields.get("Lora weights")),
+                vae=fields.get("VAE"),
+                vae_hash=fields.get("VAE hash"),
             )
         except ValueError as error:
             raise MinisdError(f"parameters hold a value that is not a number: {error}") from None
-        if params.threads is not None and not 1 <= params.threads <= MAX_THREADS:  # torch.set_num_threads(...)
-            raise MinisdError(f"parameters: Threads must be in [1, {MAX_THREADS}], got {params.threads}")
-        return params
+
+
+def _name_list(names: dict[str, str]) -> str | None:
+    """A1111's list form "name: hash, name: hash" (None when empty).
+
+    >>> _name_list({"cat-toy": "0123456789ab", "neg": "ba9876543210"})
+    'cat-toy: 0123456789ab, neg: ba9876543210'
+    """
+    return ", ".join(f"{name}: {value}" for name, value in names.items()) or None
+
+
+def _read_name_list(text: str | None) -> dict[str, str]:
+    """_name_list read back: each ", "-separated entry split at its last ": " (a name may hold ": ", a hash never)."""
+    pairs = [entry.rpartition(": ") for entry in (text or "").split(", ") if entry]
+    return {name.strip(): value.strip() for name, _, value in pairs}
+
+
+def _read_json(key: str, text: str | None) -> dict:
+    """One of minisd's JSON-valued keys (Lora weights) read back; {} when absent."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise MinisdError(f"parameters' {key} must be a JSON object, got {text!r:.60}")
+    return value

@@ -186,6 +186,7 @@ class Tokenizer:
         self.backend = backend
         self.vocab = vocab
         self.merge_ranks = {tuple(pair): rank for rank, pair in enumerate(merges)}  # for encode_reference
+        self.added: dict[int, list[int]] = {}  # a word added by add_word (its first id) -> all its ids
 
     @classmethod
     def from_default(cls) -> "Tokenizer":
@@ -208,14 +209,51 @@ class Tokenizer:
         return cls(vocab, merges)
 
     def encode(self, text: str) -> list[int]:
-        """The BPE ids of `text`: no BOS/EOS, no truncation, no padding.
+        """The BPE ids of `text`: no BOS/EOS, no truncation, no padding. A word added by add_word gives its ids.
 
         >>> Tokenizer.from_default().encode("A photo of an astronaut, riding a horse!")
         [320, 1125, 539, 550, 18376, 267, 6765, 320, 4558, 256]
         """
         if not isinstance(text, str):
             raise MinisdError(f"text must be a str, got {type(text).__name__}")
-        return self.backend.encode(text, add_special_tokens=False).ids
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # lone surrogates: bytes a terminal could not decode (Python's escapes)
+            raise MinisdError(f"text must be valid text, got undecodable bytes at character {error.start}") from None
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return [j for i in ids for j in self.added.get(i, [i])] if self.added else ids
+
+    def __len__(self) -> int:
+        """Vocabulary size with the added words' ids: 49,408 for SD v1's; the next added id is len(tokenizer)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def add_word(self, word: str, n: int = 1, whole_word: bool = False) -> list[int]:
+        """Add a word of n tokens (a textual-inversion embedding of n vectors): wherever `word` appears in a
+        prompt it becomes the n ids len(tokenizer), …, len(tokenizer) + n − 1. Returns them.
+
+        Matched as transformers' added tokens are: in the lower-cased text, before the BPE split, anywhere (also
+        inside a longer word) unless whole_word. The extra ids are named word_1, …, word_{n−1}, as diffusers names
+        them, and may be typed alone too. Refused: a word of the vocabulary or one added before.
+
+        >>> tokenizer = Tokenizer.from_default()
+        >>> tokenizer.add_word("<cat-toy>", n=2), tokenizer.encode("a <Cat-Toy> photo")
+        ([49408, 49409], [320, 49408, 49409, 1125])
+        """
+        if not isinstance(word, str) or not word.strip() or word != word.strip():
+            raise MinisdError(f"an added word must be a non-empty str without spaces at its ends, got {word!r}")
+        if not isinstance(n, int) or not 1 <= n <= MAX_LENGTH - 2:
+            raise MinisdError(f"an added word has 1 to {MAX_LENGTH - 2} tokens, got {n!r}")
+        names = [word] + [f"{word}_{i}" for i in range(1, n)]
+        added = {token.content.lower() for token in self.backend.get_added_tokens_decoder().values()}
+        taken = [name for name in names if name in self.vocab or name.lower() in added]
+        if taken:
+            raise MinisdError(f"the tokenizer already has the word {taken[0]!r}: choose another token")
+        first = len(self)
+        self.backend.add_tokens([AddedToken(name, normalized=True, single_word=whole_word) for name in names])
+        ids = [self.backend.token_to_id(name) for name in names]
+        assert ids == list(range(first, first + n)), "added words take the next ids"
+        self.added[ids[0]] = ids
+        return ids
 
     def encode_reference(self, text: str) -> list[int]:
         """encode(text), computed in plain Python instead of `tokenizers`: the four steps written out.
@@ -251,11 +289,17 @@ class Tokenizer:
         """
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < VOCAB_SIZE for i in ids):
-            raise MinisdError(f"ids must be a list or 1-d tensor of ints in [0, {VOCAB_SIZE}), got {ids!r:.80}")
+        if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < len(self) for i in ids):
+            raise MinisdError(f"ids must be a list or 1-d tensor of ints in [0, {len(self)}), got {ids!r:.80}")
         if skip_special_tokens:
             ids = [i for i in ids if i not in (BOS, EOS)]
-        text = "".join(self.backend.id_to_token(i) for i in ids)
+        char_of_byte = byte_to_char()
+
+        def piece(i: int) -> str:  # an added word is plain text: written as its bytes' characters, a word's end
+            token = self.backend.id_to_token(i)
+            return token if i < VOCAB_SIZE else "".join(char_of_byte[b] for b in token.encode()) + "</w>"
+
+        text = "".join(piece(i) for i in ids)
         byte_of = {c: b for b, c in byte_to_char().items()}
         pieces = [bytes(byte_of[c] for c in part) for part in text.split("</w>")]  # specials are kept as text
         return b" ".join(pieces).decode("utf-8", errors="replace").strip()

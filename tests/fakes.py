@@ -121,3 +121,51 @@ def tiny_official_state_dict(variant: str = "emaonly", dtype: torch.dtype = torc
         unet_keys = [name for name in state_dict if name.startswith("model.diffusion_model.")]
         state_dict.update({ema_name(k): _random(state_dict[k].shape, dtype, generator) for k in unet_keys})
     return state_dict
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA files for the networks at hand (random factors; the reference loaders read the names)
+
+LORA_TARGETS = ("attn1.to_", "attn2.to_", "proj_in", "proj_out", "ff.net", "conv1", "conv2", "time_emb_proj")
+
+
+def lora_targets(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> list[tuple[str, str, torch.nn.Module]]:
+    """(component, module path, module) of what a typical LoRA adapts: the UNet's attention, projections, feed-forward
+    and (LoCon) ResNet convolutions and time projections; every Linear of the text encoder."""
+    targets = [
+        ("unet", name, m)
+        for name, m in unet.named_modules()
+        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and any(t in name for t in LORA_TARGETS)
+    ]
+    if text_encoder is not None:
+        targets += [("text_encoder", n, m) for n, m in text_encoder.named_modules() if isinstance(m, torch.nn.Linear)]
+    return targets
+
+
+def kohya_lora(unet, text_encoder, seed: int, rank: int = 4, ldm_unet=None, alphas: str = "trainer") -> dict:
+    """A kohya/A1111 LoRA (lora_unet_… / lora_te_text_model_…, lora_down/lora_up/alpha) with random factors;
+    3×3 convolutions get 3×3 down factors (LoCon). ldm_unet: {minisd name: LDM name} to write the UNet's keys in the
+    official file's names instead (lora_unet_input_blocks_1_1_proj_in).
+
+    alphas: "trainer" as sd-scripts / LyCORIS write them, one network_alpha (rank / 2) for the linear layers and one
+    conv_alpha (1) for the 3×3 convolutions; "per-layer" a different alpha from layer to layer; "folded" the
+    per-layer alphas multiplied into B and alpha = rank (the same ΔW = (α / r) · B A, written with α / r = 1)."""
+    g = torch.Generator().manual_seed(seed)
+    state_dict = {}
+    for i, (component, name, module) in enumerate(lora_targets(unet, text_encoder)):
+        if component == "unet":
+            key = "lora_unet_" + (ldm_unet[name] if ldm_unet else name).replace(".", "_")
+        else:
+            key = "lora_te_text_model_" + name.replace(".", "_")
+        out_features, in_features, *kernel = module.weight.shape
+        down = torch.randn(rank, in_features, *kernel, generator=g) / in_features**0.5
+        up = torch.randn(out_features, rank, *([1, 1] if kernel else []), generator=g) * 0.3
+        alpha = float(1 + i % rank) if alphas != "trainer" else (1.0 if kernel[:1] == [3] else rank / 2)
+        if alphas == "folded":
+            up, alpha = up * alpha / rank, float(rank)
+        state_dict |= {
+            f"{key}.lora_down.weight": down,
+            f"{key}.lora_up.weight": up,
+            f"{key}.alpha": torch.tensor(alpha),
+        }
+    return state_dict

@@ -200,6 +200,10 @@ A1111_TEXTS = {  # name: (text, (sampler, schedule type, eta)); 1.5-era first, t
         "Model hash: 6ce0161689, Eta DDIM: 0.25, Version: v1.10.1",
         ("DDIM", "Uniform", 0.25),
     ),
+    "1.9 scheduler ids (as A1111's API takes them)": (
+        "Steps: 20, Sampler: Euler, Schedule type: sgm_uniform, CFG scale: 7, Seed: 5, Size: 512x512",
+        ("Euler", "SGM Uniform", None),
+    ),
     "1.9 img2img": (
         "Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 3, Size: 512x512, "
         "Model hash: 6ce0161689, Denoising strength: 0.55, Init image hash: 6ad5a6ec2bd79457a4e9f5e2e80c2b2f, "
@@ -296,5 +300,31 @@ def test_model_hashes_new_and_old(tmp_path):
     path.write_bytes(data)
     new, old = hashlib.sha256(data).hexdigest()[:10], hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
     assert (file_hash(path), legacy_file_hash(path)) == (new, old)
-    assert hash_matches(new, path) and hash_matches(old, path)
+    assert hash_matches(new, path) and hash_matches(old, path) and hash_matches(new.upper(), path)
     assert not hash_matches("0" * 10, path) and not hash_matches("0" * 8, path) and not hash_matches("xyz", path)
+
+
+def test_find_weights_by_either_hash_and_by_plain_name(tmp_path, monkeypatch):
+    """regenerate's search (minisd/locate.py): a file under --models-dir named by its 10- or 8-digit hash whatever
+    its name, or by its name where no hash is recorded; a diffusers folder by its plain name only (a tampered
+    "Model: ../x" looks nowhere else); one line naming where it looked otherwise."""
+    from minisd import locate
+
+    monkeypatch.setattr(locate, "default_model", lambda: None)  # not the nano model
+    models = tmp_path / "models"
+    (models / "sub").mkdir(parents=True)
+    data = bytes(range(256)) * 8192
+    (models / "sub" / "renamed.safetensors").write_bytes(data)
+    (models / "other.ckpt").write_bytes(data[::-1])
+    (models / "my-folder").mkdir()
+    (tmp_path / "outside").mkdir()
+    want = str(models / "sub" / "renamed.safetensors")
+    for recorded in (hashlib.sha256(data).hexdigest()[:10], hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]):
+        assert locate.find_weights("v1-5-pruned-emaonly", recorded, [models]) == (want, False)
+    assert locate.find_weights("my-folder", None, [models]) == (str(models / "my-folder"), False)
+    assert locate.find_weights("renamed", None, [models]) == (want, False)  # A1111 without its model hash
+    assert locate.find_weights("org/name", None, [models]) == ("org/name", True)  # a hub id: the cache only
+    for name, model_hash in (("../outside", None), ("x", "0" * 10), ("x", "0" * 8)):
+        with pytest.raises(MinisdError, match=r"not in .*models: pass --checkpoint") as info:
+            locate.find_weights(name, model_hash, [models])
+        assert "\n" not in str(info.value)

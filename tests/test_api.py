@@ -148,11 +148,14 @@ def test_folder_scheduler_config(work, tmp_path):
     params = pipe("a cat", seed=1, **SMALL).parameters[0]
     assert (params.sampler, params.timestep_spacing, params.schedule_type) == ("Euler", "trailing", "Uniform")
     assert pipe("a cat", seed=1, sampler="DDIM", **SMALL).parameters[0].timestep_spacing == "trailing"
-    config_path.write_text(
-        json.dumps({**base, "_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True})
-    )
+    dpm = {**base, "_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}
+    config_path.write_text(json.dumps({**dpm, "timestep_spacing": "leading"}))  # as diffusers saves it from PNDM's
     params = minisd.StableDiffusion.from_pretrained(folder)("a cat", seed=1, **SMALL).parameters[0]
-    assert (params.sampler, params.schedule_type) == ("DPM++ 2M", "Karras")
+    assert (params.sampler, params.schedule_type, params.timestep_spacing) == ("DPM++ 2M", "Karras", "leading")
+    euler = {**base, "_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True, "timestep_spacing": "leading"}
+    config_path.write_text(json.dumps(euler))
+    params = minisd.StableDiffusion.from_pretrained(folder)("a cat", seed=1, **SMALL).parameters[0]
+    assert (params.sampler, params.schedule_type, params.timestep_spacing) == ("Euler", "Karras", "leading")
     config_path.write_text(json.dumps({**base, "_class_name": "UniPCMultistepScheduler"}))
     with pytest.raises(MinisdError, match="name a sampler"):
         minisd.StableDiffusion.from_pretrained(folder)("a cat", **SMALL)

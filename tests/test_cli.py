@@ -129,7 +129,7 @@ def test_regenerate_under_another_thread_count(work, tmp_path):
 def test_regenerate_a1111_texts(work, tmp_path):
     """A PNG A1111 wrote (its parameters text, found by the model's hash in --models-dir) runs with the sampler and
     schedule it names; what minisd cannot honour is refused in one line naming the field."""
-    from minisd.hashes import file_hash
+    from minisd.hashes import file_hash, legacy_file_hash
     from minisd.images import save_png
 
     model_hash = file_hash(work / "tiny.safetensors")
@@ -143,10 +143,17 @@ def test_regenerate_a1111_texts(work, tmp_path):
         ("ays", base.replace("Karras", "Align Your Steps")),
     ):
         save_png(pixels, tmp_path / f"{name}.png", text)
-    ok = run_cli(work, "regenerate", tmp_path / "ok.png", "--models-dir", work, "-o", tmp_path / "out.png")
-    assert_ok(ok)
-    params = GenerationParameters.from_text(read_png_parameters(tmp_path / "out.png"))
-    assert (params.sampler, params.schedule_type, params.seed, params.model_name) == ("DPM++ 2M", "Karras", 9, "tiny")
+    old_hash = legacy_file_hash(work / "tiny.safetensors")  # A1111's 8 digits (before 2022-12)
+    save_png(pixels, tmp_path / "old.png", base.replace(model_hash, old_hash).replace(", Schedule type: Karras", ""))
+    for name in ("ok", "old"):
+        ok = run_cli(work, "regenerate", tmp_path / f"{name}.png", "--models-dir", work, "-o", tmp_path / "out.png",
+                     "--overwrite")  # fmt: skip
+        assert_ok(ok)
+        params = GenerationParameters.from_text(read_png_parameters(tmp_path / "out.png"))
+        schedule = "Karras" if name == "ok" else "Uniform"  # a 1.5-era "DPM++ 2M" ran Uniform
+        assert (params.sampler, params.schedule_type, params.seed) == ("DPM++ 2M", schedule, 9)
+        assert (params.model_name, params.model_hash) == ("tiny", model_hash)  # the 10 digits, found by the 8
+        assert params.threads == 1  # A1111 records none: the new PNG says what it was made with
     for name, fragment in (
         ("hires", "hires fix"),
         ("unipc", "Sampler: 'UniPC' is an A1111 sampler"),
@@ -228,6 +235,16 @@ def test_inpaint(work):
     assert params.mode == "inpaint" and params.mask_hash is not None and params.strength == 1.0
     used_generate = run_cli(work, "generate", "a hat", "--checkpoint", "inpainting.safetensors", *SMALL)
     assert used_generate.returncode == 2 and "`minisd inpaint`" in used_generate.stderr
+    args = ["--image", "in.png", "--mask", "mask.png", "--steps", "2", "--checkpoint", "inpainting.safetensors"]
+    pasted = run_cli(work, "inpaint", "a hat", *args, "--seed", "1", "--paste-unmasked", "-o", "pp.png")
+    assert_ok(pasted)
+    assert "Paste unmasked: True" in read_png_parameters(work / "pp.png")
+    with Image.open(work / "pp.png") as out, Image.open(work / "in.png") as source:
+        outside = Image.new("L", (64, 64), 255)
+        outside.paste(0, (16, 16, 48, 48))  # the mask's black part, where the image's own pixels go back
+        rgb = out.convert("RGB")
+        assert rgb.tobytes() != source.tobytes()
+        assert Image.composite(source, rgb, outside).tobytes() == rgb.tobytes()  # outside: the source's bytes
 
 
 def test_no_weights_named_uses_the_nano_model(work, capsys, monkeypatch):

@@ -2,6 +2,7 @@
 commands write PNGs whose parameters make the same bytes again (`minisd regenerate`), the API's images equal the
 pipelines', and options that mean nothing for Kandinsky are one line, exit 2."""
 
+import re
 import subprocess
 import sys
 
@@ -67,6 +68,7 @@ def test_commands_write_pngs_that_regenerate_to_the_same_bytes(work, command):
         (["--height", "36"], "height must be a multiple of 8 pixels"),  # the pipeline's check, in its words
         (["--prior", "nowhere/missing-prior"], "is not in the Hugging Face cache"),
         (["--schedule-type", "Karras", "--grid"], "--schedule-type, --grid: SD v1 options"),
+        (["--eta", "0.5"], "--eta is an SD option"),
     ],
 )
 def test_bad_options_are_one_line_exit_2(work, capsys, monkeypatch, extra, fragment):
@@ -95,4 +97,17 @@ def test_api_images_equal_the_pipelines_and_parameters_read_back(work):
     assert again.tobytes() == out.images[1].tobytes()
     with pytest.raises(MinisdError, match="not written for a Kandinsky"):
         KandinskyParameters.from_text("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64")
+    ddim = text.replace("Sampler: DDPM", "Sampler: DDIM")
+    for extra, fragment in (  # SD v1's schedule, η and options: refused in one line, not silently ignored
+        ("Schedule type: Karras", "Schedule type: an SD v1 field"),
+        ("Eta DDIM: 0.5", "Eta DDIM: an SD v1 field"),
+        ("Eta: 0.5", "Eta: an SD v1 field"),  # with DDIM (DDPM takes none: refused as GenerationParameters does)
+        ("Timestep spacing: trailing, Clip skip: 2", "Timestep spacing, Clip skip: SD v1 fields"),
+        ("Guidance rescale: 0.7, VAE tiling: True, Fast: True", "Guidance rescale, VAE tiling, Fast: SD v1 fields"),
+    ):
+        with pytest.raises(MinisdError, match=re.escape(fragment)) as info:
+            KandinskyParameters.from_text(ddim + ", " + extra)
+        assert "\n" not in str(info.value)
+    with pytest.raises(MinisdError, match=re.escape("Sampler: 'Euler a'; Kandinsky 2.2's decoder has DDPM, DDIM")):
+        KandinskyParameters.from_text(text.replace("Sampler: DDPM", "Sampler: Euler a"))
     assert pipe.dtype == torch.float32  # dtype None on the CPU: float32, as StableDiffusion

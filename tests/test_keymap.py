@@ -296,7 +296,7 @@ def _tiny_with(**changes):
                 "encoder.down.0.block.0.conv1.weight": torch.zeros(1),
                 "decoder.up.0.block.0.conv1.weight": torch.zeros(1),
             },
-            "VAE-only file in the LDM layout",
+            "a VAE on its own .* --vae FILE",
             id="ldm-vae-file",
         ),
     ],

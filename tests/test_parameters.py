@@ -6,7 +6,8 @@ import random
 import pytest
 
 from minisd.errors import MinisdError
-from minisd.parameters import PARAMETER, format_parameters, key_values, parse_parameters
+from minisd.parameter_line import PARAMETER, key_values
+from minisd.parameters import GenerationParameters, format_parameters, parse_parameters
 
 
 def assert_one_line_error(call, fragment: str) -> None:
@@ -181,3 +182,19 @@ def test_key_values_reads_what_a1111s_regex_reads():
     for _ in range(20_000):
         line = "".join(generator.choice(alphabet) for _ in range(generator.randint(0, 40)))
         assert key_values(line) == PARAMETER.findall(line), repr(line)
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ("Eta: abc", "Eta: 'abc' is not a number"),
+        ("Threads: 0", "Threads: must be an integer in [1, 1024], got '0'"),
+        ("Threads: 5000000", "Threads: must be an integer in [1, 1024]"),  # set_num_threads would hang or crash
+        ("Threads: two", "Threads: must be an integer"),
+    ],
+)
+def test_tampered_values_are_one_line_errors(extra, fragment):
+    """A value regenerate would act on before any pipeline check (Eta, the thread count it sets): one line."""
+    text = f"a cat\nSteps: 2, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, {extra}"
+    assert_one_line_error(lambda: GenerationParameters.from_text(text), fragment)
+    GenerationParameters.from_text(text.split(", " + extra)[0] + ", Eta: 0.5, Threads: 16")  # in range: read

@@ -72,10 +72,12 @@ def test_schedule_types_and_automatic():
     for name in ("DDPM", "DDIM", "PLMS"):
         with pytest.raises(MinisdError, match="integer timesteps"):
             get_sampler(name, schedule_type="Karras")
-    with pytest.raises(MinisdError, match="applies to the Uniform schedule only"):
-        get_sampler("Euler", schedule_type="Karras", timestep_spacing="leading")
+    with pytest.raises(MinisdError, match="SGM Uniform spaces its own t"):
+        get_sampler("Euler", schedule_type="SGM Uniform", timestep_spacing="leading")
     with pytest.raises(MinisdError, match="schedule_type must be one of"):
         get_sampler("Euler", schedule_type="Polyexponential")
+    for spelling, label in (("karras", "Karras"), ("sgm_uniform", "SGM Uniform"), ("automatic", "Karras")):
+        assert get_sampler("DPM++ 2M", schedule_type=spelling).schedule_type == label  # A1111's ids too
 
 
 def test_sde_variants():

@@ -166,6 +166,34 @@ def test_karras_and_exponential_match_diffusers(name, schedule):
         assert_parity("test_karras_and_exponential", f"{name} {schedule} n={n}", traj_ours, traj_ref, bar)
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("name", ["LMS", "Euler", "Heun", "DPM++ 2M", "DPM++ 2M SDE"])
+def test_karras_and_exponential_under_every_spacing_match_diffusers(name, spacing):
+    """Karras and Exponential with a timestep_spacing, as a folder saved after
+    `XScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)` holds it (PNDM's "leading"): diffusers'
+    DPM++ spans the whole table whatever the spacing; its Euler, Heun and LMS span the σ of the spaced t. minisd
+    does each (schedule_range): same σ, same t, every step equal, bars as the test above. SGM Uniform spaces its own
+    t: refused with a spacing, in one line."""
+    for schedule in ("Karras", "Exponential"):
+        for n in (10, 25):
+            ours = get_sampler(name, schedule_type=schedule, timestep_spacing=spacing)
+            ref = diffusers_twin(name, timestep_spacing=spacing, **diffusers_options(schedule))
+            ours.set_timesteps(n)
+            ref.set_timesteps(n)
+            sigmas = torch.cat([ours.call_sigmas, ours.sigmas[-1:]]) if name == "Heun" else ours.sigmas
+            torch.testing.assert_close(sigmas.float(), ref.sigmas, rtol=2e-5, atol=0)
+            truncates = name.startswith("DPM") and schedule == "Exponential"  # diffusers truncates t there
+            assert (ours.timesteps - ref.timesteps).abs().max() <= (1 if truncates else 2e-3)
+            ours.set_timesteps(n)
+            twin = diffusers_twin(name, timestep_spacing=spacing, **diffusers_options(schedule))
+            traj_ours, traj_ref = step_side_by_side(name, ours, twin, n, torch.float32, same_t=truncates)
+            bar = 5e-5 if "SDE" in name else 2e-5
+            label = f"{name} {schedule} {spacing} n={n}"
+            assert_parity("test_karras_and_exponential_under_every_spacing", label, traj_ours, traj_ref, bar)
+    with pytest.raises(MinisdError, match="SGM Uniform spaces its own t"):
+        get_sampler(name, schedule_type="SGM Uniform", timestep_spacing=spacing)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. k-diffusion's schedules and sampling loops, re-derived (k_diffusion/sampling.py, k_diffusion/external.py,
 #    A1111 modules/sd_schedulers.py), float64 throughout

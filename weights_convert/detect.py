@@ -9,8 +9,9 @@ Layouts (CheckpointInfo.layout):
     "diffusers-text-encoder"  text_encoder/model.safetensors (with or without transformers 4.x's `text_model.`)
 
 Refused with one line saying what was found: SD 2.x (OpenCLIP text encoder `cond_stage_model.model.*`, or a
-1024-wide cross-attention context), SDXL (`conditioner.embedders.*`, 2048-wide context), LoRA adapters
-(`lora_unet_*`, `*.lora_down.*`, ...), a single file missing parts (UNet-only, VAE-only), files with no SD keys.
+1024-wide cross-attention context), SDXL (`conditioner.embedders.*`, 2048-wide context), a single file missing parts
+(UNet-only), files with no SD keys. The files users add to a model (`file_kind`: a LoRA, a textual-inversion
+embedding, a VAE on its own) are refused as models too, with the route that takes them (ROUTES).
 """
 
 from collections import Counter
@@ -67,14 +68,45 @@ class CheckpointInfo:
     dtypes: dict[str, str] = field(default_factory=dict)
 
 
+# What a file that is no whole model is, and the way in that takes it.
+ROUTES = {
+    "lora": "a LoRA adapter: apply it with --lora FILE[:WEIGHT] (load_lora_weights in the Python API)",
+    "embedding": "a textual-inversion embedding: --embedding FILE or an --embeddings folder (load_textual_inversion)",
+    "vae": "a VAE on its own (like vae-ft-mse-840000): pass it with --vae FILE (vae= in from_pretrained)",
+}
+
+
+def file_kind(state_dict: Mapping[str, Tensor]) -> str | None:
+    """ "lora", "embedding" or "vae" for the files users add to a model, read off names and shapes; None for others.
+
+    >>> import torch
+    >>> file_kind({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)})
+    'lora'
+    >>> file_kind({"<cat-toy>": torch.zeros(768)}), file_kind({"emb_params": torch.zeros(2, 768)})
+    ('embedding', 'embedding')
+    """
+    names = list(state_dict)
+    if any(n.startswith(("lora_", "lora.")) or ".lora_" in n or ".lora." in n for n in names):
+        return "lora"
+    if len(names) == 1 and state_dict[names[0]].dim() in (1, 2) and state_dict[names[0]].shape[-1] in (64, 768, 1024):
+        return "embedding"  # {"<token>": (d,) or (n, d)}: diffusers / sd-concepts; {"emb_params": (n, d)}: A1111
+    vae_names = [n.removeprefix(VAE_PREFIX) for n in names]
+    ldm_vae = any(n.startswith("encoder.down.") for n in vae_names) and any(
+        n.startswith("decoder.up.") for n in vae_names
+    )
+    if ldm_vae and not any(n.startswith((UNET_PREFIX, OLD_TEXT_ENCODER_PREFIX)) for n in names):
+        return "vae"  # vae-ft-mse-840000-ema-pruned and its kind (diffusers' VAE files: the diffusers-vae layout)
+    return None
+
+
 def _shown(names: list[str]) -> str:
     return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def _refuse_other_models(state_dict: Mapping[str, Tensor], names: list[str]) -> None:
-    lora = [n for n in names if n.startswith(("lora_", "lora.")) or ".lora_" in n or ".lora." in n]
-    if lora:
-        raise MinisdError(f"this is a LoRA adapter ({len(lora)} LoRA keys such as {lora[0]}), not an SD v1 checkpoint")
+    kind = file_kind(state_dict)
+    if kind is not None:
+        raise MinisdError(f"this is {ROUTES[kind]}; it is not a whole SD v1 model")
     if any(n.startswith("conditioner.embedders.") for n in names):
         raise MinisdError("this is an SDXL checkpoint (conditioner.embedders.* keys); minisd loads SD v1 only")
     if any(n.startswith("cond_stage_model.model.") for n in names):
@@ -107,10 +139,6 @@ def _layout(names: list[str]) -> str:
         return "diffusers-unet"
     if any(n.startswith("encoder.down_blocks.") for n in names) and any(n.startswith("decoder.") for n in names):
         return "diffusers-vae"
-    if any(n.startswith("encoder.down.") for n in names) and any(n.startswith("decoder.up.") for n in names):
-        raise MinisdError(
-            "this is a VAE-only file in the LDM layout (like vae-ft-mse-840000): it has no UNet and no text encoder"
-        )
     if any(n.startswith(("text_model.embeddings.", "embeddings.token_embedding.")) for n in names):
         return "diffusers-text-encoder"
     raise MinisdError(f"no Stable Diffusion v1 keys found ({len(names)} keys such as {_shown(names)})")

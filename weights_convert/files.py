@@ -17,6 +17,7 @@ import safetensors
 from torch import Tensor
 
 from minisd.errors import MinisdError
+from weights_convert.detect import ROUTES
 from weights_convert.torch_save import safe_load
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -73,6 +74,8 @@ def _read_pickle(path: Path) -> dict[str, Tensor]:
         checkpoint = checkpoint["state_dict"]  # Lightning .ckpt: {"state_dict": ..., "global_step": ..., ...}
     if not isinstance(checkpoint, dict):
         raise MinisdError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict of tensors")
+    if "string_to_param" in checkpoint:  # AUTOMATIC1111's embedding .pt (weights_convert/embeddings.py reads it)
+        raise MinisdError(f"{path}: this is {ROUTES['embedding']}; it is not a weights file")
     not_tensors = [name for name, value in checkpoint.items() if not isinstance(value, Tensor)]
     if not_tensors or not all(isinstance(name, str) for name in checkpoint):
         shown = ", ".join(map(str, not_tensors[:5]))

@@ -34,10 +34,19 @@ from weights_convert.configs import (
     sd_v1_config,
     write_config_file,
 )
-from weights_convert.detect import LAYOUT_NAMES, CheckpointInfo, inspect_checkpoint, split_minisd_file
+from weights_convert.detect import (
+    LAYOUT_NAMES,
+    ROUTES,
+    CheckpointInfo,
+    file_kind,
+    inspect_checkpoint,
+    split_minisd_file,
+)
+from weights_convert.embeddings import read_embedding
 from weights_convert.files import SAFETENSORS_SUFFIXES, read_state_dict
 from weights_convert.keymap_diffusers import diffusers_to_minisd, minisd_to_diffusers
 from weights_convert.keymap_ldm import EMA_SCALARS, ldm_to_minisd
+from weights_convert.vae_files import ldm_vae_to_minisd
 
 # A diffusers folder's weights, best first: "{v}" is "" or "." + variant ("fp16" -> *.fp16.safetensors).
 WEIGHT_FILES = {
@@ -86,6 +95,8 @@ def read_single_file(path: Path, use_ema: bool = True) -> Weights:
             state_dicts = ldm_to_minisd(state_dict, use_ema=use_ema)
         elif info.layout == "minisd":
             state_dicts = split_minisd_file(state_dict)
+        elif info.layout == "diffusers-vae":
+            raise MinisdError(f"this is {ROUTES['vae']}; it is not a whole SD v1 model")
         else:
             raise MinisdError(
                 f"holds only one part of a diffusers folder ({info.layout}); pass the folder with unet/, vae/, "
@@ -275,12 +286,14 @@ def describe(path: Path) -> str:
     elif not path.exists():
         raise MinisdError(f"{path}: no such file or folder")
     else:
-        state_dict = read_state_dict(path)
-        try:
-            info = inspect_checkpoint(state_dict)
-        except MinisdError as error:
-            raise MinisdError(f"{path}: {error}") from None
         kind = "safetensors" if path.suffix == ".safetensors" else "torch pickle (read without running code)"
+        try:
+            info = inspect_checkpoint(read_state_dict(path))
+        except MinisdError as error:
+            addition = describe_addition(path)
+            if addition is None:  # one line that names the file once
+                raise MinisdError(str(error) if str(path) in str(error) else f"{path}: {error}") from None
+            return "\n".join([f"file:       {path}", f"format:     {kind}", *addition])
     order = ("unet", "unet_ema", "vae", "text_encoder")
     counts = {c: info.parameter_counts[c] for c in order if c in info.parameter_counts}
     dtypes = {c: info.dtypes[c] for c in order if c in info.dtypes}
@@ -303,3 +316,34 @@ def describe(path: Path) -> str:
         + ("  (without the EMA copy)" if info.has_ema else ""),
     ]
     return "\n".join(lines)
+
+
+def describe_addition(path: Path) -> list[str] | None:
+    """What `info` prints for the files users add to a model (an embedding, a LoRA, a VAE); None for other files."""
+    try:
+        embedding = read_embedding(path)
+        n, d = embedding.vectors.shape
+        model = {768: "SD v1", 1024: "SD 2.x", 64: "minisd's nano model"}.get(d)
+        if model is None:  # one tensor of no text encoder's width: not an embedding
+            raise MinisdError(f"{d} wide")
+        return [f"kind:       {ROUTES['embedding']}", f"name:       {embedding.name} ({embedding.format} format)",
+                f"vectors:    {n} × {d} ({model})"]  # fmt: skip
+    except MinisdError:
+        pass
+    try:
+        state_dict = read_state_dict(path)
+    except MinisdError:
+        return None
+    kind = file_kind(state_dict)
+    if kind == "lora":
+        downs = {k: t for k, t in state_dict.items() if k.endswith(("lora_down.weight", "lora_A.weight"))}
+        text = sum(k.startswith(("lora_te", "text_encoder")) for k in downs)
+        alphas = sorted({round(float(t), 4) for k, t in state_dict.items() if k.endswith(".alpha")})
+        convs = sum(t.dim() == 4 and t.shape[-1] > 1 for t in downs.values())
+        return [f"kind:       {ROUTES['lora']}", f"layers:     {len(downs) - text} UNet, {text} text encoder "
+                f"({convs} 3×3 convolutions: LoCon)", f"ranks:      {sorted({t.shape[0] for t in downs.values()})}",
+                f"alphas:     {alphas or 'none stored (alpha = rank)'}"]  # fmt: skip
+    if kind == "vae":
+        vae = ldm_vae_to_minisd(state_dict)
+        return [f"kind:       {ROUTES['vae']}", f"parameters: {sum(t.numel() for t in vae.values()):,}"]
+    return None

@@ -272,7 +272,7 @@ def _ldm_unet_layout(names) -> tuple[int, int, tuple[int, ...]]:
     return num_levels, L, attention
 
 
-def _minisd_unet_layout(names) -> tuple[int, int, tuple[int, ...]]:
+def minisd_unet_layout(names) -> tuple[int, int, tuple[int, ...]]:
     levels = count(names, "down_blocks")
     if not levels:
         return 4, 2, (0, 1, 2)
@@ -280,7 +280,7 @@ def _minisd_unet_layout(names) -> tuple[int, int, tuple[int, ...]]:
     return levels, count(names, "down_blocks.0.resnets"), attention
 
 
-def _vae_layout(names, ldm: bool) -> tuple[int, int]:
+def vae_layout(names, ldm: bool) -> tuple[int, int]:
     levels, blocks = (
         ("encoder.down", "encoder.down.0.block") if ldm else ("encoder.down_blocks", "encoder.down_blocks.0.resnets")
     )
@@ -302,7 +302,7 @@ def ema_name(ldm_unet_key: str) -> str:
     return EMA_PREFIX + ldm_unet_key.removeprefix("model.").replace(".", "")
 
 
-def _unknown_keys_error(unknown: list[str], what: str) -> MinisdError:
+def unknown_keys_error(unknown: list[str], what: str) -> MinisdError:
     shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
     return MinisdError(f"{len(unknown)} key(s) {what} are neither mapped nor ignored by the SD v1 key map: {shown}")
 
@@ -331,7 +331,7 @@ def ldm_to_minisd(state_dict: Mapping[str, Tensor], *, use_ema: bool = True) -> 
 
     tables = {
         "unet": unet_table(*_ldm_unet_layout(unet_names)),
-        "vae": vae_table(*_vae_layout(vae_names, ldm=True)),
+        "vae": vae_table(*vae_layout(vae_names, ldm=True)),
         "text_encoder": text_encoder_table(_clip_layers(clip_names)),
     }
     prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": clip_prefix}
@@ -367,7 +367,7 @@ def ldm_to_minisd(state_dict: Mapping[str, Tensor], *, use_ema: bool = True) -> 
     if take_ema:
         unknown += [n for n in ema_copies if n not in ema_used]
     if unknown:
-        raise _unknown_keys_error(unknown, "in the checkpoint")
+        raise unknown_keys_error(unknown, "in the checkpoint")
     return components
 
 
@@ -418,15 +418,15 @@ def minisd_to_ldm(
 
     out: dict[str, Tensor] = dict(schedule_buffers(float_dtype))
     for component, prefix, table in (
-        ("unet", UNET_PREFIX, unet_table(*_minisd_unet_layout(unet))),
-        ("vae", VAE_PREFIX, vae_table(*_vae_layout(vae, ldm=False))),
+        ("unet", UNET_PREFIX, unet_table(*minisd_unet_layout(unet))),
+        ("vae", VAE_PREFIX, vae_table(*vae_layout(vae, ldm=False))),
         ("text_encoder", TEXT_ENCODER_PREFIX, text_encoder_table(_clip_layers(clip))),
     ):
         state_dict = components[component]
         inverse = {ours: ldm for ldm, ours in table.items()}
         unknown = [name for name in state_dict if name not in inverse]
         if unknown:
-            raise _unknown_keys_error(unknown, f"of component {component!r}")
+            raise unknown_keys_error(unknown, f"of component {component!r}")
         if component == "text_encoder":
             out[prefix + POSITION_IDS] = torch.arange(77, dtype=torch.int64)[None]  # (1, 77), as transformers 4.19
         for ours, ldm in inverse.items():  # table order = the official file's order

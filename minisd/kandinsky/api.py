@@ -30,6 +30,13 @@ from minisd.kandinsky.pipelines.txt2img import txt2img
 from minisd.parameters import GenerationParameters, draw_seed, parse_parameters, quote_value
 from minisd.pipelines.checks import check_seed, make_generator
 
+# GenerationParameters' keys for what only SD v1's pipelines do: the σ samplers' schedule, either η (the decoder's
+# DDPM and DDIM run with their fixed defaults), diffusers' spacing, guidance rescale, VAE tiling, pasting, clip skip
+# and minisd.fast. Kandinsky's text never holds them; a text that does is refused rather than silently ignored.
+SD_ONLY_KEYS = (
+    "Schedule type", "Eta", "Eta DDIM", "Timestep spacing", "Guidance rescale", "VAE tiling", "Paste unmasked",
+    "Clip skip", "Fast",
+)  # fmt: skip
 PRIOR_KEYS = {"prior": "Prior", "prior_steps": "Prior steps", "prior_guidance_scale": "Prior CFG scale"}
 
 
@@ -54,6 +61,12 @@ class KandinskyParameters(GenerationParameters):
         values = parse_parameters(text)
         if "Prior steps" not in values:
             raise MinisdError("parameters lack 'Prior steps': not written for a Kandinsky 2.2 image")
+        if base.sampler not in DECODER_SAMPLERS:
+            raise MinisdError(f"Sampler: {base.sampler!r}; Kandinsky 2.2's decoder has {', '.join(DECODER_SAMPLERS)}")
+        sd_only = [key for key in SD_ONLY_KEYS if key in values]  # never written here: they would be ignored
+        if sd_only:
+            what = "an SD v1 field" if len(sd_only) == 1 else "SD v1 fields"
+            raise MinisdError(f"{', '.join(sd_only)}: {what}, which Kandinsky 2.2's pipelines do not take")
         try:
             prior_steps, prior_guidance = int(values["Prior steps"]), float(values.get("Prior CFG scale", 4.0))
         except ValueError as error:

@@ -46,7 +46,7 @@ def check(args) -> None:
     if args.clip_skip is not None:
         raise MinisdError("--clip-skip is an SD option; Kandinsky 2.2's prior reads its text encoder's last layer")
     if args.eta:
-        raise MinisdError("--eta is an SD option (DDIM's η); Kandinsky 2.2's samplers here take none")
+        raise MinisdError("--eta is an SD option (A1111's Eta DDIM and Eta); Kandinsky 2.2's DDPM and DDIM take none")
     if args.fast:
         raise MinisdError("--fast applies to SD v1's networks, not Kandinsky 2.2's")
     sd_only = [option for option, value in (
@@ -128,6 +128,7 @@ def regenerate(args, text: str, status, save, output_paths, weights_source) -> N
     pipe = load(source, prior, dtype, device, status, cached_only)
     params.prior, params.model_name = record_name(pipe.prior), pipe.model_name
     params.dtype, params.device = str(pipe.dtype).removeprefix("torch."), pipe.device.type
+    params.threads = torch.get_num_threads() if pipe.device.type == "cpu" else None
     status.phase("regenerating")
     pil = pipe.generate(params, *sources)  # the images read once, above
     status.done("regenerated: prior, decoder and MoVQ done")

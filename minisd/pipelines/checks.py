@@ -178,6 +178,12 @@ def prompt_list(name: str, prompt: object, n: int | None = None) -> list[str]:
     return prompt
 
 
+def prompt_pairs(prompt: str | list[str], negative_prompt: str | list[str]) -> list[tuple[str, str]]:
+    """(prompt, negative prompt) pairs: a list of prompts with one negative prompt for all, or one each."""
+    prompts = prompt_list("prompt", prompt)
+    return list(zip(prompts, prompt_list("negative_prompt", negative_prompt, len(prompts)), strict=True))
+
+
 def check_prompts(
     unet: UNet,
     prompt: str | list[str] | None,

@@ -83,6 +83,16 @@ _LOOKUP = {_key(n): n for n in SAMPLERS} | {_key(alias): n for alias, n in ALIAS
 _SCHEDULES = {_key(s): s for s in SCHEDULE_TYPES}
 
 
+def schedule_type_label(name: str) -> str:
+    """A schedule type as A1111 labels it, from any spelling A1111 reads (its label or its id: 'karras',
+    'sgm_uniform', 'automatic'); a name that is none of minisd's is returned unchanged.
+
+    >>> schedule_type_label("sgm_uniform"), schedule_type_label("KARRAS"), schedule_type_label("Beta")
+    ('SGM Uniform', 'Karras', 'Beta')
+    """
+    return {**_SCHEDULES, "automatic": "Automatic"}.get(_key(name), name) if isinstance(name, str) else name
+
+
 def sampler_names() -> list[str]:
     """The display names, in the order a menu would show them."""
     return list(SAMPLERS)
@@ -122,6 +132,7 @@ def get_sampler(
     (diffusers' for its class: "leading" for DDPM, DDIM, PLMS; "linspace" for the σ samplers).
     """
     display, implied = resolve_name(name)
+    schedule_type = None if schedule_type is None else schedule_type_label(schedule_type)
     if implied is not None and schedule_type not in (None, "Automatic", implied):  # A1111: the name's suffix wins
         raise MinisdError(f"sampler {name!r} names the {implied} schedule, schedule_type {schedule_type!r} another")
     if schedule_type == "Automatic":

@@ -149,6 +149,11 @@ class DPMSolverPP2MSampler(SigmaSampler):
     def uniform_timesteps(self, num_inference_steps: int) -> Tensor:
         return dpm_timesteps(num_inference_steps, self.timestep_spacing)
 
+    def schedule_range(self, num_inference_steps: int) -> Tensor:
+        """The whole table, whatever the spacing: diffusers' DPM++ spaces Karras and exponential σ over it (a folder
+        saved with use_karras_sigmas keeps PNDM's "leading", which changes nothing there)."""
+        return self.sigma_table
+
     def timesteps_for(self, sigmas: Tensor) -> Tensor:
         """The integer timestep nearest (in log σ) to each σ, as diffusers rounds for DPM++."""
         return t_at(sigmas, self.sigma_table).round().long()

@@ -163,15 +163,15 @@ def schedule_sigmas(schedule_type: str, sigma_table: Tensor, n: int) -> Tensor:
 
 def check_schedule(schedule_type: str, timestep_spacing: str) -> str:
     """A σ sampler's schedule settings, checked: a schedule type of SCHEDULE_TYPES, a spacing of SPACINGS, and a
-    spacing other than "linspace" only with "Uniform" (the others space σ themselves). Returns schedule_type."""
+    spacing other than "linspace" not with "SGM Uniform" (which spaces its own t). Returns schedule_type."""
     if schedule_type not in SCHEDULE_TYPES:
         raise MinisdError(f"schedule_type must be one of {', '.join(SCHEDULE_TYPES)}, got {schedule_type!r}")
     if timestep_spacing not in SPACINGS:
         raise MinisdError(f"timestep_spacing must be one of {', '.join(SPACINGS)}, got {timestep_spacing!r}")
-    if schedule_type != "Uniform" and timestep_spacing != "linspace":
+    if schedule_type == "SGM Uniform" and timestep_spacing != "linspace":
         raise MinisdError(
-            f"timestep_spacing {timestep_spacing!r} applies to the Uniform schedule only; {schedule_type} spaces "
-            "its own σ over the model's range"
+            f"timestep_spacing {timestep_spacing!r} applies to Uniform, Karras and Exponential; SGM Uniform spaces "
+            "its own t"
         )
     return schedule_type
 
@@ -219,7 +219,8 @@ class SigmaSampler(Sampler):
     `step_index` the next call's index (base.Sampler).
 
     schedule_type: one of SCHEDULE_TYPES (see the module docstring); the UNet is shown the fractional t of each σ
-    (t_at: log-σ interpolation, as k-diffusion and diffusers do). timestep_spacing, for "Uniform" only:
+    (t_at: log-σ interpolation, as k-diffusion and diffusers do). timestep_spacing places Uniform's t (and, as in
+    diffusers, the ends of Karras and Exponential σ: schedule_range):
       "linspace" (the default: diffusers' default for these schedulers; SD v1.5's scheduler_config sets none)
                  t = linspace(T − 1, 0, n), kept fractional, σ interpolated there. n = 1 runs from t = T − 1 (pure
                  noise); diffusers' linspace(0, T − 1, 1) = [0] makes its one step start at σ_min = 0.029.
@@ -239,10 +240,18 @@ class SigmaSampler(Sampler):
     def schedule(self, num_inference_steps: int) -> tuple[Tensor, Tensor]:
         """The full run's (timesteps (n,), sigmas (n,) float64), before truncation and the final 0."""
         if self.schedule_type != "Uniform":
-            sigmas = schedule_sigmas(self.schedule_type, self.sigma_table, num_inference_steps)
+            sigmas = schedule_sigmas(self.schedule_type, self.schedule_range(num_inference_steps), num_inference_steps)
             return self.timesteps_for(sigmas), sigmas
         timesteps = self.uniform_timesteps(num_inference_steps).to(self.timestep_dtype)
         return timesteps, sigma_at(timesteps, self.sigma_table)  # σ of exactly the t the UNet sees
+
+    def schedule_range(self, num_inference_steps: int) -> Tensor:
+        """The σ that Karras and Exponential span, as a table whose [0] is σ_min and [-1] σ_max: the model's whole
+        table with "linspace" (k-diffusion's, A1111's); with "leading" or "trailing", the σ of the spaced t, as
+        diffusers' Euler, Heun and LMS take it (use_karras_sigmas reshapes the σ read at the spaced t)."""
+        if self.timestep_spacing == "linspace":
+            return self.sigma_table
+        return sigma_at(self.uniform_timesteps(num_inference_steps), self.sigma_table).flip(0)  # increasing
 
     def uniform_timesteps(self, num_inference_steps: int) -> Tensor:
         """The "Uniform" schedule's t (n,), decreasing: the spacing's grid (see the class docstring)."""

@@ -7,6 +7,8 @@
     torchrun --nproc_per_node=2 -m minisd.train diffusion ...             stage 2 under DDP (gloo CPU / nccl GPU)
     torchrun --nproc_per_node=2 -m minisd.train all ...                   the VAE on rank 0, then stage 2 under DDP
     python -m minisd.train evaluate --model nano.safetensors --grid g.png  adherence, PSNR, a sample grid
+    python -m minisd.train textual-inversion --out diamond.safetensors   teach the nano model "<diamond>", a new word
+    python -m minisd.train lora --out diamond-lora.safetensors            teach it "diamond" with a LoRA
 
 Every run resumes from its run directory's checkpoint.safetensors when there is one (run the same command again). The
 defaults are the nano model's recipe; the seed fixes every random draw, so the same command on the same machine
@@ -112,12 +114,30 @@ def _main(argv: list[str] | None) -> int:
                           "held-out scenes (over, beneath, left of, the, a full stop, ...)")  # fmt: skip
     evaluate.add_argument("--grid", type=Path, help="write a labelled sample grid here (a new .png)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --grid file")
+    for name, what in (("textual-inversion", "learn a new word <diamond> for a new shape"), ("lora", "learn a "
+                       "LoRA for the word diamond")):  # fmt: skip
+        finetune = commands.add_parser(name, help=f"{what} from 48 pictures (train/concept.py, finetune.py)")
+        finetune.add_argument("--out", type=Path, required=True, help="the file to write: .safetensors (textual "
+                              "inversion: diffusers' format), or .pt (A1111's embedding)")  # fmt: skip
+        finetune.add_argument("--model", type=Path, help="the model to teach (default: the shipped nano model)")
+        finetune.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        for field in ("steps", "batch_size", "seed", "num_vectors", "rank"):
+            finetune.add_argument("--" + field.replace("_", "-"), type=positive_int)
+        finetune.add_argument("--lr", type=float, help="AdamW learning rate (default: the method's)")
+        finetune.add_argument("--initializer", help="textual inversion: the word v* starts from (square)")
+        finetune.add_argument("--alpha", type=float, help="LoRA: alpha (default: the rank)")
+        finetune.add_argument("--unet-only", action="store_true", help="LoRA: leave the text encoder as it is")
+        finetune.add_argument("--eval-seeds", type=int, default=2, help="pictures per held-out caption before and "
+                              "after (2; 0: no measurement)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.device is not None:
         check_device(args.device, "--device")
     if args.command == "evaluate":
         torch.set_num_threads(args.threads)
         return _evaluate(args)
+    if args.command in ("textual-inversion", "lora"):
+        torch.set_num_threads(args.threads)
+        return _finetune(args)
 
     check_run_dir(args.run_dir)
     torch.set_num_threads(args.threads)
@@ -215,6 +235,68 @@ def _evaluate(args: argparse.Namespace) -> int:
             evaluate.labelled_grid(pictures, captions).save(file, format="PNG")
         print(f"grid: {args.grid}")
     return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    """Measure (the base model, the plain word), train, write --out, load it back with the public loaders, measure
+    again."""
+    from minisd.api import default_model
+    from minisd.loading import load_components
+    from minisd.train import concept
+    from minisd.train.finetune import FinetuneConfig, train_lora, train_textual_inversion
+
+    given = {k: getattr(args, k) for k in ("steps", "batch_size", "seed", "num_vectors", "rank", "lr", "initializer")}
+    config = replace(FinetuneConfig(), **{k: v for k, v in given.items() if v is not None})
+    if args.alpha is not None or args.rank is not None:
+        config.alpha = args.alpha if args.alpha is not None else float(config.rank)
+    config.text_encoder = not args.unet_only
+    config.check()
+    if args.out.exists() and not args.overwrite:
+        raise MinisdError(f"--out {args.out} exists (--overwrite replaces it)")
+    suffixes = (".safetensors", ".pt") if args.command == "textual-inversion" else (".safetensors",)
+    if args.out.suffix not in suffixes or not args.out.parent.is_dir():
+        raise MinisdError(f"--out must be a {' or '.join(suffixes)} path in an existing folder, got {args.out}")
+    model = args.model or default_model()
+    components = load_components(model, dtype=torch.float32)
+    if args.eval_seeds > 0:
+        before = concept.adherence(components, concept.CONCEPT, args.eval_seeds)
+        print(f"before ({concept.CONCEPT}): {_line(before)}")
+    start = time.perf_counter()
+    train = train_textual_inversion if args.command == "textual-inversion" else train_lora
+    losses = train(components, args.out, config)
+    seconds = time.perf_counter() - start
+    size = args.out.stat().st_size
+    n = min(20, len(losses))  # the mean of the first and last n steps' losses
+    print(f"{args.command}: {config.steps} steps in {seconds:.0f} s (loss {sum(losses[:n]) / n:.4f} -> "
+          f"{sum(losses[-n:]) / n:.4f}); wrote {args.out} ({size:,} bytes)")  # fmt: skip
+    if args.eval_seeds > 0:
+        from minisd.api import StableDiffusion
+
+        pipe = StableDiffusion.from_pretrained(model)  # a fresh model, the file read back by the public loaders
+        if args.command == "textual-inversion":
+            word = pipe.load_textual_inversion(args.out)
+        else:
+            pipe.load_lora_weights(args.out)
+            word = concept.CONCEPT
+        after = concept.adherence(pipe.components, word, args.eval_seeds)
+        print(f"after ({word}): {_line(after)}")
+        if args.command == "lora":  # what the LoRA does to the nano model's own held-out captions
+            from minisd.train import evaluate, shapes
+
+            sampling = {
+                "num_inference_steps": 25,
+                "sampler": "DPM++ 2M",
+                "guidance_scale": pipe.components.guidance_scale,
+            }
+            own = evaluate.adherence(pipe.components, shapes.heldout_captions(), seeds=args.eval_seeds, **sampling)
+            print(f"the model's own held-out captions with the LoRA: {_line(own)}")
+    return 0
+
+
+def _line(result) -> str:
+    return (
+        f"{result.accepted}/{result.total} = {100 * result.rate:.1f}% drawn right (failed: {result.failures or 'none'})"
+    )
 
 
 if __name__ == "__main__":

@@ -94,12 +94,16 @@ def generate(
     return torch.cat(pictures)
 
 
-def adherence(components: Components, captions: list[str], seeds: int = 4, **sampling) -> Adherence:
-    """Draw `seeds` pictures of every caption (seeds 0, 1000, 2000, …) and judge each with checker.check."""
+def adherence(
+    components: Components, captions: list[str], seeds: int = 4, prompts: list[str] | None = None, **sampling
+) -> Adherence:
+    """Draw `seeds` pictures of every caption (seeds 0, 1000, 2000, …) and judge each with checker.check.
+    prompts: what the model is given for each caption, when it is not the caption itself (a learned word such as
+    "<star>" for "star": train/concept.py)."""
     accepted, total, failures = 0, 0, {}
     start = time.perf_counter()
     for s in range(seeds):
-        pictures = generate(components, captions, seed=1000 * s, **sampling)
+        pictures = generate(components, captions if prompts is None else prompts, seed=1000 * s, **sampling)
         for picture, caption in zip(pictures, captions, strict=True):
             verdict = checker.check_details(picture * 2 - 1, caption)  # the checker reads [-1, 1]
             accepted += verdict.ok

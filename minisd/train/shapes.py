@@ -55,6 +55,9 @@ SUPERSAMPLE = 4  # draw at 256×256, box-filter down: anti-aliased edges
 BACKGROUND = (255, 255, 255)
 COLOURS = {"red": (215, 40, 40), "yellow": (235, 195, 30), "green": (40, 165, 65), "blue": (45, 85, 215)}
 SHAPES = ("circle", "square", "triangle")
+# Drawn, judged and parsed, but in no caption of the nano model's training: the new concept the fine-tuning lessons
+# teach it (minisd/train/concept.py: textual inversion and LoRA). A square standing on a corner.
+NEW_SHAPES = ("diamond",)
 RELATIONS = ("above", "below", "to the left of", "to the right of")
 # How each relation may be said, the documented phrasing first.
 RELATION_PHRASES = {
@@ -146,7 +149,7 @@ def parse_caption(caption: str) -> Scene:
     words = text.split()
 
     def thing(ws: list[str]) -> Thing | None:
-        ok = len(ws) == 3 and ws[0] in ARTICLES and ws[1] in COLOURS and ws[2] in SHAPES
+        ok = len(ws) == 3 and ws[0] in ARTICLES and ws[1] in COLOURS and ws[2] in SHAPES + NEW_SHAPES
         return Thing(ws[1], ws[2]) if ok else None
 
     if len(words) == 3 and thing(words):
@@ -207,7 +210,7 @@ def scene_key(scene: Scene) -> tuple:
 
 
 def _object_index(thing: Thing) -> int:
-    return 3 * list(COLOURS).index(thing.colour) + SHAPES.index(thing.shape)
+    return 3 * list(COLOURS).index(thing.colour) + (SHAPES + NEW_SHAPES).index(thing.shape)
 
 
 def is_heldout(caption: str) -> bool:
@@ -256,10 +259,13 @@ def _draw(draw: ImageDraw.ImageDraw, thing: Thing, cx: float, cy: float, r: floa
     elif thing.shape == "square":  # side 1.8 r: area 3.24 r², close to the circle's
         s = 0.9 * r
         draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
-    else:  # equilateral, apex up, centroid at (cx, cy), circumradius 1.3 r: area 2.2 r²
+    elif thing.shape == "triangle":  # equilateral, apex up, centroid at (cx, cy), circumradius 1.3 r: area 2.2 r²
         R = 1.3 * r
         pts = [(cx, cy - R), (cx + 0.866 * R, cy + 0.5 * R), (cx - 0.866 * R, cy + 0.5 * R)]
         draw.polygon(pts, fill=fill)
+    else:  # diamond: a square on a corner, half-diagonal 1.25 r: area 3.1 r², the circle's
+        R = 1.25 * r
+        draw.polygon([(cx, cy - R), (cx + R, cy), (cx, cy + R), (cx - R, cy)], fill=fill)
 
 
 def render(caption: str, generator: torch.Generator | int) -> Tensor:
