@@ -28,7 +28,7 @@ from PIL import Image
 
 from minisd.additions import Additions, AdditionsMethods, separate_vae
 from minisd.errors import MinisdError
-from minisd.fast import make_fast
+from minisd.fast import fast_dtype, make_fast
 from minisd.hashes import file_hash, source_image
 from minisd.loading import HUB_ID, Components, load_components
 from minisd.parameters import MODES, GenerationParameters, draw_seed
@@ -101,13 +101,13 @@ class StableDiffusion(AdditionsMethods):
         """Load SD v1 from a single file (.safetensors / .ckpt), a diffusers folder or a hub id ("org/name", through
         the Hugging Face cache). The arguments are minisd.loading.load_components', except that dtype None on the CPU
         means float32 (CPUs compute float16 slowly and some ops not at all); on a GPU it keeps the file's dtype.
-        fast: apply minisd.fast.make_fast to the three networks (fused QKV, channels_last, prepacked CPU convs):
-        faster, equal to the eager networks up to float rounding; recorded in each image's parameters.
+        fast: minisd.fast.make_fast on the three networks, and on the CPU with dtype None minisd.fast.fast_dtype
+        (bfloat16 where the CPU has it): faster, equal up to rounding; recorded in the parameters (Fast, Dtype).
         vae: a separate VAE (minisd.loading.load_vae: a file, folder or hub id such as "stabilityai/sd-vae-ft-mse")."""
         if not isinstance(fast, bool):  # before loading: a typo should not cost a multi-GB load
             raise MinisdError(f"fast must be True or False, got {fast!r}")
         if dtype is None and str(device).startswith("cpu"):
-            dtype = torch.float32
+            dtype = fast_dtype("cpu") if fast else torch.float32
         components = load_components(
             source, dtype=dtype, device=device, use_ema=use_ema, variant=variant, local_files_only=local_files_only
         )

@@ -1,26 +1,37 @@
-"""Speed-ups applied after loading: the same networks, the same numbers (to fp32 rounding), less time.
+"""Speed-ups applied after loading: the same networks, the same numbers (to the rounding of their dtype), less time.
 
+    dtype = fast_dtype("cpu")   # bfloat16 on CPUs that compute it natively, else float32 (None on GPUs: keep)
     unet = make_fast(unet)      # also a VAE or a TextEncoder; in place, returns the model
     step = capture_unet_step(unet, latents, t, context)     # CUDA only: the whole UNet step as one CUDA graph
 
 What `make_fast` changes, and why each is safe:
   - fused QKV: a self-attention's three projections of the same tokens (q = x·W_qᵀ, k = x·W_kᵀ, v = x·W_vᵀ) become
-    one matmul x·[W_q; W_k; W_v]ᵀ: the input is read once and one big matmul beats three smaller ones. Every
-    output element is the same dot product as before. The `to_q/to_k/to_v` (CLIP: `q_proj/k_proj/v_proj`)
-    Linears stay in the module tree with their keys, their weights re-pointed at rows of the fused matrix (views,
-    no second copy), so `state_dict()` exports unchanged and `load_state_dict(sd)` (not `assign=True`) writes
-    through into the fused matrix.
-  - channels_last (UNet, VAE; on the GPU, or the CPU in 16-bit): 4-D tensors stored pixel-major (b, h, w, c in
-    memory). cuDNN's fp16/bf16 tensor-core convolutions and oneDNN work natively in that layout, so no per-conv
-    reorder of inputs and outputs, and the SpatialTransformer's "b c h w -> b (h w) c" becomes a free view.
-  - prepacked convolutions (UNet, VAE; fp32 on the CPU): PyTorch's eager conv reorders the weight into oneDNN's
-    blocked layout on EVERY call. At the UNet's 8×8 and 16×16 levels that reorder costs more than the
-    convolution itself (a 1280→1280 3×3 conv at 8×8, batch 2: 208 ms eager, 75 ms prepacked on 2 cores). Each
-    Conv2d becomes a PrepackedConv2d holding the weight reordered for the input shape it last saw (the same
-    numbers, one more copy of the conv weights in memory); its outputs come out channels_last, so the activations
-    flow channels_last as above. What torch.compile's CPU "freezing" does, in eager mode.
+    one matmul x·[W_q; W_k; W_v]ᵀ (FusedLinear): the input is read once and one big matmul beats three smaller
+    ones. Every output element is the same dot product as before. The `to_q/to_k/to_v` (CLIP:
+    `q_proj/k_proj/v_proj`) Linears stay in the module tree with their keys, their weights re-pointed at rows of
+    the fused matrix (views, no second copy), so `state_dict()` exports unchanged and `load_state_dict(sd)` (not
+    `assign=True`) writes through into the fused matrix.
+  - prepacked convolutions and Linears (CPU, float32 or bfloat16: minisd/prepacked.py): oneDNN's weight layout
+    made once instead of on every call; activations flow channels_last.
+  - channels_last (UNet, VAE; elsewhere: GPUs): 4-D tensors stored pixel-major (b, h, w, c in memory). cuDNN's
+    fp16/bf16 tensor-core convolutions work natively in that layout, so no per-conv reorder of inputs and outputs,
+    and the SpatialTransformer's "b c h w -> b (h w) c" becomes a free view.
 Apply it last: after `.to(device, dtype)` (a later `.to` would copy the fused matrix and the three Linears apart,
 and cannot move a prepacked weight).
+
+bfloat16 on the CPU (`fast_dtype`). bfloat16 keeps float32's 8 exponent bits and 7 of its 23 mantissa bits, so
+nothing overflows, and each rounding is ≤ 2⁻⁹ relative. CPUs with AVX-512 BF16 or AMX multiply bfloat16 pairs
+natively (accumulating in float32): a 2048² matmul ran at 140 GFLOP/s in float32 and 323 GFLOP/s in bfloat16 on
+this project's 2-core machine. Where it is not native, oneDNN emulates it (converting to float32 on the fly), no
+faster than float32, so fast_dtype picks float32 there ("never slower"). What runs in which dtype in a bfloat16 network:
+    matmuls and convolutions   bfloat16 inputs and weights, float32 accumulation (oneDNN), bfloat16 result
+    attention                  bfloat16 q, k, v; the softmax's max and sum in float32 (PyTorch's CPU flash kernel)
+    GroupNorm, LayerNorm       bfloat16 in and out; mean and variance accumulated in float32 (PyTorch's CPU kernels)
+    residual sums, SiLU, GELU  bfloat16
+The cost: 1.3-2 % of the output's scale (max |error| / max |output|) on random networks, tiny and full size
+(tests/test_fast.py), about what eager bfloat16 gives; `python -m benchmarks --fast` prints it for the full UNet.
+Keeping the residual sums and norms in float32 (casting around every matmul and conv) was tried by an earlier
+version and dropped: little accuracy gained, most of the speed lost.
 Model files hold no switch for any of this (STYLE.md: speed-ups live here, applied after loading).
 """
 
@@ -34,6 +45,21 @@ from torch import Tensor, nn
 from minisd import clip, unet, vae
 from minisd.attention import attention
 from minisd.errors import MinisdError
+from minisd.prepacked import PrepackedConv2d, PrepackedLinear, onednn_can_pack
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs that multiply bfloat16 in hardware: AVX-512 BF16 (Cooper Lake, Zen 4 and later) or AMX
+    (Sapphire Rapids and later)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def fast_dtype(device: str | torch.device) -> torch.dtype | None:
+    """The dtype the fast mode computes in on `device`: bfloat16 on a CPU with native bfloat16, float32 on other
+    CPUs, None (keep the weights' dtype) elsewhere."""
+    if torch.device(device).type != "cpu":
+        return None
+    return torch.bfloat16 if cpu_has_native_bf16() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
 def fuse_linears(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
@@ -53,6 +79,35 @@ def fuse_linears(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
     return weight, bias
 
 
+def refuse_hooks(linears: list[nn.Module]) -> None:
+    """A fused projection never calls the Linears it replaced: a forward hook on one of them (a LoRA applied on the
+    fly, minisd.lora) would silently do nothing, so it is refused. Edits of their weights in place (a merged LoRA,
+    load_state_dict) do reach the fused matrix: its rows are those weights."""
+    for linear in linears:
+        if linear._forward_hooks or linear._forward_pre_hooks:
+            raise MinisdError(
+                "a forward hook (a LoRA applied on the fly?) on a projection minisd.fast fused into one matmul would "
+                "never run: use the eager networks (no --fast), or merge the LoRA into the weights"
+            )
+
+
+class FusedLinear(nn.Module):
+    """Linears that read the same input, as one matmul: x·[W_1; W_2; …]ᵀ + [b_1; b_2; …].
+
+    x: (..., in_features). Returns (..., Σ out_features). Its weight and bias are not keys (non-persistent
+    buffers): the Linears keep theirs, re-pointed at rows of these (fuse_linears).
+    """
+
+    def __init__(self, linears: list[nn.Linear]):
+        super().__init__()
+        weight, bias = fuse_linears(linears)
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 class FusedSelfAttention(nn.Module):
     """The UNet's self-attention (`attn1`, a CrossAttention called without context) with one QKV matmul.
 
@@ -63,12 +118,12 @@ class FusedSelfAttention(nn.Module):
         super().__init__()
         self.heads = attn.heads
         self.to_q, self.to_k, self.to_v, self.to_out = attn.to_q, attn.to_k, attn.to_v, attn.to_out
-        weight, _ = fuse_linears([self.to_q, self.to_k, self.to_v])  # SD v1's to_q/k/v have no bias
-        self.register_buffer("qkv_weight", weight, persistent=False)  # not a key: the rows are to_q/k/v's
+        self.to_qkv = FusedLinear([self.to_q, self.to_k, self.to_v])  # SD v1's to_q/k/v have no bias
 
     def forward(self, x: Tensor, context: None = None) -> Tensor:
         assert context is None, "self-attention only: attn2 (cross-attention) is not fused"
-        qkv = F.linear(x, self.qkv_weight)  # (b, s, 3d): [q | k | v]
+        refuse_hooks([self.to_q, self.to_k, self.to_v])
+        qkv = self.to_qkv(x)  # (b, s, 3d): [q | k | v]
         q, k, v = rearrange(qkv, "b s (three nh hd) -> three b nh s hd", three=3, nh=self.heads)
         out = attention(q, k, v)
         return self.to_out(rearrange(out, "b nh s hd -> b s (nh hd)"))
@@ -84,15 +139,14 @@ class FusedVAESelfAttention(nn.Module):
         super().__init__()
         self.group_norm, self.to_out = attn.group_norm, attn.to_out
         self.to_q, self.to_k, self.to_v = attn.to_q, attn.to_k, attn.to_v
-        weight, bias = fuse_linears([self.to_q, self.to_k, self.to_v])
-        self.register_buffer("qkv_weight", weight, persistent=False)
-        self.register_buffer("qkv_bias", bias, persistent=False)
+        self.to_qkv = FusedLinear([self.to_q, self.to_k, self.to_v])
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
         residual = x
+        refuse_hooks([self.to_q, self.to_k, self.to_v])
         x = self.group_norm(rearrange(x, "b c h w -> b c (h w)"))  # the eager module's statistics, same rounding
-        qkv = F.linear(rearrange(x, "b c s -> b 1 s c"), self.qkv_weight, self.qkv_bias)  # (b, 1, s, 3c)
+        qkv = self.to_qkv(rearrange(x, "b c s -> b 1 s c"))  # (b, 1, s, 3c)
         q, k, v = qkv.chunk(3, dim=-1)
         x = self.to_out[0](attention(q, k, v))
         x = rearrange(x, "b 1 (h w) c -> b c h w", h=h, w=w)
@@ -109,57 +163,21 @@ class FusedCausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.causal = attn.num_heads, attn.causal
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj
-        weight, bias = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
-        self.register_buffer("qkv_weight", weight, persistent=False)
-        self.register_buffer("qkv_bias", bias, persistent=False)
+        self.qkv_proj = FusedLinear([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, x: Tensor) -> Tensor:
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # (b, s, 3d)
+        refuse_hooks([self.q_proj, self.k_proj, self.v_proj])
+        qkv = self.qkv_proj(x)  # (b, s, 3d)
         q, k, v = rearrange(qkv, "b s (three nh hd) -> three b nh s hd", three=3, nh=self.num_heads)
         out = attention(q, k, v, causal=self.causal)
         return self.out_proj(rearrange(out, "b nh s hd -> b s (nh hd)"))
 
 
-class PrepackedConv2d(nn.Module):
-    """An nn.Conv2d whose weight is reordered into oneDNN's blocked layout once per input shape, not on every call
-    (fp32, CPU).
-
-    x: (b, c_in, h, w) in any memory format. Returns (b, c_out, h', w'), channels_last. Keys as the Conv2d's
-    (`weight`, `bias`: the dense parameters stay, for state_dict). oneDNN picks the blocked layout for one input
-    shape, and a weight packed for another shape runs ~10× slower than eager (measured: a 1280→1280 conv at 4×4
-    packed for 64×64 inputs took 1.4 s instead of 0.12 s), so the packed weight is redone when the input shape
-    changes (at most once per resolution of a run: the cost of one eager call) and after load_state_dict.
-    """
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        assert conv.padding_mode == "zeros" and isinstance(conv.padding, tuple), "SD v1 pads with zeros, by numbers"
-        self.weight, self.bias = conv.weight, conv.bias
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self.register_buffer("packed_weight", None, persistent=False)
-        self.packed_for: tuple[int, ...] = ()  # the input shape packed_weight was laid out for
-        self.register_load_state_dict_post_hook(PrepackedConv2d._forget_packing)
-
-    def _forget_packing(self, _incompatible_keys) -> None:
-        self.packed_weight, self.packed_for = None, ()
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.packed_for != tuple(x.shape):
-            self.packed_weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                self.weight.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation),
-                self.groups, list(x.shape),
-            )  # fmt: skip
-            self.packed_for = tuple(x.shape)
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, self.packed_weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
-            "none", [], "",
-        )  # fmt: skip
-
-
 def make_fast(model: nn.Module) -> nn.Module:
     """Apply the speed-ups above to a loaded minisd UNet, VAE or TextEncoder, in place; returns it.
 
-    Idempotent. Outputs equal the eager model's to fp32 rounding (tests/test_fast.py states the bound).
+    Idempotent; keeps the model's device and dtype (choose the dtype before: fast_dtype). Outputs equal the eager
+    model's in the same dtype to its rounding (tests/test_fast.py states the bounds).
     """
     if not isinstance(model, (unet.UNet, vae.VAE, clip.TextEncoder)):
         raise MinisdError(f"model must be a minisd UNet, VAE or TextEncoder, got {type(model).__name__}")
@@ -174,21 +192,21 @@ def make_fast(model: nn.Module) -> nn.Module:
             )
         elif isinstance(module, clip.EncoderLayer) and isinstance(module.self_attn, clip.CausalSelfAttention):
             module.self_attn = FusedCausalSelfAttention(module.self_attn)
-    if isinstance(model, (unet.UNet, vae.VAE)):
-        weight = next(model.parameters())
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            _prepack_convs(model)
-        else:
-            _to_channels_last(model)
+    if onednn_can_pack(next(model.parameters())):
+        _prepack(model)
+    elif isinstance(model, (unet.UNet, vae.VAE)):
+        _to_channels_last(model)
     return model
 
 
-def _prepack_convs(model: nn.Module) -> None:
-    """Replace every nn.Conv2d below `model` by a PrepackedConv2d (same keys)."""
+def _prepack(model: nn.Module) -> None:
+    """Replace every nn.Conv2d, nn.Linear and FusedLinear below `model` by its prepacked twin (same keys)."""
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Conv2d:
                 setattr(parent, name, PrepackedConv2d(child))
+            elif type(child) in (nn.Linear, FusedLinear):
+                setattr(parent, name, PrepackedLinear(child))
 
 
 def _to_channels_last(model: nn.Module) -> None:

@@ -253,8 +253,8 @@ def test_the_15_dpm_ambiguity():
         ("Schedule rho: 5", "another ρ"),
         ("Mask blur: 4, Inpaint area: Only masked, Denoising strength: 0.6", "A1111's inpainting"),
         ("Emphasis: No norm", "emphasis"),
-        ('Lora hashes: "x: 0123abcd"', "LoRA"),
-        ("VAE: vae-ft-mse-840000-ema-pruned.safetensors", "a separate VAE"),
+        ("Token merging ratio: 0.5", "token merging"),  # (Lora hashes, TI hashes, VAE: read, see test_additions)
+        ("VAE Decoder: TAESD", "another VAE decoder"),
         ("Refiner: sd_xl_refiner_1.0, Refiner switch at: 0.8", "refiner"),
     ],
 )

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 import minisd
 from minisd.api import default_model
 from minisd.errors import MinisdError
+from minisd.fast import fast_dtype
 from minisd.hashes import pixels_hash, short_hash
 from minisd.parameters import GenerationParameters
 from minisd.pipelines import txt2img
@@ -223,12 +224,13 @@ def test_default_model_hook():
 
 
 def test_fast_is_the_same_image_and_is_recorded(pipe, work):
-    """fast=True (minisd.fast.make_fast on all three networks) changes only float rounding: the pixels agree to one
-    8-bit level; the parameters say so, and generate() from them runs fast again."""
+    """fast=True (minisd.fast.make_fast on all three networks) in float32 changes only float rounding: the pixels
+    agree to one 8-bit level; the parameters say so, and generate() from them runs fast again. Without a dtype, fast
+    computes in minisd.fast.fast_dtype (bfloat16 on CPUs that have it), and the PNG records that dtype."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        fast = minisd.StableDiffusion.from_pretrained(work / "tiny.safetensors", fast=True)
+        fast = minisd.StableDiffusion.from_pretrained(work / "tiny.safetensors", dtype=torch.float32, fast=True)
         out = fast("a cat", sampler="DDIM", seed=3, **SMALL)
         eager = pipe("a cat", sampler="DDIM", seed=3, **SMALL)
     finally:
@@ -239,5 +241,9 @@ def test_fast_is_the_same_image_and_is_recorded(pipe, work):
     params = out.parameters[0]
     assert params.fast and "Fast: True" in params.text() and "Fast" not in eager.parameters[0].text()
     assert GenerationParameters.from_text(params.text()) == params
+    chosen = minisd.StableDiffusion.from_pretrained(work / "tiny.safetensors", fast=True)
+    assert chosen.dtype == fast_dtype("cpu") and chosen.vae.decoder.conv_in.weight.dtype == fast_dtype("cpu")
+    recorded = chosen("a cat", sampler="DDIM", seed=3, **SMALL).parameters[0]
+    assert recorded.fast and recorded.dtype == str(fast_dtype("cpu")).removeprefix("torch.")
     with pytest.raises(MinisdError, match="fast must be True or False"):
         minisd.StableDiffusion.from_pretrained(work / "tiny.safetensors", fast="yes")

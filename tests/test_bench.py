@@ -10,6 +10,7 @@ import torch
 
 from benchmarks import speed
 from benchmarks.__main__ import main
+from minisd.fast import fast_dtype
 
 CASES = ["text_encode", "unet_step", "vae_decode", "image_2"]
 
@@ -24,14 +25,14 @@ def one_thread():
     torch.set_num_threads(saved)
 
 
-def parse_table(out: str) -> dict[str, list[float]]:
-    """{case: [minisd s, diffusers s, ratio, minisd MB, diffusers MB, ratio]} from the printed table."""
+def parse_table(out: str) -> dict[tuple[str, str], list[float]]:
+    """{(case, runner): [seconds, x diffusers, peak MB, error]} from the printed table."""
     lines = out.strip().splitlines()
-    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["case", "minisd", "s"])
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["case", "runner", "dtype"])
     rows = {}
     for line in lines[header + 1 :]:
-        case, *numbers = line.split()
-        rows[case] = [float(x) for x in numbers]
+        case, runner, _dtype, *numbers = line.split()
+        rows[case, runner] = [float(x) for x in numbers]
     return rows
 
 
@@ -41,16 +42,31 @@ def test_speed_table_on_cpu(capsys, fast):
     main(argv)
     out = capsys.readouterr().out
     assert "minisd vs diffusers: model tiny, cpu fp32, 64x64 px, median of 2" in out
+    assert "CPU: " in out and "load average" in out
     rows = parse_table(out)
-    assert list(rows) == CASES
-    for case, (ours_s, ref_s, ratio, ours_mb, ref_mb, _) in rows.items():
-        assert ours_s > 0 and ref_s > 0 and ratio > 0, case
-        assert ours_mb >= 0 and ref_mb >= 0, case  # tiny models may add nothing measurable above resident memory
+    runners = ["minisd", "diffusers"]
+    if fast:
+        runners.append("minisd-fast")
+        if fast_dtype("cpu") == torch.bfloat16:
+            runners.append("diffusers-bf16")
+    assert list(rows) == [(case, runner) for case in CASES for runner in runners]
+    in_bf16 = {"diffusers-bf16"} | ({"minisd-fast"} if fast_dtype("cpu") == torch.bfloat16 else set())
+    for (case, runner), (seconds, ratio, mb, error) in rows.items():
+        assert seconds > 0 and ratio > 0 and mb >= 0, (case, runner)  # tiny models may add no measurable memory
+        # The numerical cost beside the time. float32 runners agree to float32 rounding (1e-5: see
+        # test_both_sides_compute_the_same_image). bfloat16 rounds each op's result to 2⁻⁹ of itself: through the tiny
+        # networks that came to 1-3 % of the output's largest value per call, and to 11-12 % for both libraries after
+        # 2 guided steps (guidance multiplies the text-minus-empty difference by 7.5, and its rounding with it).
+        # So minisd's bfloat16 must be about as close as diffusers' own bfloat16 (2× leaves room for a different
+        # summation order), which an O(1) slip is not.
+        assert error < (0.25 if runner in in_bf16 else 1e-5), (case, runner, error)
+        if runner == "minisd-fast" and "diffusers-bf16" in runners:
+            assert error <= 2 * rows[case, "diffusers-bf16"][3] + 1e-3, (case, error, rows[case, "diffusers-bf16"])
 
 
 def test_cases_subset_and_bad_arguments(capsys):
     main(["--model", "tiny", "--size", "64", "--repeat", "1", "--cases", "unet_step"])
-    assert list(parse_table(capsys.readouterr().out)) == ["unet_step"]
+    assert list(parse_table(capsys.readouterr().out)) == [("unet_step", "minisd"), ("unet_step", "diffusers")]
     with pytest.raises(SystemExit, match="--size must be a multiple of 8"):
         main(["--model", "tiny", "--size", "60"])
     with pytest.raises(SystemExit, match="unknown case 'unet'"):

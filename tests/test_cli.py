@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from minisd import cli
 from minisd.api import default_model
-from minisd.images import read_png_parameters
+from minisd.images import read_png_parameters, save_png
 from minisd.loading import load_components
 from minisd.parameters import GenerationParameters
 from minisd.train.evaluate import prompt_note
@@ -297,6 +297,9 @@ def test_overwrite_replaces_and_unrecordable_prompt_is_noted(work, capsys):
 def bad_cases(work: Path) -> dict[str, list[str]]:
     tiny = ["--checkpoint", str(work / "tiny.safetensors")]
     image = ["--image", str(work / "in.png")]
+    sd_png = work / "sd-parameters.png"  # an SD v1 record, for the regenerate cases
+    save_png(Image.new("RGB", (64, 64)), sd_png, "x\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64",
+             overwrite=True)  # fmt: skip
     return {
         "steps 0": ["generate", "x", *tiny, "--steps", "0"],
         "steps not a number": ["generate", "x", *tiny, "--steps", "many"],
@@ -305,7 +308,7 @@ def bad_cases(work: Path) -> dict[str, list[str]]:
         "eta without DDIM": ["generate", "x", *tiny, "--eta", "0.5", "--sampler", "Euler"],
         "unknown schedule type": ["generate", "x", *tiny, "--sampler", "Euler", "--schedule-type", "Beta"],
         "schedule type for DDIM": ["generate", "x", *tiny, "--sampler", "DDIM", "--schedule-type", "Karras"],
-        "spacing with Karras": ["generate", "x", *tiny, "--sampler", "Euler Karras", "--timestep-spacing", "leading"],
+        "spacing with SGM": ["generate", "x", *tiny, "--sampler", "Euler SGM Uniform", "--timestep-spacing", "leading"],
         "regenerate: no such models dir": ["regenerate", str(work / "a.png"), "--models-dir", str(work / "nowhere")],
         "negative guidance": ["generate", "x", *tiny, "--guidance", "-1"],
         "negative seed": ["generate", "x", *tiny, "--seed", "-1"],
@@ -329,6 +332,8 @@ def bad_cases(work: Path) -> dict[str, list[str]]:
         "clip skip beyond the layers": ["generate", "x", *tiny, *SMALL, "--clip-skip", "5"],
         "regenerate a PNG without parameters": ["regenerate", str(work / "in.png")],
         "regenerate a missing file": ["regenerate", str(work / "missing.png")],
+        "regenerate an SD PNG with --prior": ["regenerate", str(sd_png), *tiny, "--prior", str(work / "folder")],
+        "regenerate an SD PNG naming no model": ["regenerate", str(sd_png)],
         "unknown command": ["paint", "x"],
     }
 

@@ -1,20 +1,23 @@
 """minisd.fast changes speed, not numbers: the fast UNet, VAE and TextEncoder give the eager outputs to fp32
 rounding, at a tiny config and at the full SD v1 size (small inputs), and their state dicts still round-trip."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+from minisd import fast as minisd_fast
 from minisd.clip import TextEncoder, TextEncoderConfig
 from minisd.errors import MinisdError
 from minisd.fast import (
     FusedCausalSelfAttention,
     FusedSelfAttention,
     FusedVAESelfAttention,
-    PrepackedConv2d,
     capture_unet_step,
     make_fast,
 )
+from minisd.prepacked import PrepackedConv2d, PrepackedLinear
 from minisd.unet import UNet, UNetConfig
 from minisd.vae import VAE, VAEConfig
 from tests.parity import assert_parity
@@ -142,10 +145,14 @@ def test_make_fast_is_idempotent_and_keeps_one_copy_of_qkv():
     attn = fast.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     assert isinstance(attn, FusedSelfAttention)
     # to_q/k/v's weights are rows of the fused matrix, not copies
-    assert attn.to_k.weight.data_ptr() == attn.qkv_weight[attn.to_q.out_features :].data_ptr()
-    # fp32 on the CPU: every conv prepacked for oneDNN (channels_last is the GPU's path: tests/test_gpu.py)
-    assert not any(type(m) is nn.Conv2d for m in fast.modules())
-    assert isinstance(fast.conv_in, PrepackedConv2d)
+    assert attn.to_k.weight.data_ptr() == attn.to_qkv.weight[attn.to_q.weight.shape[0] :].data_ptr()
+    # fp32 on the CPU: every conv and Linear prepacked for oneDNN (channels_last is the GPU's path: test_gpu.py)
+    assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in fast.modules())
+    assert isinstance(fast.conv_in, PrepackedConv2d) and isinstance(attn.to_qkv, PrepackedLinear)
+    # packing is lazy: the to_q/k/v kept only for their keys never get a packed copy
+    with torch.no_grad():
+        fast(*inputs("unet", TINY["unet"], size=8, seed=4))
+    assert attn.to_qkv.packed_weight is not None and attn.to_q.packed_weight is None
 
 
 def test_make_fast_rejects_what_it_cannot_speed_up():
@@ -162,3 +169,58 @@ def test_capture_unet_step_needs_cuda_tensors():
     latents, t, context = inputs("unet", TINY["unet"], size=8, seed=5)
     with pytest.raises(MinisdError, match="needs CUDA tensors"):
         capture_unet_step(unet, latents, t, context)
+
+
+# bfloat16 keeps 8 significant bits: each rounding moves a number by ≤ 2⁻⁹ ≈ 2e-3 of itself, and the networks' ~100
+# rounded layers add those up. Eager minisd in bfloat16 (no make_fast) lands 1.2-1.9 % from float32 on these random
+# networks (tiny and full size, measured), the fast path 1.3-1.8 %: a different summation order, the same precision.
+# 4e-2 is twice that, and still far below what a real slip does (a swapped q/k or a dropped residual is O(1)).
+BF16_REL_TOL = 4e-2
+
+
+@pytest.mark.parametrize("kind", ["unet", "vae", "text_encoder"])
+def test_fast_bfloat16_is_float32_to_bfloat16_rounding(kind):
+    """make_fast on a bfloat16 network (what fast_dtype picks on CPUs with AVX-512 BF16 / AMX) gives the float32
+    eager output to bfloat16's rounding."""
+    eager, fast = eager_and_fast(kind, TINY[kind], seed=6)
+    fast = make_fast(fast.to(torch.bfloat16))
+    args = inputs(kind, TINY[kind], size=16, seed=6)
+    args16 = tuple(a.to(torch.bfloat16) if a.is_floating_point() else a for a in args)
+    with torch.no_grad():
+        want, got = run(kind, eager, args), run(kind, fast, args16)
+    assert got.dtype == torch.bfloat16
+    assert_parity("test_fast_bfloat16", f"fast {kind} bfloat16 vs eager float32", got, want, BF16_REL_TOL)
+
+
+def test_fast_dtype_picks_bfloat16_only_where_the_cpu_computes_it(monkeypatch):
+    """bfloat16 only on CPUs that multiply it in hardware (elsewhere oneDNN emulates it, slower than float32); the
+    detection agrees with the kernel's CPU flags; GPUs keep the weights' dtype."""
+    assert minisd_fast.fast_dtype("cuda") is None
+    monkeypatch.setattr(minisd_fast, "cpu_has_native_bf16", lambda: False)
+    assert minisd_fast.fast_dtype("cpu") == torch.float32
+    monkeypatch.setattr(minisd_fast, "cpu_has_native_bf16", lambda: True)
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # and oneDNN can use it
+    assert minisd_fast.fast_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+    monkeypatch.undo()
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    if flags:  # Linux: the kernel's list of what this CPU has
+        assert minisd_fast.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def test_prepacked_weights_follow_edits_in_place():
+    """A weight edited in place after packing (a merged LoRA: W ← W + ΔW, also through to_q's rows of the fused
+    QKV matrix) is re-packed, not silently ignored; a forward hook on a fused-away Linear is refused."""
+    eager, fast = eager_and_fast("unet", TINY["unet"], seed=7)
+    args = inputs("unet", TINY["unet"], size=8, seed=7)
+    with torch.no_grad():
+        fast(*args)  # packs every weight
+        for model in (eager, fast):
+            model.conv_in.weight.mul_(1.5)
+            model.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.mul_(-2.0)
+            model.mid_block.attentions[0].proj_in.weight.add_(0.1)
+        assert_parity("test_prepacked_weights_follow_edits_in_place", "fast unet after in-place edits",
+                      fast(*args), eager(*args), REL_TOL)  # fmt: skip
+    attn = fast.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    attn.to_v.register_forward_hook(lambda module, args, out: out)
+    with pytest.raises(MinisdError, match="never run"), torch.no_grad():
+        fast(*args)

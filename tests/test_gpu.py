@@ -189,7 +189,11 @@ def test_bench_runs_on_cuda(capsys):
                 "--repeat", "2", "--fast"])  # fmt: skip
     out = capsys.readouterr().out
     assert "cuda" in out and "fp16" in out
-    rows = out.strip().splitlines()[-4:]
-    assert [row.split()[0] for row in rows] == ["text_encode", "unet_step", "vae_decode", "image_2"]
+    rows = out.strip().splitlines()[-12:]  # 4 cases × minisd, diffusers, minisd-fast (fp16: fast keeps the dtype)
+    assert [row.split()[:2] for row in rows] == [
+        [case, runner]
+        for case in ["text_encode", "unet_step", "vae_decode", "image_2"]
+        for runner in ["minisd", "diffusers", "minisd-fast"]
+    ]
     for row in rows:
-        assert all(float(x) >= 0 for x in row.split()[1:4])
+        assert all(float(x) >= 0 for x in row.split()[3:])
