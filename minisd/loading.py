@@ -252,7 +252,8 @@ def load_vae(
         path = _hub_vae_snapshot(str(source), local_files_only)
     weights = read_vae(path)
     try:
-        return _build("vae", weights.config, weights.state_dict, dtype, torch.device(device))
+        config = _checked_config("vae", weights.config, weights.state_dict)  # before building, as load_components
+        return _build("vae", config, weights.state_dict, dtype, torch.device(device))
     except MinisdError as error:
         raise MinisdError(f"{source}: {error}") from None
 
