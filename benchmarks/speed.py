@@ -35,13 +35,27 @@ CASES = ("text_encode", "unet_step", "vae_decode", "image")  # "image" prints as
 
 
 def model_configs(model: str) -> tuple:
-    """(UNetConfig, VAEConfig, TextEncoderConfig): SD v1's sizes, or SD v1 with small numbers for smoke tests."""
+    """(UNetConfig, VAEConfig, TextEncoderConfig): SD v1's sizes, SD 2.1's ("sd-v2": 64-wide heads, linear
+    projections, attention upcast, the 23-layer OpenCLIP ViT-H text tower), or SD v1 with small numbers for smoke
+    tests."""
     from minisd.clip import TextEncoderConfig
     from minisd.unet import UNetConfig
     from minisd.vae import VAEConfig
 
     if model == "sd-v1":
         return UNetConfig(), VAEConfig(), TextEncoderConfig()
+    if model == "sd-v2":
+        return (
+            UNetConfig(
+                attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+                upcast_attention=True,
+            ),
+            VAEConfig(),
+            TextEncoderConfig(
+                hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                hidden_act="gelu",
+            ),
+        )  # fmt: skip
     return (
         UNetConfig(block_out_channels=(32, 64, 64, 64), cross_attention_dim=32),
         VAEConfig(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=4),
@@ -333,6 +347,6 @@ def speed_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fast", action="store_true", help=fast_help)
     threads_help = "CPU threads (default: torch's, all cores; tiny: 1, its ops are too small to share)"
     parser.add_argument("--threads", type=int, help=threads_help)
-    parser.add_argument("--model", choices=["sd-v1", "tiny"], default="sd-v1", help="tiny: smoke tests only")
+    parser.add_argument("--model", choices=["sd-v1", "sd-v2", "tiny"], default="sd-v1", help="tiny: smoke tests only")
     parser.add_argument("--cases", default="", help="comma-separated subset of text_encode,unet_step,vae_decode,image")
     return parser

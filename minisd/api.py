@@ -20,6 +20,7 @@ line (cli.py) calls the same two.
 """
 
 import os
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,10 +33,10 @@ from minisd.fast import fast_dtype, make_fast
 from minisd.hashes import file_hash, source_image
 from minisd.loading import HUB_ID, Components, load_components
 from minisd.parameters import MODES, GenerationParameters, draw_seed
-from minisd.pipelines import img2img, inpaint, txt2img
+from minisd.pipelines import checks, img2img, inpaint, txt2img
 from minisd.pipelines.checks import check_bool, check_int, check_seed, prompt_pairs
 from minisd.pipelines.common import INPAINT_CHANNELS
-from minisd.samplers import SIGMA_SAMPLERS, Sampler, get_sampler, resolve_name
+from minisd.samplers import get_sampler
 
 NANO_MODEL = Path(__file__).parent / "data" / "nano.safetensors"  # minisd's own small model (minisd/train)
 
@@ -59,7 +60,8 @@ class GenerationOutput:
 
 
 class StableDiffusion(AdditionsMethods):
-    """SD v1 ready to generate: the four networks (.tokenizer .text_encoder .vae .unet), and where they came from.
+    """SD (v1 or 2.x) ready to generate: the four networks (.tokenizer .text_encoder .vae .unet), and where they came
+    from.
 
     Build it with from_pretrained (a file, a diffusers folder or a hub id); call it for text-to-image, .img2img and
     .inpaint for the others. Each call returns a GenerationOutput. Device and dtype are the UNet's. Each image's
@@ -97,20 +99,26 @@ class StableDiffusion(AdditionsMethods):
         local_files_only: bool = False,
         fast: bool = False,
         vae: str | os.PathLike | None = None,
+        prediction_type: str | None = None,
     ) -> "StableDiffusion":
-        """Load SD v1 from a single file (.safetensors / .ckpt), a diffusers folder or a hub id ("org/name", through
-        the Hugging Face cache). The arguments are minisd.loading.load_components', except that dtype None on the CPU
-        means float32 (CPUs compute float16 slowly and some ops not at all); on a GPU it keeps the file's dtype.
-        fast: minisd.fast.make_fast on the three networks, and on the CPU with dtype None minisd.fast.fast_dtype
+        """Load SD v1 or 2.x from a single file (.safetensors / .ckpt), a diffusers folder or a hub id ("org/name",
+        through the Hugging Face cache). The arguments are minisd.loading.load_components', except that dtype None on
+        the CPU means float32 (CPUs compute float16 slowly and some ops not at all); on a GPU it keeps the file's
+        dtype. fast: minisd.fast.make_fast on the three networks, and on the CPU with dtype None minisd.fast.fast_dtype
         (bfloat16 where the CPU has it): faster, equal up to rounding; recorded in the parameters (Fast, Dtype).
-        vae: a separate VAE (minisd.loading.load_vae: a file, folder or hub id such as "stabilityai/sd-vae-ft-mse")."""
+        vae: a separate VAE (minisd.loading.load_vae: a file, folder or hub id such as "stabilityai/sd-vae-ft-mse").
+        prediction_type: for SD 2 single files, which do not record it; what loading had to assume instead (the
+        file's name decides) comes as a UserWarning of one line, and stays in .components.note."""
         if not isinstance(fast, bool):  # before loading: a typo should not cost a multi-GB load
             raise MinisdError(f"fast must be True or False, got {fast!r}")
         if dtype is None and str(device).startswith("cpu"):
             dtype = fast_dtype("cpu") if fast else torch.float32
         components = load_components(
-            source, dtype=dtype, device=device, use_ema=use_ema, variant=variant, local_files_only=local_files_only
-        )
+            source, dtype=dtype, device=device, use_ema=use_ema, variant=variant, local_files_only=local_files_only,
+            prediction_type=prediction_type,
+        )  # fmt: skip
+        if components.note:
+            warnings.warn(components.note, stacklevel=2)
         path = Path(source)
         if path.exists():
             weights, name = str(path.resolve()), path.stem if path.is_file() else path.resolve().name
@@ -181,7 +189,7 @@ class StableDiffusion(AdditionsMethods):
         run, as txt2img's, and records nothing (`parameters` is empty: no seed or prompt text makes it again).
         """
         if latents is not None or prompt_embeds is not None or negative_prompt_embeds is not None:
-            sampler_object = self.sampler(sampler, eta, schedule_type, timestep_spacing)
+            sampler_object = checks.model_sampler(self.components, sampler, eta, schedule_type, timestep_spacing)
             seed = draw_seed() if seed is None else seed
             images = txt2img(
                 self.components, None if prompt_embeds is not None else prompt,
@@ -320,7 +328,7 @@ class StableDiffusion(AdditionsMethods):
             raise MinisdError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
         if not isinstance(negative_prompt, str):
             raise MinisdError(f"negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}")
-        chosen = self.sampler(sampler, eta, schedule_type, timestep_spacing)
+        chosen = checks.model_sampler(self.components, sampler, eta, schedule_type, timestep_spacing)
         default_spacing = get_sampler(chosen.name).timestep_spacing
         params = GenerationParameters(
             mode=mode,
@@ -345,6 +353,8 @@ class StableDiffusion(AdditionsMethods):
             device=self.device.type,
             threads=torch.get_num_threads() if self.device.type == "cpu" else None,
             fast=self.fast,
+            prediction_type=self.components.recorded_prediction_type,
+            rescale_betas_zero_snr=self.components.rescale_betas_zero_snr,
         )
         sources = []
         if mode != "txt2img":
@@ -356,24 +366,6 @@ class StableDiffusion(AdditionsMethods):
             sources.append(mask)
         self.additions.record(params)  # embeddings, LoRAs, VAE (loads the folder's embeddings the prompts name)
         return params, sources
-
-    def sampler(
-        self, name: str | None, eta: float | None, schedule_type: str | None, timestep_spacing: str | None
-    ) -> Sampler:
-        """get_sampler with the model's defaults filled in (components.scheduler: a folder's scheduler_config.json,
-        passed on to any sampler as diffusers' from_config does; PLMS for single files): its sampler when name is
-        None, its timestep_spacing, its Karras / exponential σ for a σ sampler whose name names no schedule."""
-        defaults = getattr(self.components, "scheduler", {"sampler": "PLMS"})
-        try:
-            display, implied = resolve_name(defaults["sampler"] if name is None else name)
-        except MinisdError as error:
-            if name is not None:
-                raise
-            raise MinisdError(f"the model's scheduler is not minisd's ({error}): name a sampler") from None
-        if schedule_type is None and implied is None and display in SIGMA_SAMPLERS:
-            schedule_type = defaults.get("schedule_type")
-        spacing = defaults.get("timestep_spacing") if timestep_spacing is None else timestep_spacing
-        return get_sampler(display if implied is None else name, eta, schedule_type, spacing)
 
     def run_all(self, records, seed: int | None, num_images: int, callback, output_type: str) -> GenerationOutput:
         """run() for each (params, sources) of `records`, image k of them all from seed + k; one output."""
@@ -419,14 +411,20 @@ class StableDiffusion(AdditionsMethods):
             "guidance_scale": params.guidance_scale,
             "guidance_rescale": params.guidance_rescale,
             "clip_skip": params.clip_skip,
+            "prediction_type": params.prediction_type,  # None: the model's own (ε unless recorded)
+            "rescale_betas_zero_snr": params.rescale_betas_zero_snr,
             "callback": callback,
             "output_type": output_type,
             "vae_tiling": params.vae_tiling,
             "progress_bar": self.progress_bar,
         }
         output = GenerationOutput([])
+        prediction = checks.model_prediction(self.components, params.prediction_type, params.rescale_betas_zero_snr)
         for i in range(num_images):  # one image per call, image i from seed + i (A1111's rule)
-            sampler = get_sampler(params.sampler, params.eta, params.schedule_type, params.timestep_spacing)
+            sampler = get_sampler(
+                params.sampler, params.eta, params.schedule_type, params.timestep_spacing,
+                prediction_type=prediction[0], rescale_betas_zero_snr=prediction[1],
+            )  # fmt: skip
             with self.additions.applied(params) as prompt:  # the prompt's <lora:…> tags on, and out of the text
                 if params.mode == "txt2img":
                     images = txt2img(

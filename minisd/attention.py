@@ -24,6 +24,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, mask: Tenso
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
+def attention_in_float32(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """attention(q, k, v, mask=mask) computed in float32 and cast back: SD 2.1's upcast_attention (Stability's
+    ATTN_PRECISION="fp32"), because q·kᵀ can pass float16's largest value (65504) before the softmax.
+    Shapes as attention(); a no-op for float32 inputs."""
+    return attention(q.float(), k.float(), v.float(), mask=mask).to(q.dtype)
+
+
 def attention_weights(q: Tensor, k: Tensor, causal: bool = False, mask: Tensor | None = None) -> Tensor:
     """softmax(q kᵀ / √hd): (b, nh, s, s_kv), row i = how query i spreads its attention over the keys (rows sum
     to 1). What the fused kernel never materialises; notebooks/03 draws these as cross-attention maps."""

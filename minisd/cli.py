@@ -3,17 +3,19 @@
     minisd generate "a watercolour fox" --checkpoint v1-5-pruned-emaonly.safetensors --steps 25 --seed 1 -o fox.png
     minisd img2img "a fox in winter" --image fox.png --strength 0.6 --model stable-diffusion-v1-5/stable-diffusion-v1-5
     minisd inpaint "a red hat" --image fox.png --mask hat-mask.png --checkpoint sd-v1-5-inpainting.ckpt
+    minisd generate "a lighthouse at dusk" --checkpoint v2-1_768-ema-pruned.safetensors   # SD 2.1: 768 px, v
     minisd info v1-5-pruned-emaonly.safetensors      # what a file, folder or hub id holds
     minisd regenerate fox.png --models-dir models/     # the same image again, from the parameters in the PNG
 
 Weights: --checkpoint FILE, or --model ID_OR_FOLDER (a hub id through the Hugging Face cache, or a diffusers
-folder; a Kandinsky 2.2 decoder: see minisd/kandinsky/cli.py). What users bring: --vae FILE|ID, --lora
-FILE[:WEIGHT] (repeatable), --embedding FILE (repeatable; type its name), and A1111's folders --embeddings DIR (a
-file's name typed in a prompt) and --lora-dir DIR (<lora:name:0.8>). PNGs hold A1111's "parameters" text; without -o
-they go to outputs/00001.png, 00002.png, ... An existing file is never replaced without --overwrite: a fresh
-name is taken and printed instead. With --num-images N, image i uses seed + i and goes to its own file (OUT-1.png
-... OUT-N.png with -o OUT.png); --grid adds one picture of them all. `regenerate` finds the weights the PNG names
-by name and hash (minisd/locate.py), and its embeddings, LoRAs and VAE the same way.
+folder; a Kandinsky 2.2 decoder: see minisd/kandinsky/cli.py); SD v1 or SD 2.x (ε or v: an SD 2 file does not say;
+--prediction-type, else its name decides, 768 = v, and a "note:" line says so). What users bring: --vae FILE|ID,
+--lora FILE[:WEIGHT] (repeatable), --embedding FILE (repeatable; type its name), and A1111's folders --embeddings
+DIR (a file's name typed in a prompt) and --lora-dir DIR (<lora:name:0.8>). PNGs hold A1111's "parameters" text;
+without -o they go to outputs/00001.png, 00002.png, ... An existing file is never replaced without --overwrite: a
+fresh name is taken and printed instead. With --num-images N, image i uses seed + i and goes to its own file
+(OUT-1.png ... OUT-N.png with -o OUT.png); --grid adds one picture of them all. `regenerate` finds the weights the
+PNG names by name and hash (minisd/locate.py), and its embeddings, LoRAs and VAE the same way.
 Bad arguments or files: one line on stderr, exit status 2. Progress goes to stderr when it is a terminal.
 """
 
@@ -22,6 +24,7 @@ import math
 import re
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -39,6 +42,7 @@ from minisd.loading import HUB_ID, check_device
 from minisd.locate import find_vae, find_weights
 from minisd.parameters import GenerationParameters, check_fields, draw_seed, parse_parameters
 from minisd.samplers import sampler_names
+from minisd.samplers.base import PREDICTION_TYPES
 from minisd.samplers.schedule import SPACINGS
 from minisd.samplers.sigmas import SCHEDULE_TYPES
 
@@ -124,20 +128,18 @@ def weights_source(args) -> str:
     return str(model)
 
 
-def load(
-    source: str,
-    dtype: str | None,
-    device: str | None,
-    fast: bool,
-    status: Status,
-    cached_only: bool = False,
-    vae: str | None = None,
-) -> StableDiffusion:
+def load(source: str, dtype: str | None, device: str | None, fast: bool, status: Status, cached_only: bool = False,
+         vae: str | None = None, prediction_type: str | None = None) -> StableDiffusion:  # fmt: skip
     status.phase(f"loading {source}")
     dtype = DTYPES[dtype] if dtype else None
-    pipe = StableDiffusion.from_pretrained(
-        source, dtype=dtype, device=device or "cpu", fast=fast, local_files_only=cached_only, vae=vae
-    )
+    with warnings.catch_warnings(record=True) as caught:  # what loading assumed: one "note:" line each
+        warnings.simplefilter("always")
+        pipe = StableDiffusion.from_pretrained(
+            source, dtype=dtype, device=device or "cpu", fast=fast, local_files_only=cached_only, vae=vae,
+            prediction_type=prediction_type,
+        )  # fmt: skip
+    for warning in caught:
+        print(f"note: {warning.message}", file=sys.stderr)
     pipe.set_progress_bar_config(disable=not status.live)  # the steps' bar on a terminal only, as the status lines
     status.done(f"loaded {source}")
     if Path(source).is_file():
@@ -224,7 +226,7 @@ def command_generate(args, status: Status) -> None:
     seed = args.seed if args.seed is not None else draw_seed()
     loras = additions_cli.check(args)  # a bad --lora or <lora:…> tag fails before loading
     paths = output_paths(args.output, args.num_images)
-    pipe = load(source, args.dtype, args.device, args.fast, status, vae=args.vae)
+    pipe = load(source, args.dtype, args.device, args.fast, status, vae=args.vae, prediction_type=args.prediction_type)
     added = additions_cli.apply(pipe, args, loras)
     params, sources = pipe.parameters(
         MODES[args.command], args.prompt, args.negative_prompt, args.steps, args.guidance, args.sampler, args.eta,
@@ -242,8 +244,7 @@ def command_generate(args, status: Status) -> None:
         print(f"{write_png(grid, grid_path, None, args.overwrite)}  grid of {len(written)} images")
     from minisd.train.evaluate import prompt_note  # the nano model's grammar: a note for prompts outside it
 
-    note = None if added else prompt_note(source, args.prompt)  # new words, LoRAs: no note; after the run: a
-    # refused argument stays the only line
+    note = None if added else prompt_note(source, args.prompt)  # after the run: a refusal stays the only line
     if note is not None:
         print(note, file=sys.stderr)
     if args.seed is None:
@@ -281,7 +282,8 @@ def command_regenerate(args, status: Status) -> None:
     if params.threads is not None and (device or "cpu").startswith("cpu"):
         torch.set_num_threads(params.threads)  # the CPU's float sums depend on how the work is split
     vae = None if params.vae is None else find_vae(params.vae, params.vae_hash, args.models_dir or [])
-    pipe = load(source, dtype, device, args.fast or params.fast, status, cached_only, vae)
+    prediction_type = args.prediction_type or params.prediction_type  # an SD 2 file does not record it: the PNG does
+    pipe = load(source, dtype, device, args.fast or params.fast, status, cached_only, vae, prediction_type)
     if params.model_hash is not None and Path(source).is_file() and not hash_matches(params.model_hash, source):
         raise MinisdError(f"{source} has model hash {pipe.model_hash}, the PNG was made with {params.model_hash}")
     pipe.additions.restore(params, args.models_dir or [])  # its embeddings and LoRAs, found by name and hash
@@ -303,7 +305,7 @@ def make_image(pipe, params, sources, seed: int, path: Path, overwrite: bool, st
 
 def command_info(args) -> None:
     from minisd.loading import hub_snapshot
-    from weights_convert.folders import describe
+    from weights_convert.describe import describe
 
     path = Path(args.source)
     if not path.exists() and HUB_ID.match(args.source):
@@ -332,6 +334,8 @@ def add_weights_args(command) -> None:
         "each network's output) and weights prepacked for oneDNN, on a GPU channels_last; fused QKV everywhere. "
         "The same picture up to rounding, recorded in the PNG (Fast, Dtype)",
     )
+    sd2_help = "what an SD 2 single file's model predicts (default: its name decides, 768 = v_prediction)"
+    command.add_argument("--prediction-type", choices=PREDICTION_TYPES, help=sd2_help)
     command.add_argument("-o", "--output", metavar="OUT", help="a .png path or a folder (default: outputs/, numbered)")
     command.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
@@ -408,9 +412,8 @@ def build_parser() -> ArgumentParser:
     weights.add_argument("--checkpoint", metavar="FILE", help="a single weights file (default: the nano model)")
     weights.add_argument("--model", metavar="ID|DIR", help="a Hugging Face hub id or a diffusers folder")
     explain.add_argument("--device", help="cpu (default), cuda, cuda:1, mps")
-    explain.add_argument(
-        "--port", type=partial(positive_int, most=65535), default=7860, help="http://127.0.0.1:PORT (7860)"
-    )
+    explain.add_argument("--port", type=partial(positive_int, most=65535), default=7860,
+                         help="http://127.0.0.1:PORT (7860)")  # fmt: skip
     explain.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     info = commands.add_parser("info", help="what a weights file, diffusers folder or hub id holds")
     info.add_argument("source", metavar="FILE_OR_ID", help="a .safetensors/.ckpt file, a diffusers folder or a hub id")

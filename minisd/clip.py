@@ -1,4 +1,4 @@
-"""CLIP ViT-L/14's text transformer, as Stable Diffusion v1 uses it: token ids in, one vector per token out.
+"""CLIP's text transformer, as Stable Diffusion uses it: token ids in, one vector per token out.
 
     input_ids (b, 77) ──token_embedding + position_embedding──▶ x (b, 77, 768)   = hidden_states[0]
     12 × pre-LN layer:  x = x + self_attn(layer_norm1(x))       causal: token i sees tokens 0..i
@@ -7,7 +7,7 @@
 
 Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision", arXiv:2103.00020,
 §2.4 (a GPT-2 style transformer, Radford et al. 2019); module paths equal transformers' `CLIPTextModel`, so its
-state_dict loads with strict=True. SD v1 passes no padding attention mask (diffusers' `use_attention_mask` is unset
+state_dict loads with strict=True. SD passes no padding attention mask (diffusers' `use_attention_mask` is unset
 for it): padding tokens are ordinary tokens that see the prompt before them.
 
 Two config fields name what other models' CLIPs do differently (SD v1 uses neither):
@@ -16,6 +16,13 @@ Two config fields name what other models' CLIPs do differently (SD v1 uses neith
   - with_projection: CLIP's contrastive head (transformers' CLIPTextModelWithProjection): the end token's final
     hidden state, projected by `text_projection` to the joint text-image space: `text_embeds`, which Kandinsky's
     prior reads beside the per-token states.
+
+SD 2.x uses OpenCLIP ViT-H/14's text tower: the same transformer with other numbers (width d = 1024, 16 heads, so
+hd = 64 again, MLP 4096), hidden_act "gelu", and the penultimate layer: SD 2 reads the output of layer 23 of 24
+(Stability-AI/stablediffusion `FrozenOpenCLIPEmbedder(layer="penultimate")`), through final_layer_norm. Built with
+num_hidden_layers = 23 (as diffusers' SD 2 text_encoder/config.json), the 24th layer is simply not here and
+last_hidden_state IS that penultimate output (weights_convert/keymap_openclip.py keeps the unused 24th layer, and
+the text_projection SD 2 never uses, aside for export). Its tokenizer pads with id 0 ("!"; minisd.tokenizer).
 """
 
 from dataclasses import dataclass, replace
@@ -174,8 +181,9 @@ class Encoder(nn.Module):
 class TextEncoder(nn.Module):
     """CLIP's text transformer (transformers' CLIPTextModel without the pooled output).
 
-    forward: input_ids (b, s) int64, s <= 77 (SD v1 always passes 77: start, prompt, end, padding with 49407).
-    Returns TextEncoderOutput(last_hidden_state (b, s, 768), hidden_states: 13 × (b, s, 768)).
+    forward: input_ids (b, s) int64, s <= 77 (SD always passes 77: start, prompt, end, padding).
+    Returns TextEncoderOutput(last_hidden_state (b, s, d), hidden_states: num_hidden_layers + 1 × (b, s, d)):
+    d = 768 and 13 states for SD v1, d = 1024 and 24 states for SD 2.
     """
 
     def __init__(self, config: TextEncoderConfig):
@@ -232,7 +240,7 @@ class TextEncoder(nn.Module):
         """The (b, s, d) embeddings a pipeline hands the UNet, optionally from `clip_skip` layers before the end.
 
         Follows diffusers' StableDiffusionPipeline.encode_prompt: clip_skip None (or 0) is last_hidden_state;
-        clip_skip = k takes hidden_states[-(k + 1)], the output of layer 12 − k, and still applies
+        clip_skip = k takes hidden_states[-(k + 1)], the output of layer n − k (n = 12; 23 for SD 2), and still applies
         final_layer_norm to it (the UNet was trained on normalised features). AUTOMATIC1111's "Clip skip: 2"
         is k = 1 here.
         """

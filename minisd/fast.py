@@ -43,7 +43,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from minisd import clip, unet, vae
-from minisd.attention import attention
+from minisd.attention import attention, attention_in_float32
 from minisd.errors import MinisdError
 from minisd.prepacked import PrepackedConv2d, PrepackedLinear, onednn_can_pack
 
@@ -116,7 +116,7 @@ class FusedSelfAttention(nn.Module):
 
     def __init__(self, attn: unet.CrossAttention):
         super().__init__()
-        self.heads = attn.heads
+        self.heads, self.upcast = attn.heads, attn.upcast
         self.to_q, self.to_k, self.to_v, self.to_out = attn.to_q, attn.to_k, attn.to_v, attn.to_out
         self.to_qkv = FusedLinear([self.to_q, self.to_k, self.to_v])  # SD v1's to_q/k/v have no bias
 
@@ -125,7 +125,7 @@ class FusedSelfAttention(nn.Module):
         refuse_hooks([self.to_q, self.to_k, self.to_v])
         qkv = self.to_qkv(x)  # (b, s, 3d): [q | k | v]
         q, k, v = rearrange(qkv, "b s (three nh hd) -> three b nh s hd", three=3, nh=self.heads)
-        out = attention(q, k, v)
+        out = attention_in_float32(q, k, v) if self.upcast else attention(q, k, v)  # SD 2.1: upcast_attention
         return self.to_out(rearrange(out, "b nh s hd -> b s (nh hd)"))
 
 

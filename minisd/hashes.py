@@ -85,8 +85,9 @@ def find_by_hash(what: str, name: str, recorded: str, hash_of, places: list[Path
         for path in sorted(files, key=lambda p: p.stem != name):
             if hash_of(path) == recorded:
                 return path
-    where = ", ".join(str(folder) for folder in places) or "no --models-dir given"
-    raise MinisdError(f"the {what} {name!r} (hash {recorded}) the PNG names is not in {where}: pass --models-dir DIR")
+    folders = ", ".join(str(folder) for folder in places)
+    where = f"is in none of {folders}" if places else "needs a folder to be found in"
+    raise MinisdError(f"the {what} {name!r} the PNG names (hash {recorded}) {where}: pass --models-dir DIR")
 
 
 # ---------------------------------------------------------------------------------------------------------------

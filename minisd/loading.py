@@ -1,4 +1,4 @@
-"""Weights -> ready minisd modules: one entry point, `load_components`, for every place SD v1 weights live.
+"""Weights -> ready minisd modules: one entry point, `load_components`, for every place SD v1 / SD 2.x weights live.
 
     source                                        how it is read
     model.safetensors / model.ckpt                one file: the official CompVis layout (model.diffusion_model.*,
@@ -12,7 +12,11 @@ Each network is built on the meta device from its config (config.json fields map
 dataclass configs; single files carry no config, so the sizes are read off the tensor shapes) and then takes the
 file's tensors as its parameters: `load_state_dict(strict=True, assign=True)`. No random initialisation that is
 thrown away, no second copy: the parameters are views of the memory-mapped file until a dtype or device is asked
-for. Anything that is not SD v1 is refused with a one-line MinisdError saying what was found.
+for. Anything that is not SD v1 or SD 2.x is refused with a one-line MinisdError saying what was found.
+
+Beside the networks, what the model needs from the samplers: what it predicts (ε or v; weights_convert.folders.
+prediction_of decides, from the caller, the source's own record, or an SD 2 file's name with a note) and whether its
+β are rescaled for zero terminal SNR (a folder's scheduler_config).
 """
 
 import os
@@ -25,13 +29,21 @@ from torch import Tensor, nn
 
 from minisd.clip import TextEncoder, TextEncoderConfig
 from minisd.errors import MinisdError
-from minisd.tokenizer import Tokenizer
+from minisd.tokenizer import PAD_TOKENS, Tokenizer
 from minisd.unet import UNet, UNetConfig
 from minisd.vae import VAE, VAEConfig
 from weights_convert.configs import COMPONENTS, check_config, fields_from
 from weights_convert.detect import CheckpointInfo
 from weights_convert.files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
-from weights_convert.folders import TOKENIZER_FILES, WEIGHT_FILES, read_weights
+from weights_convert.folders import (
+    SCHEDULER_FILE,
+    SPECIAL_TOKENS_FILES,
+    TOKENIZER_FILES,
+    WEIGHT_FILES,
+    pad_token,
+    prediction_of,
+    read_weights,
+)
 from weights_convert.vae_files import FOLDER_WEIGHTS as VAE_FOLDER_WEIGHTS
 from weights_convert.vae_files import read_vae
 
@@ -43,18 +55,29 @@ NETWORKS = {"unet": (UNet, UNetConfig), "vae": (VAE, VAEConfig), "text_encoder":
 
 @dataclass
 class Components:
-    """The four SD v1 networks, ready to use (eval mode), and what was loaded (`info`)."""
+    """The four SD networks, ready to use (eval mode), what was loaded (`info`: layout, variant "v1…"/"v2…"), and
+    what the samplers need to know about the model."""
 
     tokenizer: Tokenizer
     text_encoder: TextEncoder
     vae: VAE
     unet: UNet
     info: CheckpointInfo
-    sample_size: int = 512  # pixels per side the model was trained at: 512 for SD v1, 64 for minisd's nano model
-    guidance_scale: float = 7.5  # the default guidance: SD v1's 7.5, or what a minisd-trained file recommends
+    sample_size: int = 512  # pixels per side the model was trained at: 512 (SD 2's v models 768), nano 64
+    guidance_scale: float = 7.5  # the default guidance: SD's 7.5, or what a minisd-trained file recommends
+    prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" or "v_prediction" (samplers/base.py)
+    rescale_betas_zero_snr: bool = False  # a folder's scheduler_config: β rescaled for zero terminal SNR
+    note: str | None = None  # what loading had to assume, in one line (an SD 2 file's prediction type from its name)
     # a folder's scheduler_config.json as the samplers' defaults: {"sampler": class or name, "timestep_spacing": ...,
     # "schedule_type": ...} (weights_convert.configs.scheduler_settings); a single file's: SD v1's PLMS
     scheduler: dict[str, str] = field(default_factory=lambda: {"sampler": "PLMS"})
+
+    @property
+    def recorded_prediction_type(self) -> str | None:
+        """What an image's record says about the prediction type: SD 2's always (its single files cannot say it),
+        any v-prediction model's; None for SD v1's ε (the default)."""
+        sd2 = self.info.variant.startswith("v2")
+        return self.prediction_type if sd2 or self.prediction_type != "epsilon" else None
 
 
 def load_components(
@@ -65,14 +88,17 @@ def load_components(
     use_ema: bool = True,
     variant: str | None = None,
     local_files_only: bool = False,
+    prediction_type: str | None = None,
 ) -> Components:
-    """Load SD v1 from a single file, a diffusers folder or a Hugging Face Hub id.
+    """Load SD v1 or SD 2.x from a single file, a diffusers folder or a Hugging Face Hub id.
 
     dtype: None keeps the file's float dtype (no conversion, no copy); torch.float16/bfloat16/float32 converts.
     device: where the parameters go (each tensor moved straight from the file's memory map).
     use_ema: for single files holding two UNets (`v1-5-pruned`), take the EMA copy (see keymap_ldm).
     variant: diffusers folders / hub ids only: "fp16" picks `*.fp16.safetensors` weights.
     local_files_only: hub ids only: use the Hugging Face cache, never the network (also when HF_HUB_OFFLINE=1).
+    prediction_type: "epsilon" or "v_prediction", for SD 2 single files that do not record it (None: the source's
+    record, else the official files' convention; an SD 2 file's name decides, 768 = v, and Components.note says so).
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise MinisdError(f"dtype must be None or a torch floating dtype, got {dtype!r}")
@@ -80,8 +106,10 @@ def load_components(
     path = Path(source)
     if path.is_file():
         weights = read_weights(path, use_ema, variant)
-        sample_size, guidance_scale = _defaults_from_metadata(path, weights.metadata)
-        tokenizer = Tokenizer.from_default()
+        prediction, note = prediction_of(weights.info, prediction_type, str(path))
+        sd2_v = weights.info.variant == "v2" and prediction == "v_prediction"
+        sample_size, guidance_scale = _defaults_from_metadata(path, weights.metadata, 768 if sd2_v else 512)
+        tokenizer = Tokenizer.from_default(PAD_TOKENS["sd2" if weights.info.variant.startswith("v2") else "sd1"])
     else:
         if path.is_dir():
             folder = path
@@ -93,6 +121,7 @@ def load_components(
                 "none of these (no such file or folder)"
             )
         weights = read_weights(folder, use_ema, variant)
+        prediction, note = prediction_of(weights.info, prediction_type, str(source))
         latent_size = weights.configs["unet"].get("sample_size", 64)
         if type(latent_size) is not int or not 1 <= latent_size <= 512:
             raise MinisdError(
@@ -100,7 +129,7 @@ def load_components(
             )
         factor = fields_from(VAEConfig, weights.configs["vae"]).downscale_factor
         sample_size, guidance_scale = latent_size * factor, 7.5
-        tokenizer = _folder_tokenizer(folder)
+        tokenizer = _folder_tokenizer(folder, weights.info.variant)
     try:  # every config checked against its weights before any network is built
         configs = {c: _checked_config(c, weights.configs[c], weights.state_dicts[c]) for c in COMPONENTS}
         unet, vae, text_encoder = (
@@ -109,8 +138,10 @@ def load_components(
         )
     except MinisdError as error:
         raise MinisdError(f"{source}: {error}") from None
-    scheduler = weights.scheduler or {"sampler": "PLMS"}
-    return Components(tokenizer, text_encoder, vae, unet, weights.info, sample_size, guidance_scale, scheduler)
+    return Components(
+        tokenizer, text_encoder, vae, unet, weights.info, sample_size, guidance_scale, prediction,
+        weights.rescale_betas_zero_snr, note, scheduler=weights.scheduler or {"sampler": "PLMS"},
+    )  # fmt: skip
 
 
 def check_device(device: str | torch.device, name: str = "device") -> torch.device:
@@ -135,9 +166,10 @@ def check_device(device: str | torch.device, name: str = "device") -> torch.devi
 # What a file or folder says beyond its weights
 
 
-def _defaults_from_metadata(path: Path, metadata: dict[str, str]) -> tuple[int, float]:
-    """The picture size and guidance scale a minisd-trained file records; SD v1's 512 and 7.5 for other files."""
-    text = metadata.get("minisd.sample_size", "512")
+def _defaults_from_metadata(path: Path, metadata: dict[str, str], size: int = 512) -> tuple[int, float]:
+    """The picture size and guidance scale a minisd-trained file records; `size` (512, or 768 for SD 2's v models)
+    and SD's 7.5 for other files."""
+    text = metadata.get("minisd.sample_size", str(size))
     if not re.fullmatch(r"[0-9]{1,4}", text) or int(text) % 8 or not 8 <= int(text) <= 4096:  # ASCII digits only
         raise MinisdError(f"{path}: its minisd.sample_size metadata must be a multiple of 8 pixels, got {text!r:.20}")
     guidance = metadata.get("minisd.guidance_scale", "7.5")[:20]
@@ -146,11 +178,13 @@ def _defaults_from_metadata(path: Path, metadata: dict[str, str]) -> tuple[int, 
     return int(text), float(guidance)
 
 
-def _folder_tokenizer(folder: Path) -> Tokenizer:
+def _folder_tokenizer(folder: Path, variant: str) -> Tokenizer:
+    """The folder's tokenizer (its padding token from special_tokens_map.json); the packaged vocabulary with the
+    family's padding for a folder without one (SD v1 and SD 2 share the vocabulary)."""
     vocab, merges = (folder / name for name in TOKENIZER_FILES)
     if vocab.is_file() and merges.is_file():
-        return Tokenizer.from_files(vocab, merges)
-    return Tokenizer.from_default()  # SD v1 ships one tokenizer; folders without one get the packaged copy
+        return Tokenizer.from_files(vocab, merges, pad_token(folder))
+    return Tokenizer.from_default(PAD_TOKENS["sd2" if variant.startswith("v2") else "sd1"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,9 +216,9 @@ def hub_snapshot(
     other_files: tuple[str, ...] | None = None,
 ) -> Path:
     """The snapshot folder of a hub id with just the files load_components reads: configs, one weights file per
-    component (safetensors preferred, `variant` if given) and the tokenizer.
-    weight_files, other_files: another family's components (name -> weights file names, best first) and the other
-    files it reads (minisd.kandinsky.loading); each component's config.json is always fetched.
+    component (safetensors preferred, `variant` if given), the tokenizer and the scheduler config (what the model
+    predicts). weight_files, other_files: another family's components (name -> weights file names, best first) and
+    the other files it reads (minisd.kandinsky.loading); each component's config.json is always fetched.
 
     Offline by default for an id found in the Hugging Face cache: its cached snapshot of `main` is used without a
     network call (as diffusers does offline; what it lacks is reported by the folder reader). An id not in the
@@ -198,7 +232,8 @@ def hub_snapshot(
     suffix = "" if variant is None else f".{variant}"
     cache_dir = _hub_cache_dir()
     candidates = {c: [f"{c}/{name.format(v=suffix)}" for name in names] for c, names in weight_files.items()}
-    other_files = ("model_index.json", *TOKENIZER_FILES) if other_files is None else other_files
+    sd_files = ("model_index.json", *TOKENIZER_FILES, *SPECIAL_TOKENS_FILES, SCHEDULER_FILE)
+    other_files = sd_files if other_files is None else other_files
     patterns = [*other_files, *(f"{c}/config.json" for c in weight_files)]
     try:  # the cache first: never a network call for an id already there
         cached = [*patterns, *(name for names in candidates.values() for name in names)]
@@ -303,7 +338,7 @@ def _build(component: str, config, state_dict: dict[str, Tensor], dtype, device)
     give it the file's tensors as its parameters (strict; a one-line error on any mismatch)."""
     with torch.device("meta"):
         module = NETWORKS[component][0](config)
-    return assign_weights(component, module, state_dict, dtype, device, "SD v1's")
+    return assign_weights(component, module, state_dict, dtype, device, "SD's")
 
 
 def assign_weights(

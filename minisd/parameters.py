@@ -24,20 +24,18 @@ minisd's own keys, for what A1111 lacks or does otherwise (A1111 shows them and 
     Dtype, Device       the UNet's: other arithmetic gives other bytes
     Threads             the CPU threads torch computed with: the CPU's float sums depend on how work is split
     Fast                minisd.fast applied: the same image up to float rounding, not to the byte
-    TI hashes           A1111's: each textual-inversion embedding the prompts used, "name: first 12 hex digits of
-                        the file's SHA-256, …" (hashes.file_hash)
+    Prediction type     SD 2's and v models' ε or v (SD 2 files lack it); Zero terminal SNR (Lin et al. 2023) when on
+    TI hashes           A1111's: each embedding the prompts used, "name: 12 hex digits of its file's SHA-256, …"
     Lora hashes         A1111's: each LoRA applied, "name: 12 hex digits of its tensor bytes' SHA-256, …"
                         (hashes.lora_hash); minisd adds Lora weights, {name: {"weight": w, "fused": bool}} as JSON, for
                         LoRAs loaded for every image (a <lora:name:w> tag's weight is in the prompt)
     VAE, VAE hash       A1111's: a separate VAE's file name (or folder name, or hub id) and its file's 10-digit hash
 No path of the maker's machine is written (minisd before this wrote "Weights", "Init image" and "Mask image" paths;
-they are read no more). Not recorded: library versions and the CPU or GPU model.
-Same recorded parameters, same weights, same torch version, device kind, dtype, CPU thread count and CPU or GPU
-model -> same bytes (see README "Same bytes").
-
+they are read no more). Not recorded: library versions and the CPU or GPU model. Same recorded parameters, weights,
+torch version, device kind, dtype, CPU thread count and CPU or GPU model -> same bytes (see README "Same bytes").
 Texts from A1111 read into the same sampler and schedule ("DPM++ 2M Karras" of 1.5-era A1111 and "DPM++ 2M,
-Schedule type: Karras" of 1.9+ alike); A1111 fields that change the picture and that minisd cannot honour (hires
-fix, an A1111 sampler or schedule minisd lacks, ...) are refused in one line naming the field (read_a1111_fields).
+Schedule type: Karras" of 1.9+ alike); A1111 fields that change the picture and that minisd cannot honour (hires fix,
+an A1111 sampler or schedule minisd lacks, ...) are refused in one line naming the field (check_fields).
 """
 
 import json
@@ -237,7 +235,7 @@ IGNORED = ("Version", "User", "Hashes", "RNG", "ENSD", "Pad conds", "Weights", "
 READ = (
     *FIXED_KEYS, "Clip skip", "Eta", "Eta DDIM", "Denoising strength", "Init image hash", "Mask image hash",
     "Timestep spacing", "Guidance rescale", "VAE tiling", "Paste unmasked", "Dtype", "Device", "Threads", "Fast",
-    "TI hashes", "Lora hashes", "Lora weights", "VAE", "VAE hash",
+    "Prediction type", "Zero terminal SNR", "TI hashes", "Lora hashes", "Lora weights", "VAE", "VAE hash",
 )  # fmt: skip
 
 
@@ -312,6 +310,8 @@ class GenerationParameters:
     device: str | None = None
     threads: int | None = None  # torch.get_num_threads() of a CPU run
     fast: bool = False  # minisd.fast.make_fast applied: the same image up to float rounding, not to the byte
+    prediction_type: str | None = None  # "epsilon" / "v_prediction"; recorded for SD 2 and v models (None: ε)
+    rescale_betas_zero_snr: bool = False
     ti_hashes: dict[str, str] = field(default_factory=dict)  # embedding name as typed -> 12 hex digits
     lora_hashes: dict[str, str] = field(default_factory=dict)  # LoRA name -> 12 hex digits (lora_hash)
     lora_weights: dict[str, dict] = field(default_factory=dict)  # loaded LoRA -> {"weight": w, "fused": bool}
@@ -352,6 +352,8 @@ class GenerationParameters:
             "Device": self.device,
             "Threads": self.threads,
             "Fast": "True" if self.fast else None,
+            "Prediction type": self.prediction_type,
+            "Zero terminal SNR": "True" if self.rescale_betas_zero_snr else None,
             "TI hashes": _name_list(self.ti_hashes),
             "Lora hashes": _name_list(self.lora_hashes),
             "Lora weights": json.dumps(self.lora_weights) if self.lora_weights else None,
@@ -408,6 +410,8 @@ class GenerationParameters:
                 device=fields.get("Device"),
                 threads=None if threads is None else int(threads),
                 fast=fields.get("Fast") == "True",
+                prediction_type=fields.get("Prediction type"),
+                rescale_betas_zero_snr=fields.get("Zero terminal SNR") == "True",
                 ti_hashes=_read_name_list(fields.get("TI hashes")),
                 lora_hashes=_read_name_list(fields.get("Lora hashes")),
                 lora_weights=_read_json("Lora weights", fields.get("Lora weights")),

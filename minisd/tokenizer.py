@@ -13,9 +13,12 @@ was trained with). Steps 1-4 run in HF `tokenizers` (Rust), the fast path `Token
 steps are written out in plain Python below it (`Tokenizer.encode_reference`, the merge loop `bpe_reference`), as
 attention_reference is beside attention(), and tests/test_tokenizer.py checks they agree id for id.
 
-SD v1 convention (diffusers' `tokenizer(prompt, padding="max_length", max_length=77, truncation=True)`):
-<|startoftext|> (BOS = 49406), the first 75 prompt tokens, <|endoftext|> (EOS = 49407), then EOS as padding
-up to 77. A longer prompt loses its tail, never its EOS.
+SD convention (diffusers' `tokenizer(prompt, padding="max_length", max_length=77, truncation=True)`):
+<|startoftext|> (BOS = 49406), the first 75 prompt tokens, <|endoftext|> (EOS = 49407), then padding up to 77:
+EOS again in SD v1, id 0 ("!") in SD 2.x, whose OpenCLIP tokenizer pads with zeros (open_clip `tokenize`;
+diffusers' SD 2 tokenizer folders say `"pad_token": "!"`). Same vocabulary, same merges: only the padding id
+differs, and it matters, because padding tokens are ordinary tokens the text encoder reads. A longer prompt loses
+its tail, never its EOS.
 
 Where this differs from OpenAI's original clean-up (ftfy.fix_text, html.unescape twice, whitespace collapse,
 lower-case): minisd does what transformers' CLIPTokenizer does (NFC, whitespace collapse, lower-case) and is
@@ -41,6 +44,7 @@ from minisd.errors import MinisdError
 
 BOS = 49406  # <|startoftext|>
 EOS = 49407  # <|endoftext|>, also the padding id in SD v1
+PAD_TOKENS = {"sd1": "<|endoftext|>", "sd2": "!"}  # the padding token of each family's tokenizer (id 49407, id 0)
 MAX_LENGTH = 77  # CLIP's position-embedding count: BOS + 75 prompt tokens + EOS
 VOCAB_SIZE = 49408  # 256 bytes + 256 bytes ending a word + 48,894 merges + BOS + EOS
 N_MERGES = VOCAB_SIZE - 2 * 256 - 2
@@ -157,13 +161,19 @@ def split_words(text: str) -> list[str]:
 
 
 class Tokenizer:
-    """SD v1's CLIP tokenizer. `tokenizer(prompts)` -> (b, 77) ids; `tokenizer.encode(text)` -> BPE ids only."""
+    """SD's CLIP tokenizer. `tokenizer(prompts)` -> (b, 77) ids; `tokenizer.encode(text)` -> BPE ids only."""
 
-    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]):
-        """vocab: token -> id (49,408 entries); merges: token pairs, highest priority first."""
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str = PAD_TOKENS["sd1"]):
+        """vocab: token -> id (49,408 entries); merges: token pairs, highest priority first; pad_token: the token
+        that fills a row after EOS ("<|endoftext|>" for SD v1, "!" for SD 2.x: PAD_TOKENS)."""
         for name, token_id in (("<|startoftext|>", BOS), ("<|endoftext|>", EOS)):
             if vocab.get(name) != token_id:
-                raise MinisdError(f"vocab must map {name} to {token_id} (SD v1 CLIP), got {vocab.get(name)}")
+                raise MinisdError(f"vocab must map {name} to {token_id} (SD's CLIP), got {vocab.get(name)}")
+        if not isinstance(pad_token, str) or pad_token not in vocab:
+            raise MinisdError(
+                f"pad_token must be a token of the vocabulary such as '!' or '<|endoftext|>', got {pad_token!r:.40}"
+            )
+        self.pad_id = vocab[pad_token]  # 49407 (SD v1) or 0 (SD 2.x)
         # unk_token is never produced (every byte, plain and with </w>, is in the vocabulary); set as transformers'.
         bpe = BPE(vocab, merges, end_of_word_suffix="</w>", unk_token="<|endoftext|>")
         backend = tokenizers.Tokenizer(bpe)
@@ -189,24 +199,28 @@ class Tokenizer:
         self.added: dict[int, list[int]] = {}  # a word added by add_word (its first id) -> all its ids
 
     @classmethod
-    def from_default(cls) -> "Tokenizer":
-        """The packaged vocabulary (open_clip's bpe_simple_vocab_16e6.txt.gz, the merges in priority order); offline."""
+    def from_default(cls, pad_token: str = PAD_TOKENS["sd1"]) -> "Tokenizer":
+        """The packaged vocabulary (open_clip's bpe_simple_vocab_16e6.txt.gz, the merges in priority order); offline.
+        SD v1 and SD 2.x share it; pad_token picks the family's padding (PAD_TOKENS)."""
         gz = resources.files("minisd") / "data" / "bpe_simple_vocab_16e6.txt.gz"
         with gz.open("rb") as f:
             lines = gzip.decompress(f.read()).decode("utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines[1 : 1 + N_MERGES]]  # line 0 is a "#version" header
         chars = byte_chars()
         tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
-        return cls({token: i for i, token in enumerate(tokens)}, merges)
+        return cls({token: i for i, token in enumerate(tokens)}, merges, pad_token)
 
     @classmethod
-    def from_files(cls, vocab_json_path: str | os.PathLike, merges_txt_path: str | os.PathLike) -> "Tokenizer":
-        """A diffusers folder's tokenizer/vocab.json (token -> id) and tokenizer/merges.txt (one "a b" pair a line)."""
+    def from_files(
+        cls, vocab_json_path: str | os.PathLike, merges_txt_path: str | os.PathLike, pad_token: str = PAD_TOKENS["sd1"]
+    ) -> "Tokenizer":
+        """A diffusers folder's tokenizer/vocab.json (token -> id) and tokenizer/merges.txt (one "a b" pair a line);
+        pad_token as its special_tokens_map.json names it."""
         for name, path in (("vocab_json_path", vocab_json_path), ("merges_txt_path", merges_txt_path)):
             if not os.path.isfile(path):
                 raise MinisdError(f"{name} must be an existing file, got {os.fspath(path)!r}")
         vocab, merges = BPE.read_file(os.fspath(vocab_json_path), os.fspath(merges_txt_path))
-        return cls(vocab, merges)
+        return cls(vocab, merges, pad_token)
 
     def encode(self, text: str) -> list[int]:
         """The BPE ids of `text`: no BOS/EOS, no truncation, no padding. A word added by add_word gives its ids.
@@ -281,7 +295,8 @@ class Tokenizer:
 
     def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         """ids -> text, as transformers' CLIPTokenizer.decode: the tokens' bytes joined, each "</w>" (end of a word)
-        a space, start/end/padding dropped (skip_special_tokens). Lower case and CLIP's spacing: not the original.
+        a space, start, end and padding dropped (skip_special_tokens: SD 2's "!" padding too, as transformers drops
+        its pad token). Lower case and CLIP's spacing: not the original.
 
         >>> tokenizer = Tokenizer.from_default()
         >>> tokenizer.decode(tokenizer("A photo of an astronaut, riding a horse!")[0])
@@ -292,7 +307,7 @@ class Tokenizer:
         if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < len(self) for i in ids):
             raise MinisdError(f"ids must be a list or 1-d tensor of ints in [0, {len(self)}), got {ids!r:.80}")
         if skip_special_tokens:
-            ids = [i for i in ids if i not in (BOS, EOS)]
+            ids = [i for i in ids if i not in (BOS, EOS, self.pad_id)]
         char_of_byte = byte_to_char()
 
         def piece(i: int) -> str:  # an added word is plain text: written as its bytes' characters, a word's end
@@ -305,7 +320,8 @@ class Tokenizer:
         return b" ".join(pieces).decode("utf-8", errors="replace").strip()
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        """prompts: one str or a list of b strs. Returns (b, 77) int64: BOS, ≤ 75 prompt ids, EOS, EOS padding."""
+        """prompts: one str or a list of b strs. Returns (b, 77) int64: BOS, ≤ 75 prompt ids, EOS, padding
+        (pad_id: EOS for SD v1, 0 for SD 2.x)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, list | tuple) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -313,5 +329,5 @@ class Tokenizer:
         rows = []
         for prompt in prompts:
             ids = [BOS, *self.encode(prompt)[: MAX_LENGTH - 2], EOS]  # truncate the prompt, keep BOS and EOS
-            rows.append(ids + [EOS] * (MAX_LENGTH - len(ids)))  # pad with EOS
+            rows.append(ids + [self.pad_id] * (MAX_LENGTH - len(ids)))  # pad: EOS (SD v1) or 0 (SD 2.x)
         return torch.tensor(rows, dtype=torch.long)

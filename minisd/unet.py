@@ -1,4 +1,4 @@
-"""The SD v1 denoiser: a UNet that predicts the noise ε in the latents, steered by the timestep and the prompt.
+"""The SD denoiser: a UNet that predicts the noise ε in the latents, steered by the timestep and the prompt.
 
     ε_θ(x_t, t, c)      (Rombach et al. 2022, arXiv:2112.10752, §3.3 and appendix; Ho et al. 2020, arXiv:2006.11239)
 
@@ -13,6 +13,16 @@
 Every ResNet also adds the timestep embedding; every SpatialTransformer lets the pixels look at each other
 (self-attention) and at the prompt's 77 token embeddings `context` (cross-attention). Module paths equal
 diffusers' `UNet2DConditionModel`, so its state dict loads unchanged.
+
+SD 2.x is this network with four differences, each a UNetConfig field (Stability-AI/stablediffusion
+v2-inference.yaml: num_head_channels 64, use_linear_in_transformer, context_dim 1024):
+  - attention_head_dim (5, 10, 20, 20): a head count per level, so every head is hd = 64 wide (SD v1: 8 heads
+    everywhere, 40 / 80 / 160 wide);
+  - use_linear_projection: proj_in / proj_out of each SpatialTransformer are Linear layers on the tokens
+    instead of 1×1 convs on the feature map (the same map, other weight shapes);
+  - cross_attention_dim 1024: OpenCLIP ViT-H's token width;
+  - upcast_attention: attention computed in float32 inside float16 / bfloat16 runs (SD 2.1 overflows otherwise).
+And what it predicts: ε for the 512 models, v for the 768 ones (a sampler setting, minisd/samplers/base.py).
 """
 
 import math
@@ -23,24 +33,42 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from minisd.attention import attention
+from minisd.attention import attention, attention_in_float32
 from minisd.errors import MinisdError
 
 
 @dataclass
 class UNetConfig:
     """SD v1's sizes; field names are diffusers' config.json keys. `in_channels=9` is the inpainting UNet
-    (4 noisy latents + 4 masked-image latents + 1 mask)."""
+    (4 noisy latents + 4 masked-image latents + 1 mask). SD 2.x: see the module docstring."""
 
     in_channels: int = 4
     out_channels: int = 4
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers_per_block: int = 2
-    # Misnamed in SD v1's diffusers config: this is the NUMBER of heads (8 at every level); diffusers reads it as
-    # `num_attention_heads` when that key is absent. Head width hd = channels // 8 (40, 80, 160).
-    attention_head_dim: int = 8
-    cross_attention_dim: int = 768  # width d of the CLIP text embeddings in `context`
+    # Misnamed in SD's diffusers configs: this is the NUMBER of heads, one for all levels (SD v1: 8, so hd =
+    # channels // 8 = 40, 80, 160) or one per level (SD 2: (5, 10, 20, 20), hd = 64); diffusers reads it as
+    # `num_attention_heads` when that key is absent.
+    attention_head_dim: int | tuple[int, ...] = 8
+    cross_attention_dim: int = 768  # width d of the text embeddings in `context`: 768 CLIP (SD v1), 1024 OpenCLIP
     norm_num_groups: int = 32
+    use_linear_projection: bool = False  # SD 2: Linear proj_in / proj_out on the tokens, not 1×1 convs
+    upcast_attention: bool = False  # SD 2.1: attention in float32 when the UNet runs in float16 / bfloat16
+
+    def heads(self) -> tuple[int, ...]:
+        """The head count of each level, down_blocks.0 first (the mid block uses the last level's).
+
+        >>> UNetConfig().heads(), UNetConfig(attention_head_dim=(5, 10, 20, 20)).heads()
+        ((8, 8, 8, 8), (5, 10, 20, 20))
+        """
+        levels = len(self.block_out_channels)
+        if isinstance(self.attention_head_dim, int):
+            return (self.attention_head_dim,) * levels
+        if len(self.attention_head_dim) != levels:
+            raise MinisdError(
+                f"attention_head_dim must be one head count or one per level ({levels}), got {self.attention_head_dim}"
+            )
+        return tuple(self.attention_head_dim)
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -99,12 +127,14 @@ class CrossAttention(nn.Module):
     """Multi-head attention from tokens x to tokens `context` (to x itself when context is None).
 
     x: (b, s, d); context: (b, s_kv, d_ctx) or None; mask: None or bool (b, 1, s, s_kv), True = may attend.
-    Returns (b, s, d). bias: q, k, v projections with biases (Kandinsky's prior; SD v1 has none).
+    Returns (b, s, d). bias: q, k, v projections with biases (Kandinsky's prior; SD has none). upcast: compute the
+    attention itself in float32 when x is float16 / bfloat16 (SD 2.1's upcast_attention).
     """
 
-    def __init__(self, dim: int, heads: int, context_dim: int, bias: bool = False):
+    def __init__(self, dim: int, heads: int, context_dim: int, bias: bool = False, upcast: bool = False):
         super().__init__()
         self.heads = heads
+        self.upcast = upcast
         self.to_q = nn.Linear(dim, dim, bias=bias)
         self.to_k = nn.Linear(context_dim, dim, bias=bias)
         self.to_v = nn.Linear(context_dim, dim, bias=bias)
@@ -116,7 +146,7 @@ class CrossAttention(nn.Module):
         q = rearrange(self.to_q(x), "b s (nh hd) -> b nh s hd", nh=self.heads)
         k = rearrange(self.to_k(context), "b s (nh hd) -> b nh s hd", nh=self.heads)
         v = rearrange(self.to_v(context), "b s (nh hd) -> b nh s hd", nh=self.heads)
-        out = attention(q, k, v, mask=mask)
+        out = attention_in_float32(q, k, v, mask=mask) if self.upcast else attention(q, k, v, mask=mask)
         return self.to_out(rearrange(out, "b nh s hd -> b s (nh hd)"))
 
 
@@ -148,12 +178,12 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm transformer block with a cross-attention layer. x: (b, s, d); context: (b, 77, d_ctx)."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int):
+    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = CrossAttention(dim, heads, context_dim=dim)
+        self.attn1 = CrossAttention(dim, heads, context_dim=dim, upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = CrossAttention(dim, heads, context_dim=context_dim)
+        self.attn2 = CrossAttention(dim, heads, context_dim=context_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -170,23 +200,36 @@ class SpatialTransformer(nn.Module):
     x: (b, c, h, w); context: (b, 77, d_ctx). Returns (b, c, h, w).
     """
 
-    def __init__(self, channels: int, heads: int, context_dim: int, groups: int):
+    def __init__(self, channels: int, heads: int, cfg: "UNetConfig"):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        # 1×1 convs in and out: SD v1 has use_linear_projection=False (SD 2 uses Linear layers here).
-        self.proj_in = nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim)])
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.norm = nn.GroupNorm(cfg.norm_num_groups, channels, eps=1e-6)
+        # proj_in / proj_out: 1×1 convs on the feature map in SD v1; Linear layers on the tokens in SD 2
+        # (use_linear_projection). Per pixel the same map c -> c; the weights are [c, c, 1, 1] or [c, c].
+        self.linear_projection = cfg.use_linear_projection
+        self.proj_in = nn.Linear(channels, channels) if self.linear_projection else nn.Conv2d(channels, channels, 1)
+        block = TransformerBlock(channels, heads, cfg.cross_attention_dim, cfg.upcast_attention)
+        self.transformer_blocks = nn.ModuleList([block])
+        self.proj_out = nn.Linear(channels, channels) if self.linear_projection else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         h, w = x.shape[-2:]
         residual = x
-        x = self.proj_in(self.norm(x))
+        x = self.norm(x)
+        if not self.linear_projection:
+            x = self.proj_in(x)  # SD v1: 1×1 conv on the map
         x = rearrange(x, "b c h w -> b (h w) c")  # every latent pixel becomes a token
+        if self.linear_projection:
+            x = self.proj_in(x)  # SD 2: Linear on the tokens
         for block in self.transformer_blocks:
             x = block(x, context)
+        if self.linear_projection:
+            x = self.proj_out(x)
         x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
-        return self.proj_out(x) + residual
+        if not self.linear_projection:
+            x = self.proj_out(x)
+        else:  # the rearranged view is channels-last in memory; the convs that follow want the usual layout
+            x = x.contiguous()
+        return x + residual
 
 
 class Downsample(nn.Module):
@@ -220,18 +263,23 @@ class DownBlock(nn.Module):
     the Downsample. diffusers: CrossAttnDownBlock2D, or DownBlock2D without attention."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, cfg: UNetConfig, emb_dim: int, with_attention: bool, with_downsample: bool
+        self,
+        in_ch: int,
+        out_ch: int,
+        cfg: UNetConfig,
+        emb_dim: int,
+        heads: int,
+        with_attention: bool,
+        with_downsample: bool,
     ):
         super().__init__()
-        groups, heads = cfg.norm_num_groups, cfg.attention_head_dim
+        groups = cfg.norm_num_groups
         n = cfg.layers_per_block
         self.resnets = nn.ModuleList(
             [ResnetBlock(in_ch if i == 0 else out_ch, out_ch, emb_dim, groups) for i in range(n)]
         )
         n_attn = n if with_attention else 0  # an empty list has no keys, as DownBlock2D has no `attentions`
-        self.attentions = nn.ModuleList(
-            [SpatialTransformer(out_ch, heads, cfg.cross_attention_dim, groups) for _ in range(n_attn)]
-        )
+        self.attentions = nn.ModuleList([SpatialTransformer(out_ch, heads, cfg) for _ in range(n_attn)])
         # `downsamplers.0`: diffusers keeps a list of (at most) one.
         self.downsamplers = nn.ModuleList([Downsample(out_ch)] if with_downsample else [])
 
@@ -255,9 +303,7 @@ class MidBlock(nn.Module):
         super().__init__()
         groups = cfg.norm_num_groups
         self.resnets = nn.ModuleList([ResnetBlock(channels, channels, emb_dim, groups) for _ in range(2)])
-        self.attentions = nn.ModuleList(
-            [SpatialTransformer(channels, cfg.attention_head_dim, cfg.cross_attention_dim, groups)]
-        )
+        self.attentions = nn.ModuleList([SpatialTransformer(channels, cfg.heads()[-1], cfg)])
 
     def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
         x = self.resnets[0](x, emb)
@@ -276,16 +322,15 @@ class UpBlock(nn.Module):
         out_ch: int,
         cfg: UNetConfig,
         emb_dim: int,
+        heads: int,
         with_attention: bool,
         with_upsample: bool,
     ):
         super().__init__()
-        groups, heads = cfg.norm_num_groups, cfg.attention_head_dim
+        groups = cfg.norm_num_groups
         self.resnets = nn.ModuleList([ResnetBlock(c, out_ch, emb_dim, groups) for c in in_channels])
         n_attn = len(in_channels) if with_attention else 0
-        self.attentions = nn.ModuleList(
-            [SpatialTransformer(out_ch, heads, cfg.cross_attention_dim, groups) for _ in range(n_attn)]
-        )
+        self.attentions = nn.ModuleList([SpatialTransformer(out_ch, heads, cfg) for _ in range(n_attn)])
         self.upsamplers = nn.ModuleList([Upsample(out_ch)] if with_upsample else [])
 
     def forward(
@@ -303,15 +348,17 @@ class UpBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """ε_θ(x_t, t, c): the SD v1 noise-prediction UNet (diffusers' UNet2DConditionModel with SD v1's config).
+    """ε_θ(x_t, t, c): SD's noise-prediction UNet (diffusers' UNet2DConditionModel with SD v1's or SD 2's config).
 
-    Cross-attention at every level but the deepest; 8 heads everywhere; one transformer block per attention.
+    Cross-attention at every level but the deepest; 8 heads everywhere (SD 2: 64-wide heads); one transformer
+    block per attention. (A v-prediction model has the same network; only what its output means differs.)
     """
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         cfg = self.config = config
         channels = cfg.block_out_channels
+        heads = cfg.heads()  # one head count per level
         levels = len(channels)
         emb_dim = 4 * channels[0]  # 1280 for SD v1
         self.time_embedding = TimestepEmbedding(channels[0], emb_dim)
@@ -323,7 +370,7 @@ class UNet(nn.Module):
         for i, out_ch in enumerate(channels):
             deepest = i == levels - 1
             in_ch = channels[max(i - 1, 0)]
-            self.down_blocks.append(DownBlock(in_ch, out_ch, cfg, emb_dim, not deepest, not deepest))
+            self.down_blocks.append(DownBlock(in_ch, out_ch, cfg, emb_dim, heads[i], not deepest, not deepest))
             skip_channels += [out_ch] * (cfg.layers_per_block + (0 if deepest else 1))
 
         self.mid_block = MidBlock(channels[-1], cfg, emb_dim)
@@ -337,7 +384,8 @@ class UNet(nn.Module):
                 in_channels.append(x_ch + skip_channels.pop())
                 x_ch = out_ch
             deepest, shallowest = i == 0, i == levels - 1
-            self.up_blocks.append(UpBlock(in_channels, out_ch, cfg, emb_dim, not deepest, not shallowest))
+            level_heads = heads[levels - 1 - i]  # the up path mirrors the down path
+            self.up_blocks.append(UpBlock(in_channels, out_ch, cfg, emb_dim, level_heads, not deepest, not shallowest))
         assert not skip_channels, "every skip must be consumed"
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, channels[0], eps=1e-5)

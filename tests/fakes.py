@@ -1,10 +1,12 @@
-"""Fake SD v1 checkpoints laid out like the official files, with random weights (no real weights in the repo).
+"""Fake SD v1 and SD 2 checkpoints laid out like the official files, with random weights (no real weights in the repo).
 
-- official_keys(variant): the exact (name, shape, dtype) list of an official file, from tests/data/sd15/*.json.
+- official_keys(variant): the exact (name, shape, dtype) list of an official file, from tests/data/sd15/*.json and
+  tests/data/sd2/*.json ("sd2": v2-1_512 / v2-1_768-ema-pruned, "sd2-inpainting": 512-inpainting-ema).
 - random_official_state_dict(variant, dtype, seed): full size (~1.07e9 values; 1.9e9 for "pruned"), cheap
   uniform random floats, the real schedule buffers (computed here with numpy the way LDM does), position_ids.
 - tiny_official_state_dict(variant, dtype, seed): the same key NAMES at tiny sizes (TINY_* configs below), made
-  by exporting random tiny minisd state dicts through minisd_to_ldm: fast files for CLI and loader tests.
+  by exporting random tiny minisd state dicts through minisd_to_ldm: fast files for CLI and loader tests. SD 2's
+  (tiny_sd2_official_state_dict) get a random unused last OpenCLIP block, text_projection and logit_scale too.
 """
 
 import dataclasses
@@ -18,15 +20,20 @@ from torch import Tensor
 from minisd.clip import TextEncoder, TextEncoderConfig
 from minisd.unet import UNet, UNetConfig
 from minisd.vae import VAE, VAEConfig
-from weights_convert.keymap_ldm import SCHEDULE_BUFFERS, ema_name, minisd_to_ldm
+from weights_convert.keymap_ldm import SCHEDULE_BUFFERS, ema_name
+from weights_convert.keymap_openclip import OPENCLIP_PREFIX
+from weights_convert.official import minisd_to_ldm
 
-DATA = Path(__file__).parent / "data" / "sd15"
+DATA = Path(__file__).parent / "data"
 MANIFESTS = {
-    "emaonly": "v1-5-pruned-emaonly.json",
-    "pruned": "v1-5-pruned.json",
-    "inpainting": "v1-5-inpainting.json",
+    "emaonly": "sd15/v1-5-pruned-emaonly.json",
+    "pruned": "sd15/v1-5-pruned.json",
+    "inpainting": "sd15/v1-5-inpainting.json",
+    "sd2": "sd2/v2-1-ema-pruned.json",
+    "sd2-inpainting": "sd2/512-inpainting-ema.json",
 }
-VARIANTS = tuple(MANIFESTS)
+VARIANTS = ("emaonly", "pruned", "inpainting")  # SD v1's
+SD2_VARIANTS = ("sd2", "sd2-inpainting")
 POOL_SIZE = 2**26  # > the largest SD v1 tensor (the 49408 × 768 token embedding, 37.9M values)
 
 # Tiny sizes: SD v1's structure with small numbers. Groups (32) and head counts (8 UNet, 12 CLIP) are SD v1's,
@@ -34,6 +41,15 @@ POOL_SIZE = 2**26  # > the largest SD v1 tensor (the 49408 × 768 token embeddin
 TINY_UNET = UNetConfig(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=48)
 TINY_VAE = VAEConfig(block_out_channels=(32, 64), layers_per_block=1)
 TINY_TEXT_ENCODER = TextEncoderConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=12)
+# SD 2 with small numbers: 64-wide heads in both (what configs_from_shapes assumes for SD 2), linear projections,
+# GELU; 2 OpenCLIP blocks loaded, a third one (the "24th") kept aside in the official files.
+TINY_SD2_UNET = UNetConfig(
+    block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=64, attention_head_dim=(1, 2),
+    use_linear_projection=True, upcast_attention=True,
+)  # fmt: skip
+TINY_SD2_TEXT_ENCODER = TextEncoderConfig(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, hidden_act="gelu"
+)
 
 
 def official_keys(variant: str) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
@@ -95,12 +111,13 @@ def random_official_state_dict(variant: str, dtype: torch.dtype = torch.float32,
     return state_dict
 
 
-def tiny_components(in_channels: int = 4, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """Random minisd state dicts {"unet", "vae", "text_encoder"} at the TINY_* sizes."""
+def tiny_components(in_channels: int = 4, dtype: torch.dtype = torch.float32, seed: int = 0, sd2: bool = False):
+    """Random minisd state dicts {"unet", "vae", "text_encoder"} at the TINY_* sizes (TINY_SD2_* with sd2)."""
     generator = torch.Generator().manual_seed(seed)
-    unet_config = dataclasses.replace(TINY_UNET, in_channels=in_channels)
+    unet_config = dataclasses.replace(TINY_SD2_UNET if sd2 else TINY_UNET, in_channels=in_channels)
+    text_config = TINY_SD2_TEXT_ENCODER if sd2 else TINY_TEXT_ENCODER
     with torch.device("meta"):
-        models = {"unet": UNet(unet_config), "vae": VAE(TINY_VAE), "text_encoder": TextEncoder(TINY_TEXT_ENCODER)}
+        models = {"unet": UNet(unet_config), "vae": VAE(TINY_VAE), "text_encoder": TextEncoder(text_config)}
     return {
         component: {name: _random(t.shape, dtype, generator) for name, t in model.state_dict().items()}
         for component, model in models.items()
@@ -115,12 +132,38 @@ def tiny_official_state_dict(variant: str = "emaonly", dtype: torch.dtype = torc
         "model_ema.decay": torch.tensor(0.9999, dtype=dtype),
         "model_ema.num_updates": torch.tensor(840000, dtype=torch.int32),
     }
-    state_dict = minisd_to_ldm(components, model_ema_scalars=scalars)
+    state_dict = minisd_to_ldm(components, kept=scalars)
     if variant == "pruned":
         generator = torch.Generator().manual_seed(seed + 1)
         unet_keys = [name for name in state_dict if name.startswith("model.diffusion_model.")]
         state_dict.update({ema_name(k): _random(state_dict[k].shape, dtype, generator) for k in unet_keys})
     return state_dict
+
+
+def tiny_sd2_official_state_dict(inpainting: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """SD 2's official key names at the TINY_SD2_* sizes: a tiny minisd SD 2 exported through minisd_to_ldm, with what
+    an official file keeps beside it (LitEma's scalars, a random last OpenCLIP block, text_projection, logit_scale)."""
+    components = tiny_components(9 if inpainting else 4, dtype, seed, sd2=True)
+    generator = torch.Generator().manual_seed(seed + 2)
+    d, n = TINY_SD2_TEXT_ENCODER.hidden_size, TINY_SD2_TEXT_ENCODER.num_hidden_layers
+    block = f"{OPENCLIP_PREFIX}transformer.resblocks.{n}."
+    mlp = TINY_SD2_TEXT_ENCODER.intermediate_size
+    shapes = {"ln_1.weight": (d,), "ln_1.bias": (d,), "attn.in_proj_weight": (3 * d, d), "attn.in_proj_bias": (3 * d,)}
+    shapes |= {"attn.out_proj.weight": (d, d), "attn.out_proj.bias": (d,), "ln_2.weight": (d,), "ln_2.bias": (d,)}
+    shapes |= {
+        "mlp.c_fc.weight": (mlp, d),
+        "mlp.c_fc.bias": (mlp,),
+        "mlp.c_proj.weight": (d, mlp),
+        "mlp.c_proj.bias": (d,),
+    }
+    kept = {
+        OPENCLIP_PREFIX + "text_projection": _random((d, d), dtype, generator),
+        OPENCLIP_PREFIX + "logit_scale": torch.tensor(4.6052, dtype=dtype),
+        **{block + name: _random(shape, dtype, generator) for name, shape in shapes.items()},
+        "model_ema.decay": torch.tensor(0.9999, dtype=dtype),
+        "model_ema.num_updates": torch.tensor(220000, dtype=torch.int32),
+    }
+    return minisd_to_ldm(components, variant="v2-inpainting" if inpainting else "v2", kept=kept)
 
 
 # ---------------------------------------------------------------------------------------------------------------

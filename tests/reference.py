@@ -23,10 +23,11 @@ from torch import nn
 from minisd.vae import VAEConfig
 
 
-def write_reference_tokenizer_folder(folder: Path) -> Path:
+def write_reference_tokenizer_folder(folder: Path, pad_token: str = "<|endoftext|>") -> Path:
     """Write a diffusers-style tokenizer/ folder (vocab.json, merges.txt, tokenizer_config.json,
     special_tokens_map.json) from the packaged .gz with a few lines of its own, so transformers' CLIPTokenizer
-    can be built offline from the same vocabulary minisd ships. Returns `folder`."""
+    can be built offline from the same vocabulary minisd ships. pad_token: SD v1's "<|endoftext|>", or "!" as the
+    SD 2.x folders (stabilityai/stable-diffusion-2-1) name it. Returns `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     with (resources.files("minisd") / "data" / "bpe_simple_vocab_16e6.txt.gz").open("rb") as f:
         lines = gzip.decompress(f.read()).decode("utf-8").splitlines()
@@ -38,12 +39,12 @@ def write_reference_tokenizer_folder(folder: Path) -> Path:
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    # What SD v1 folders (e.g. runwayml/stable-diffusion-v1-5) carry beside the two files.
+    # What SD folders (e.g. runwayml/stable-diffusion-v1-5) carry beside the two files.
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, "errors": "replace"}
     special = {
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
+        "pad_token": pad_token,
         "unk_token": "<|endoftext|>",
     }
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, **special}), encoding="utf-8")

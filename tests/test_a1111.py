@@ -253,7 +253,7 @@ def test_the_15_dpm_ambiguity():
         ("Schedule rho: 5", "another ρ"),
         ("Mask blur: 4, Inpaint area: Only masked, Denoising strength: 0.6", "A1111's inpainting"),
         ("Emphasis: No norm", "emphasis"),
-        ("Token merging ratio: 0.5", "token merging"),  # (Lora hashes, TI hashes, VAE: read, see test_additions)
+        ("Token merging ratio: 0.5", "token merging"),  # (Lora hashes, TI hashes, VAE: read, see below)
         ("VAE Decoder: TAESD", "another VAE decoder"),
         ("Refiner: sd_xl_refiner_1.0, Refiner switch at: 0.8", "refiner"),
     ],
@@ -264,6 +264,19 @@ def test_a1111_fields_minisd_cannot_honour_are_refused(extra, fragment):
     with pytest.raises(MinisdError) as info:
         GenerationParameters.from_text(text)
     assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_a1111_embeddings_loras_and_vae_are_read():
+    """What A1111 writes for them (names and hashes, its quoting) is read, for regenerate to find the files by hash
+    (minisd/additions.py); nothing is refused or left unknown."""
+    fields = "VAE hash: 735e4c3a44, VAE: vae-ft-mse-840000-ema-pruned.safetensors, "
+    fields += 'Lora hashes: "ink wash: 0123abcd4567", TI hashes: "easynegative: c74b4e810b03, <cat-toy>: 0123456789ab"'
+    text = PROMPT + "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, " + fields
+    params = GenerationParameters.from_text(text)
+    assert params.lora_hashes == {"ink wash": "0123abcd4567"} and params.lora_weights == {}
+    assert params.ti_hashes == {"easynegative": "c74b4e810b03", "<cat-toy>": "0123456789ab"}
+    assert (params.vae, params.vae_hash) == ("vae-ft-mse-840000-ema-pruned.safetensors", "735e4c3a44")
+    assert check_fields(parse_parameters(text)) == []
 
 
 @pytest.mark.parametrize(

@@ -87,7 +87,7 @@ def test_everything_recorded_and_regenerated_from_the_png(work, monkeypatch, cap
     assert (work / "elsewhere" / "c.png").read_bytes() != (work / "a.png").read_bytes()
     ink.write_bytes(ink.read_bytes()[:-4] + b"\x00\x00\x80\x3f")  # one weight changed: regenerate refuses
     assert cli.main(["regenerate", str(work / "a.png"), "-o", "d.png", "--models-dir", str(work)]) == 2
-    assert "the LoRA 'ink' (hash" in capsys.readouterr().err
+    assert "the LoRA 'ink' the PNG names (hash" in capsys.readouterr().err
 
 
 def test_api_lora_fused_and_unloaded_bit_for_bit(work):

@@ -160,11 +160,21 @@ def test_folder_scheduler_config(work, tmp_path):
     config_path.write_text(json.dumps({**base, "_class_name": "UniPCMultistepScheduler"}))
     with pytest.raises(MinisdError, match="name a sampler"):
         minisd.StableDiffusion.from_pretrained(folder)("a cat", **SMALL)
-    for key, value in (("prediction_type", "v_prediction"), ("rescale_betas_zero_snr", True), ("beta_end", 0.02)):
-        config_path.write_text(json.dumps({**base, key: value}))
+    for key, value in (("prediction_type", "sample"), ("rescale_betas_zero_snr", True), ("beta_end", 0.02)):
+        config_path.write_text(json.dumps({**base, key: value}))  # zero SNR of an ε-model: refused
         with pytest.raises(MinisdError, match=key) as info:
             minisd.StableDiffusion.from_pretrained(folder)
         assert "\n" not in str(info.value)
+    # a v-prediction model with zero terminal SNR and trailing DDIM (what such folders ship): all three followed
+    zero_snr = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    config_path.write_text(json.dumps({**base, "_class_name": "DDIMScheduler", **zero_snr}))
+    pipe = minisd.StableDiffusion.from_pretrained(folder)
+    params = pipe("a cat", seed=1, **SMALL).parameters[0]
+    assert (params.sampler, params.timestep_spacing) == ("DDIM", "trailing")
+    assert (params.prediction_type, params.rescale_betas_zero_snr) == ("v_prediction", True)
+    assert "Prediction type: v_prediction" in params.text() and "Zero terminal SNR: True" in params.text()
+    with pytest.raises(MinisdError, match="the PLMS sampler cannot start from pure noise"):
+        pipe("a cat", sampler="PLMS", **SMALL)
 
 
 def test_folder_and_hub_id(work, tmp_path, monkeypatch):

@@ -17,6 +17,14 @@ BOS, EOS = 49406, 49407  # CLIP's start and end tokens; SD v1's tokenizer pads w
 
 # SD v1 with smaller numbers (the real vocabulary, so the ids below are realistic).
 TINY = TextEncoderConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
+# SD 2.x's OpenCLIP ViT-H/14 text tower as diffusers' stabilityai/stable-diffusion-2-1 text_encoder/config.json has it:
+# 23 of OpenCLIP's 24 layers (SD 2 reads the penultimate one), width 1024, 16 heads, exact GELU.
+SD2 = TextEncoderConfig(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu"
+)
+TINY_SD2 = TextEncoderConfig(
+    hidden_size=32, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2, hidden_act="gelu"
+)
 
 # fp32 on CPU with the same operations in the same order: what may differ is the summation order inside matmuls and
 # the attention kernel, ~1e-7 relative per operation, ~1e-6 after 12 layers (measured: 0, bit-identical, against
@@ -80,6 +88,29 @@ def test_parity_full_sd_v1():
     check_parity("test_parity_full_sd_v1", TextEncoderConfig(), seed=1)
 
 
+def test_parity_tiny_sd2():
+    """SD 2's differences at tiny size: exact GELU, heads of another width."""
+    check_parity("test_parity_tiny_sd2", TINY_SD2, seed=3)
+
+
+def test_parity_full_sd2():
+    """The full 340M-parameter SD 2 text encoder (23 layers of 1024), random weights; same bar as SD v1's: one
+    more order of depth and width moves the fp32 rounding from ~1e-7 to at most a few 1e-7."""
+    check_parity("test_parity_full_sd2", SD2, seed=4)
+
+
+def test_gelu_is_not_quick_gelu():
+    """The activation field matters: the same weights with quick-GELU give another output (so the parity above
+    would catch a tower built with the wrong one)."""
+    ref = reference_model(TINY_SD2, seed=5)
+    ours = TextEncoder(TextEncoderConfig(**{**asdict(TINY_SD2), "hidden_act": "quick_gelu"})).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    input_ids = realistic_ids([6], torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got, want = ours(input_ids).last_hidden_state, ref(input_ids).last_hidden_state
+    assert (got - want).abs().max() > 100 * REL_TOL * want.abs().max()
+
+
 class FixedTokenizer:
     """Stands in for CLIPTokenizer inside encode_prompt (the tokenizer is not under test here): returns fixed ids."""
 
@@ -135,10 +166,11 @@ def test_state_dict_keys_equal_transformers():
     assert set(TextEncoder(TINY).state_dict()) == set(reference_model(TINY, seed=5).state_dict())
 
 
-def test_config_fields_are_clip_text_config_keys():
+@pytest.mark.parametrize("config", [TextEncoderConfig(), SD2], ids=["sd1", "sd2"])
+def test_config_fields_are_clip_text_config_keys(config):
     """Each field is a CLIPTextConfig key, so a config.json maps onto TextEncoderConfig field by field."""
-    ref_config = CLIPTextConfig(**asdict(TextEncoderConfig()))
-    for key, value in asdict(TextEncoderConfig()).items():
+    ref_config = CLIPTextConfig(**asdict(config))
+    for key, value in asdict(config).items():
         assert getattr(ref_config, key) == value
 
 
@@ -170,3 +202,5 @@ def test_bad_clip_skip_raises(clip_skip):
 def test_bad_config_raises():
     with pytest.raises(MinisdError, match="num_attention_heads"):
         TextEncoderConfig(hidden_size=30, num_attention_heads=4)
+    with pytest.raises(MinisdError, match="hidden_act must be one of quick_gelu, gelu, got 'relu'"):
+        TextEncoderConfig(hidden_act="relu")

@@ -1,6 +1,7 @@
 """minisd.fast changes speed, not numbers: the fast UNet, VAE and TextEncoder give the eager outputs to fp32
 rounding, at a tiny config and at the full SD v1 size (small inputs), and their state dicts still round-trip."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,18 @@ def check_fast_equals_eager(test: str, kind: str, config, size: int, seed: int) 
 @pytest.mark.parametrize("kind", ["unet", "vae", "text_encoder"])
 def test_fast_equals_eager_tiny(kind):
     check_fast_equals_eager("test_fast_equals_eager_tiny", kind, TINY[kind], size=16, seed=0)
+
+
+def test_fast_equals_eager_tiny_sd2():
+    """SD 2's differences under make_fast: linear projections, heads per level, the upcast in the fused attn1,
+    GELU in the fused text encoder."""
+    sd2_unet = UNetConfig(
+        block_out_channels=(32, 32, 64, 64), attention_head_dim=(1, 2, 2, 4), cross_attention_dim=32,
+        use_linear_projection=True, upcast_attention=True,
+    )  # fmt: skip
+    check_fast_equals_eager("test_fast_equals_eager_tiny_sd2", "unet", sd2_unet, size=16, seed=6)
+    sd2_text = dataclasses.replace(TINY["text_encoder"], hidden_act="gelu")
+    check_fast_equals_eager("test_fast_equals_eager_tiny_sd2", "text_encoder", sd2_text, size=16, seed=6)
 
 
 @pytest.mark.parametrize(("kind", "size"), [("unet", 16), ("vae", 16), ("text_encoder", 0)])

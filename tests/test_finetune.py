@@ -96,6 +96,7 @@ def test_lora_file_loads_back_and_changes_the_picture(tmp_path):
         (["lora", "--out", "x.pt"], "--out must be a .safetensors path"),
         (["textual-inversion", "--out", "nowhere/x.pt"], "in an existing folder"),
         (["lora", "--out", "x.safetensors", "--lr", "-1"], "lr must be >= 0"),
+        (["lora", "--out", "x.safetensors", "--preserve", "-1"], "preserve must be >= 0"),
     ],
 )
 def test_bad_arguments_are_one_line(tmp_path, monkeypatch, capsys, args, fragment):

@@ -32,7 +32,8 @@ from tests.fakes import (
 )
 from weights_convert.detect import inspect_checkpoint
 from weights_convert.keymap_diffusers import diffusers_to_minisd, minisd_to_diffusers
-from weights_convert.keymap_ldm import EMA_SCALARS, ema_name, ldm_to_minisd, minisd_to_ldm
+from weights_convert.keymap_ldm import EMA_SCALARS, ema_name
+from weights_convert.official import ldm_to_minisd, minisd_to_ldm
 
 # CompVis configs/stable-diffusion/v1-inference.yaml (runwayml v1-inpainting-inference.yaml: in_channels 9),
 # the parts diffusers' config builders read.
@@ -119,7 +120,7 @@ def assert_round_trip(state_dict: dict, components: dict, unet_source: dict | No
     expected = {n: t for n, t in state_dict.items() if not n.startswith("model_ema.") or n in EMA_SCALARS}
     if unet_source is not None:
         expected.update(unet_source)
-    exported = minisd_to_ldm(components, model_ema_scalars=state_dict)
+    exported = minisd_to_ldm(components, kept=state_dict)
     assert list(exported) == list(expected)  # the official key set, in the official order
     for name, tensor in expected.items():
         assert exported[name].dtype == tensor.dtype, name
@@ -256,7 +257,11 @@ def _tiny_with(**changes):
     ("state_dict", "message"),
     [
         pytest.param({}, "no tensors", id="empty"),
-        pytest.param(_tiny_with(**{"cond_stage_model.model.ln_final.weight": torch.zeros(4)}), "SD 2.x", id="sd2"),
+        pytest.param(
+            _tiny_with(**{"cond_stage_model.model.ln_final.weight": torch.zeros(4)}),
+            r"mixes SD v1 and SD 2 parts \(cond_stage_model.model.\* says SD 2, cond_stage_model.transformer.\* says",
+            id="sd1-and-openclip-text",
+        ),
         pytest.param(
             _tiny_with(
                 **{
@@ -265,8 +270,9 @@ def _tiny_with(**changes):
                     )
                 }
             ),
-            "SD 2.x UNet .1024-wide",
-            id="sd2-context",
+            "mixes SD v1 and SD 2 parts .model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight "
+            "says SD 2",
+            id="sd2-context-with-sd1-text",
         ),
         pytest.param({"conditioner.embedders.0.transformer.x": torch.zeros(1)}, "SDXL", id="sdxl"),
         pytest.param(
@@ -275,9 +281,9 @@ def _tiny_with(**changes):
             id="sdxl-context",
         ),
         pytest.param(
-            {"text_model.final_layer_norm.weight": torch.zeros(1024), "text_model.embeddings.x": torch.zeros(1)},
-            r"SD 2.x \(OpenCLIP ViT-H\) text encoder",
-            id="sd2-text-encoder-folder",
+            {"text_model.final_layer_norm.weight": torch.zeros(1280), "text_model.embeddings.x": torch.zeros(1)},
+            r"SDXL \(OpenCLIP ViT-bigG\) text encoder",
+            id="sdxl-text-encoder-folder",
         ),
         pytest.param(
             {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320)}, "LoRA", id="lora"

@@ -42,7 +42,8 @@ from tests.parity import assert_parity
 from weights_convert.detect import MINISD_METADATA, join_minisd_file
 from weights_convert.files import read_state_dict
 from weights_convert.keymap_diffusers import minisd_to_diffusers
-from weights_convert.keymap_ldm import ema_name, minisd_to_ldm
+from weights_convert.keymap_ldm import ema_name
+from weights_convert.official import minisd_to_ldm
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 REPO_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -108,7 +109,7 @@ def write_diffusers_folder(folder, components, *, variant=None, bin_files=False,
 
 def write_official(path, components):
     scalars = {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7, dtype=torch.int32)}
-    state_dict = minisd_to_ldm(components, model_ema_scalars=scalars)
+    state_dict = minisd_to_ldm(components, kept=scalars)
     if path.suffix == ".safetensors":
         safetensors.torch.save_file({k: t.contiguous() for k, t in state_dict.items()}, path, metadata={"format": "pt"})
     else:  # a Lightning-style .ckpt
@@ -284,11 +285,12 @@ def tiny_folder(tmp_path_factory, tiny):
 @pytest.mark.parametrize(
     ("component", "change", "fragment"),
     [
-        ("unet", {"cross_attention_dim": 1024}, "cross_attention_dim 1024 (SD 2.x)"),
-        ("unet", {"use_linear_projection": True}, "use_linear_projection"),
+        ("unet", {"cross_attention_dim": 2048}, "cross_attention_dim 2048 (SDXL)"),
+        ("unet", {"transformer_layers_per_block": 2}, "transformer_layers_per_block"),
         ("unet", {"addition_embed_type": "text_time"}, "addition_embed_type"),
         ("vae", {"scaling_factor": 0.13025}, "scaling_factor 0.13025"),
-        ("text_encoder", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        ("text_encoder", {"hidden_act": "relu"}, "hidden_act 'relu'"),
+        ("text_encoder", {"hidden_size": 1280}, "hidden_size 1280 (OpenCLIP ViT-bigG, SDXL)"),
     ],
 )
 def test_folder_config_not_sd_v1_is_refused(tmp_path, tiny_folder, component, change, fragment):
@@ -310,7 +312,7 @@ def test_single_file_not_sd_v1_is_refused(tmp_path, tiny):
     safetensors.torch.save_file(state_dict, path)
     with pytest.raises(MinisdError) as info:
         load_components(path)
-    assert_one_line(info, str(path), "SD 2")
+    assert_one_line(info, str(path), "OpenCLIP text encoder's blocks must be resblocks.0")
 
 
 def test_wrong_shapes_are_refused_in_one_line(tmp_path, tiny):

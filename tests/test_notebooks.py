@@ -22,7 +22,7 @@ from PIL import Image
 from minisd.notebooks import NOTEBOOK_DIR, PIXEL_BAR, execute, png_distance, stale_outputs
 
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-EXPECTED = ["00", "01", "02", "03", "04", "05", "06", "07", "08", "09"]
+EXPECTED = ["00", "01", "02", "03", "04", "05", "06", "07", "08", "09", "10", "11"]
 TIMES: list[tuple[str, float]] = []
 
 

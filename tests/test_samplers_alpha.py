@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
+from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale_zero_terminal_snr
 
 from minisd.errors import MinisdError
 from minisd.samplers.ddim import DDIMSampler
@@ -49,24 +50,29 @@ def tol(sampler: str, precision: str) -> float:
 SAMPLERS = ["DDPM", "DDIM eta=0", "DDIM eta=0.5", "DDIM eta=1", "PLMS"]
 
 
-def ldm_alphas_cumprod() -> torch.Tensor:
-    """ᾱ as CompVis LDM computes it (make_beta_schedule "linear", numpy float64), before its float32 buffer."""
+def ldm_alphas_cumprod(rescale_betas_zero_snr: bool = False) -> torch.Tensor:
+    """ᾱ as CompVis LDM computes it (make_beta_schedule "linear", numpy float64), before its float32 buffer;
+    rescaled for zero terminal SNR by diffusers' own rescale_zero_terminal_snr (in float64) on request."""
     betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    if rescale_betas_zero_snr:
+        betas = diffusers_rescale_zero_terminal_snr(torch.from_numpy(betas)).numpy()
     return torch.from_numpy(np.cumprod(1.0 - betas))
 
 
-def make_pair(sampler: str, precision: str, timestep_spacing: str = "leading"):
-    """(minisd sampler, its diffusers twin, ref_step(ref, eps, t, x, generator) -> x_prev)."""
+def make_pair(sampler: str, precision: str, timestep_spacing: str = "leading", **settings):
+    """(minisd sampler, its diffusers twin, ref_step(ref, eps, t, x, generator) -> x_prev). settings: keywords
+    both sides take (prediction_type, rescale_betas_zero_snr: tests/test_samplers_v.py)."""
     eta = float(sampler.split("=")[1]) if sampler.startswith("DDIM") else 0.0
-    ours, cls = {
-        "DDPM": (DDPMSampler(timestep_spacing), DDPMScheduler),
-        "DDIM": (DDIMSampler(eta, timestep_spacing), DDIMScheduler),
-        "PLMS": (PNDMSampler(timestep_spacing), PNDMScheduler),
-    }[sampler.split()[0]]
-    config = {**SD_V1, "timestep_spacing": timestep_spacing}
+    kind = sampler.split()[0]
+    cls = {"DDPM": DDPMScheduler, "DDIM": DDIMScheduler, "PLMS": PNDMScheduler}[kind]
+    if kind == "DDIM":
+        ours = DDIMSampler(eta, timestep_spacing, **settings)
+    else:
+        ours = {"DDPM": DDPMSampler, "PLMS": PNDMSampler}[kind](timestep_spacing, **settings)
+    config = {**SD_V1, "timestep_spacing": timestep_spacing, **settings}
     ref = cls(**{k: v for k, v in config.items() if k in inspect.signature(cls.__init__).parameters})
     if precision.endswith("f64 table"):
-        ref.alphas_cumprod = ldm_alphas_cumprod()
+        ref.alphas_cumprod = ldm_alphas_cumprod(settings.get("rescale_betas_zero_snr", False))
         ref.final_alpha_cumprod = ref.alphas_cumprod[0]  # DDIM, PNDM (set_alpha_to_one=False)
         ref.one = torch.tensor(1.0, dtype=torch.float64)  # DDPM
     if cls is PNDMScheduler:

@@ -81,11 +81,12 @@ def fake_eps(x: torch.Tensor, t: float) -> torch.Tensor:
     return torch.sin(a * x.double() + b + t / 97).to(x.dtype)
 
 
-def run_both(name: str, n: int, dtype: torch.dtype, strength: float = 1.0, lms_order_fix: bool = False):
+def run_both(name: str, n: int, dtype: torch.dtype, strength: float = 1.0, lms_order_fix: bool = False, pair=None):
     """Run minisd's sampler and diffusers' scheduler the way the SD pipelines do (txt2img, or img2img with
     `strength`). Returns ((ours, ref) sample trajectories and (ours, ref) UNet-input trajectories, each (k, b, c,
-    h, w) with step k divided by diffusers' max |·| at that step), the two samplers, diffusers' timesteps."""
-    make_ours, make_ref = PAIRS[name]
+    h, w) with step k divided by diffusers' max |·| at that step), the two samplers, diffusers' timesteps.
+    pair: (make_ours, make_ref) instead of PAIRS[name] (tests/test_samplers_v.py: other settings, same name)."""
+    make_ours, make_ref = pair or PAIRS[name]
     ours, ref = make_ours(), make_ref()
     ours.set_timesteps(n, strength=strength)
     ref.set_timesteps(n)

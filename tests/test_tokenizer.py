@@ -17,7 +17,7 @@ from diffusers import StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
 from minisd.errors import MinisdError
-from minisd.tokenizer import BOS, EOS, MAX_LENGTH, Tokenizer
+from minisd.tokenizer import BOS, EOS, MAX_LENGTH, PAD_TOKENS, Tokenizer
 from tests.reference import write_reference_tokenizer_folder
 
 LONG_TAGS = (
@@ -350,6 +350,42 @@ def test_padding_and_shapes(ours):
     batch = ours(["a photo of a cat", "", "a photo of a cat"])
     assert batch.shape == (3, MAX_LENGTH)
     assert torch.equal(batch[0], one[0]) and torch.equal(batch[1], empty[0]) and torch.equal(batch[2], one[0])
+
+
+def test_sd2_padding_equals_reference(tmp_path, reference):
+    """SD 2.x: the same vocabulary, padded with "!" (id 0) after the end token, as transformers' CLIPTokenizer
+    pads when the folder's special_tokens_map.json names "!" (stabilityai/stable-diffusion-2-1's tokenizer).
+
+    One difference, on purpose: transformers registers the pad token "!" as a special token matched in the raw
+    text, so a "!" typed in a prompt becomes id 0, the padding (and "wow!!!" three of them). SD 2 was trained with
+    open_clip's tokenizer, where "!" is ordinary text (BPE: "!!!" is the one token 995) and only padding is 0;
+    minisd tokenizes as open_clip does. Prompts without "!" get transformers' ids exactly; prompts with one get
+    SD v1's BPE ids (the reference tokenizer with the end-token padding) followed by zeros, open_clip's rows."""
+    folder = write_reference_tokenizer_folder(tmp_path / "tokenizer", pad_token="!")
+    sd2_reference = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    assert sd2_reference.pad_token_id == 0
+    ours = Tokenizer.from_default(pad_token=PAD_TOKENS["sd2"])
+    assert ours.pad_id == 0
+    plain = [p for p in ALL_PROMPTS if "!" not in p]
+    exclaiming = [p for p in ALL_PROMPTS if "!" in p]
+    assert len(plain) > 250 and len(exclaiming) > 20
+    assert_same_rows(ours(plain), reference_ids(sd2_reference, plain), plain)
+    open_clip_rows = reference_ids(reference, exclaiming)
+    for row, prompt in zip(open_clip_rows, exclaiming, strict=True):  # open_clip: zeros after BOS, tokens, EOS
+        n = min(len(reference(prompt, add_special_tokens=False).input_ids), MAX_LENGTH - 2)
+        row[n + 2 :] = 0
+    assert_same_rows(ours(exclaiming), open_clip_rows, exclaiming)
+    assert not torch.equal(ours(["wow!!!"]), reference_ids(sd2_reference, ["wow!!!"]))  # the difference is real
+    one = ours("a photo of a cat")[0]
+    assert one[:8].tolist() == [BOS, 320, 1125, 539, 320, 2368, EOS, 0] and (one[7:] == 0).all()
+    from_files = Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt", pad_token="!")
+    assert torch.equal(from_files(ALL_PROMPTS), ours(ALL_PROMPTS))
+    assert ours.decode(one) == sd2_reference.decode(one, skip_special_tokens=True) == "a photo of a cat"
+
+
+def test_bad_pad_token_raises():
+    with pytest.raises(MinisdError, match="pad_token must be a token of the vocabulary"):
+        Tokenizer.from_default(pad_token="<pad>")
 
 
 @pytest.mark.parametrize("prompts", [123, None, b"a cat", ["a cat", 3], [], ["a cat", None], {"a cat"}])

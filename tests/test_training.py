@@ -308,6 +308,37 @@ def test_exported_file_loads_through_load_components(tmp_path, vae_path):
     )
 
 
+def test_v_prediction_training_target_and_file(tmp_path, vae_path):
+    """--prediction-type v: the loss's target is diffusers' get_velocity of the same x0, noise and t (diffusers'
+    train_text_to_image.py for v_prediction), and the file says what it predicts, so loading and sampling use v."""
+    from diffusers import DDPMScheduler
+
+    from minisd.samplers.schedule import velocity
+
+    alphas_cumprod = alphas_cumprod_from_betas(scaled_linear_betas())
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 250, 700, 999])
+    reference = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    want = reference.get_velocity(x0, noise, t)
+    # diffusers keeps ᾱ in float32, minisd in float64 and casts once: ~1e-7 relative apart
+    torch.testing.assert_close(velocity(x0, noise, t, alphas_cumprod), want, rtol=1e-5, atol=1e-6)
+
+    class Constant(torch.nn.Module):  # a "model" that always says v = 0: the loss is then ‖v‖²'s mean
+        def forward(self, x_t, t, input_ids):
+            return torch.zeros_like(x_t)
+
+    loss = diffusion_loss(Constant(), x0, None, t, noise, alphas_cumprod, "v_prediction")
+    torch.testing.assert_close(loss, want.square().mean(), rtol=1e-5, atol=0)
+    assert not torch.isclose(loss, noise.square().mean())  # not ε's target
+    config = tiny_diffusion_config(steps=2, prediction_type="v_prediction")
+    run = train_diffusion(tmp_path, vae_path, config, progress=False)
+    components = load_components(run.path)
+    assert components.prediction_type == "v_prediction" and components.note is None
+    with pytest.raises(MinisdError, match="prediction_type must be one of epsilon, v_prediction"):
+        tiny_diffusion_config(prediction_type="v").check()
+
+
 def test_loss_log_resume_drops_later_lines(tmp_path):
     log = LossLog(tmp_path / "log.jsonl")
     for step in (1, 2, 3):
@@ -426,9 +457,11 @@ def test_train_command_passes_the_text_encoder_options(monkeypatch, tmp_path, va
 
     monkeypatch.setattr(command, "train_diffusion", fake_train)
     base = ["diffusion", "--run-dir", str(tmp_path / "run"), "--vae", str(vae_path)]
-    for extra in ([], ["--train-text-encoder"], ["--train-text-encoder", "--text-steps", "0"]):
+    extras = ([], ["--train-text-encoder"], ["--train-text-encoder", "--text-steps", "0"], ["--prediction-type", "v"])
+    for extra in extras:
         assert command.main([*base, *extra]) == 2
-    frozen, joint, scratch = seen
+    frozen, joint, scratch, v = seen
     assert frozen == DiffusionTrainingConfig()  # the shipped recipe: pretrained, then frozen
+    assert v == DiffusionTrainingConfig(prediction_type="v_prediction")  # the same recipe, learning v
     assert not joint.freeze_text_encoder and joint.text_pretraining.steps == frozen.text_pretraining.steps
     assert not scratch.freeze_text_encoder and scratch.text_pretraining.steps == 0

@@ -19,7 +19,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from minisd.tokenizer import Tokenizer
 from tests.fakes import tiny_official_state_dict
 from weights_convert.__main__ import main
-from weights_convert.keymap_ldm import ema_name, ldm_to_minisd
+from weights_convert.keymap_ldm import ema_name
+from weights_convert.official import ldm_to_minisd
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,7 +159,7 @@ BAD_ARGUMENTS = [
     ((), "the following arguments are required"),
     (("translate", "a", "b"), "invalid choice"),
     (("info", "{tmp}/missing.safetensors"), "no such file"),
-    (("info", "{tmp}/random.safetensors"), "no Stable Diffusion v1 keys"),
+    (("info", "{tmp}/random.safetensors"), "no Stable Diffusion keys"),
     (("convert", "{tmp}/lora.safetensors", "{tmp}/out"), "LoRA"),
     (("export", "{tmp}/unet_only.safetensors", "{tmp}/out.safetensors"), "no the VAE"),
     (("info", "{tmp}/empty.ckpt"), "empty"),

@@ -1,4 +1,4 @@
-"""`python -m weights_convert`: inspect SD v1 weights and convert them between layouts.
+"""`python -m weights_convert`: inspect SD v1 / SD 2.x weights and convert them between layouts.
 
     python -m weights_convert info FILE_OR_FOLDER
     python -m weights_convert convert IN OUT_FOLDER        # -> a diffusers-style folder
@@ -9,6 +9,8 @@ IN may be an official single file (.safetensors / .ckpt), a minisd single file o
 An existing OUT is never replaced unless --overwrite is given; OUT is written beside, then renamed into place, and
 an existing OUT folder keeps every file a conversion does not write. OUT may not be, contain or lie inside IN.
 Errors: one line on stderr, exit status 2.
+What the model predicts travels with it (a folder's scheduler_config, a minisd file's metadata); an SD 2 single
+file does not record it: --prediction-type says it, else the file's name decides (768 = v) and a note says so.
 """
 
 import sys
@@ -18,29 +20,38 @@ import torch
 
 from minisd.arguments import DTYPES, ArgumentParser
 from minisd.errors import MinisdError
+from minisd.samplers.base import PREDICTION_TYPES
+from weights_convert.describe import describe
 from weights_convert.detect import LAYOUT_NAMES, MINISD_METADATA, join_minisd_file
 from weights_convert.files import check_output, write_beside
-from weights_convert.folders import cast_floats, describe, read_weights, save_safetensors, write_folder
-from weights_convert.keymap_ldm import minisd_to_ldm
+from weights_convert.folders import cast_floats, prediction_of, read_weights, save_safetensors, write_folder
+from weights_convert.official import minisd_to_ldm
 
 # ---------------------------------------------------------------------------------------------------------------
-# The three commands (info is folders.describe).
+# The three commands (info is describe.describe).
 
 
-def command_convert(src: Path, out: Path, use_ema: bool, dtype: torch.dtype | None, overwrite: bool) -> str:
+def command_convert(
+    src: Path, out: Path, use_ema: bool, dtype: torch.dtype | None, overwrite: bool, prediction_type: str | None
+) -> str:
     to_file = out.suffix == ".safetensors"
     check_output(src, out, overwrite, "file" if to_file else "folder")
     weights = read_weights(src, use_ema)
-    layout = weights.info.layout
+    layout, variant = weights.info.layout, weights.info.variant
+    prediction, note = prediction_of(weights.info, prediction_type, str(src))
     components = {c: cast_floats(sd, dtype) for c, sd in weights.state_dicts.items()}
     if to_file:
-        variant = "v1-inpainting" if components["unet"]["conv_in.weight"].shape[1] == 9 else "v1"
-        metadata = {**MINISD_METADATA, "minisd.variant": variant}
+        metadata = {**MINISD_METADATA, "minisd.variant": variant, "minisd.prediction_type": prediction}
         write_beside(out, "file", lambda path: save_safetensors(join_minisd_file(components), path, metadata))
-        return f"wrote {out} (minisd single file, from the {LAYOUT_NAMES[layout]})"
+        return f"wrote {out} (minisd single file, from the {LAYOUT_NAMES[layout]})" + (
+            f"\nnote: {note}" if note else ""
+        )
+    sample_size = 768 if variant == "v2" and prediction == "v_prediction" else 512  # SD 2's v models: 768 px
     written = []
-    write_beside(out, "folder", lambda path: written.extend(write_folder(components, path)))
-    return f"wrote {out}/: {', '.join(written)} (from the {LAYOUT_NAMES[layout]})"
+    write_beside(
+        out, "folder", lambda path: written.extend(write_folder(components, path, variant, prediction, sample_size))
+    )
+    return f"wrote {out}/: {', '.join(written)} (from the {LAYOUT_NAMES[layout]})" + (f"\nnote: {note}" if note else "")
 
 
 def command_export(src: Path, out: Path, use_ema: bool, dtype: torch.dtype | None, overwrite: bool) -> str:
@@ -49,9 +60,12 @@ def command_export(src: Path, out: Path, use_ema: bool, dtype: torch.dtype | Non
     check_output(src, out, overwrite, "file")
     weights = read_weights(src, use_ema)
     layout = weights.info.layout
-    state_dict = cast_floats(minisd_to_ldm(weights.state_dicts, model_ema_scalars=weights.ema_scalars), dtype)
+    variant = weights.info.variant
+    state_dict = minisd_to_ldm(weights.state_dicts, variant=variant, kept=weights.kept)
+    state_dict = cast_floats(state_dict, dtype)
     write_beside(out, "file", lambda path: save_safetensors(state_dict, path, {"format": "pt"}))
-    return f"wrote {out} (official SD v1 layout, {len(state_dict)} tensors, from the {LAYOUT_NAMES[layout]})"
+    family = "SD 2" if variant.startswith("v2") else "SD v1"
+    return f"wrote {out} (official {family} layout, {len(state_dict)} tensors, from the {LAYOUT_NAMES[layout]})"
 
 
 def build_parser() -> ArgumentParser:
@@ -71,6 +85,10 @@ def build_parser() -> ArgumentParser:
         command.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: keep)")
         command.add_argument("--overwrite", action="store_true", help="replace an existing OUT (in a folder: only the "
                              "files a conversion writes)")  # fmt: skip
+        if name == "convert":
+            command.add_argument(
+                "--prediction-type", choices=PREDICTION_TYPES, help="what an SD 2 single file's model predicts"
+            )
     return parser
 
 
@@ -80,9 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             message = describe(args.path)
         else:
-            run = command_convert if args.command == "convert" else command_export
             dtype = DTYPES[args.dtype] if args.dtype else None
-            message = run(args.src, args.out, not args.raw_unet, dtype, args.overwrite)
+            if args.command == "convert":
+                message = command_convert(
+                    args.src, args.out, not args.raw_unet, dtype, args.overwrite, args.prediction_type
+                )
+            else:
+                message = command_export(args.src, args.out, not args.raw_unet, dtype, args.overwrite)
     except (MinisdError, OSError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

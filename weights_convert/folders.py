@@ -1,18 +1,21 @@
-"""SD v1 weights in from a file or a folder, out to a folder: one reader for the loader and the converter alike.
+"""SD weights (v1 and 2.x) in from a file or a folder, out to a folder: one reader for the loader and the converter.
 
     read_weights(path)          a single file (official or minisd layout, .safetensors or .ckpt) or a diffusers
                                 folder -> Weights: minisd-named state dicts (views of the file), what the source
                                 is (detect.CheckpointInfo) and the three configs (configs.py)
     write_folder(state_dicts)   -> a diffusers-style folder: weights, config.json files, tokenizer, scheduler and
                                 model_index.json, which diffusers' StableDiffusionPipeline.from_pretrained loads
-    describe(path)              what `python -m weights_convert info` and `minisd info` print
+    describe.describe(path)     what `python -m weights_convert info` and `minisd info` print (describe.py)
 
 A diffusers folder:
     unet/          config.json + diffusion_pytorch_model[.fp16].safetensors (or .bin)
     vae/           config.json + diffusion_pytorch_model[.fp16].safetensors (or .bin)
     text_encoder/  config.json + model[.fp16].safetensors (or pytorch_model.bin)
-    tokenizer/     vocab.json + merges.txt (optional for loading: SD v1 has one tokenizer, minisd ships it)
-    scheduler/     scheduler_config.json (optional: the samplers' defaults, configs.scheduler_settings)
+    tokenizer/     vocab.json + merges.txt (optional for loading: SD ships one vocabulary, minisd packages it),
+                   special_tokens_map.json naming the padding token ("!" in SD 2.x folders)
+    scheduler/     scheduler_config.json (optional): what the model predicts (prediction_type: epsilon or
+                   v_prediction), whether its β are rescaled for zero terminal SNR (rescale_betas_zero_snr), and
+                   the samplers' defaults (configs.scheduler_settings)
 """
 
 from dataclasses import dataclass, field
@@ -24,29 +27,27 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from minisd.errors import MinisdError
-from minisd.tokenizer import MAX_LENGTH, Tokenizer
+from minisd.samplers.base import check_prediction_type
+from minisd.tokenizer import MAX_LENGTH, PAD_TOKENS, Tokenizer
 from weights_convert.configs import (
     COMPONENTS,
     configs_from_metadata,
     configs_from_shapes,
+    family,
     read_config_file,
     scheduler_settings,
-    sd_v1_config,
+    sd_config,
     write_config_file,
 )
 from weights_convert.detect import (
-    LAYOUT_NAMES,
     ROUTES,
     CheckpointInfo,
-    file_kind,
     inspect_checkpoint,
     split_minisd_file,
 )
-from weights_convert.embeddings import read_embedding
 from weights_convert.files import SAFETENSORS_SUFFIXES, read_state_dict
 from weights_convert.keymap_diffusers import diffusers_to_minisd, minisd_to_diffusers
-from weights_convert.keymap_ldm import EMA_SCALARS, ldm_to_minisd
-from weights_convert.vae_files import ldm_vae_to_minisd
+from weights_convert.official import kept_tensors, ldm_to_minisd
 
 # A diffusers folder's weights, best first: "{v}" is "" or "." + variant ("fp16" -> *.fp16.safetensors).
 WEIGHT_FILES = {
@@ -55,20 +56,23 @@ WEIGHT_FILES = {
     "text_encoder": ("model{v}.safetensors", "pytorch_model{v}.bin"),
 }
 TOKENIZER_FILES = ("tokenizer/vocab.json", "tokenizer/merges.txt")
+SPECIAL_TOKENS_FILES = ("tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json")  # pad token, in order
+SCHEDULER_FILE = "scheduler/scheduler_config.json"
+VARIANTS = ("v1", "v1-inpainting", "v2", "v2-inpainting")
 
 
 @dataclass
 class Weights:
-    """SD v1 weights as read from a file or folder, before any network is built."""
+    """SD weights as read from a file or folder, before any network is built. `info.prediction_type` says what the
+    source records about what the model predicts (None: an SD 2 file that cannot say ε from v)."""
 
     state_dicts: dict[str, dict[str, Tensor]]  # "unet", "vae", "text_encoder": minisd names, views of the file
-    info: CheckpointInfo  # layout, variant, EMA, parameter counts, dtypes
+    info: CheckpointInfo  # layout, variant, EMA, parameter counts, dtypes, prediction type
     configs: dict[str, dict]  # config.json dicts per component: the folder's, the file's metadata, or its shapes
-    ema_scalars: dict[str, Tensor] = field(default_factory=dict)  # an official file's LitEma decay / num_updates
+    kept: dict[str, Tensor] = field(default_factory=dict)  # an official file's tensors minisd does not load
     metadata: dict[str, str] = field(default_factory=dict)  # a .safetensors file's metadata (read once)
-    scheduler: dict[str, str] = field(
-        default_factory=dict
-    )  # a folder's scheduler settings (configs.scheduler_settings)
+    rescale_betas_zero_snr: bool = False  # a folder's scheduler_config: β rescaled for zero terminal SNR
+    scheduler: dict[str, str] = field(default_factory=dict)  # a folder's sampler defaults (configs.scheduler_settings)
 
 
 def read_weights(path: Path, use_ema: bool = True, variant: str | None = None) -> Weights:
@@ -86,7 +90,8 @@ def read_weights(path: Path, use_ema: bool = True, variant: str | None = None) -
 
 def read_single_file(path: Path, use_ema: bool = True) -> Weights:
     """One file in the official (CompVis) or minisd layout -> Weights; its configs from minisd's metadata when it
-    has them (head counts and groups), else read off the shapes."""
+    has them (head counts and groups), else read off the shapes; minisd's files also record the variant and the
+    prediction type ("minisd.variant", "minisd.prediction_type")."""
     state_dict = read_state_dict(path)
     metadata = file_metadata(path)
     try:
@@ -95,18 +100,35 @@ def read_single_file(path: Path, use_ema: bool = True) -> Weights:
             state_dicts = ldm_to_minisd(state_dict, use_ema=use_ema)
         elif info.layout == "minisd":
             state_dicts = split_minisd_file(state_dict)
+            info.variant = metadata_choice(metadata, "minisd.variant", VARIANTS) or info.variant
+            info.prediction_type = metadata_choice(metadata, "minisd.prediction_type") or info.prediction_type
         elif info.layout == "diffusers-vae":
-            raise MinisdError(f"this is {ROUTES['vae']}; it is not a whole SD v1 model")
+            raise MinisdError(f"this is {ROUTES['vae']}; it is not a whole SD model")
         else:
             raise MinisdError(
                 f"holds only one part of a diffusers folder ({info.layout}); pass the folder with unet/, vae/, "
                 "text_encoder/ instead"
             )
-        configs = configs_from_metadata(metadata) or configs_from_shapes(state_dicts)
+        configs = configs_from_metadata(metadata) or configs_from_shapes(state_dicts, info.variant)
     except MinisdError as error:
         raise MinisdError(f"{path}: {error}") from None
-    scalars = {name: state_dict[name] for name in EMA_SCALARS if name in state_dict}
-    return Weights(state_dicts, info, configs, scalars, metadata)
+    return Weights(state_dicts, info, configs, kept_tensors(state_dict), metadata)
+
+
+def metadata_choice(metadata: dict[str, str], key: str, allowed: tuple[str, ...] | None = None) -> str | None:
+    """A minisd file's metadata entry checked against its allowed values (a prediction type when allowed is None);
+    None when absent."""
+    value = metadata.get(key)
+    if value is None:
+        return None
+    if allowed is None:
+        try:
+            return check_prediction_type(value)
+        except MinisdError as error:
+            raise MinisdError(f"its {key} metadata: {error}") from None
+    if value not in allowed:
+        raise MinisdError(f"its {key} metadata must be one of {', '.join(allowed)}, got {value!r:.40}")
+    return value
 
 
 def file_metadata(path: Path) -> dict[str, str]:
@@ -118,37 +140,99 @@ def file_metadata(path: Path) -> dict[str, str]:
 
 
 def read_folder(folder: Path, variant: str | None = None) -> Weights:
-    """A diffusers folder -> Weights: each component's weights renamed to minisd names, its config.json checked."""
+    """A diffusers folder -> Weights: each component's weights renamed to minisd names, its config.json checked,
+    and its scheduler_config's prediction_type and rescale_betas_zero_snr."""
     missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
     if missing:
         found = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
         raise MinisdError(
-            f"{folder}: not a complete diffusers SD v1 folder: no {', '.join(c + '/' for c in missing)} directory "
+            f"{folder}: not a complete diffusers SD folder: no {', '.join(c + '/' for c in missing)} directory "
             f"(found: {_some(found) or 'no directories'})"
         )
     state_dicts, configs = {}, {}
     for component in COMPONENTS:
         config_path = folder / component / "config.json"
-        configs[component] = sd_v1_config(component, read_config_file(config_path), config_path)
+        configs[component] = sd_config(component, read_config_file(config_path), config_path)
         weights = _weights_file(folder / component, component, variant)
         state_dicts[component] = diffusers_to_minisd(component, read_state_dict(weights))
     try:
-        unet_info = inspect_checkpoint(state_dicts["unet"])  # refuses LoRA / SD 2 / SDXL weights, finds the variant
+        unet_info = inspect_checkpoint(state_dicts["unet"])  # refuses LoRA / SDXL weights, finds the inpainting UNet
     except MinisdError as error:
         raise MinisdError(f"{folder / 'unet'}: {error}") from None
+    prediction_type, zero_snr, scheduler = read_scheduler_config(folder)
+    sd_variant = family(configs) + ("-inpainting" if unet_info.variant.endswith("inpainting") else "")
     info = CheckpointInfo(
         layout="diffusers",
-        variant=unet_info.variant,
+        variant=sd_variant,
         has_ema=False,
         parameter_counts={c: sum(t.numel() for t in sd.values()) for c, sd in state_dicts.items()},
         dtypes={
             c: ",".join(sorted({str(t.dtype).removeprefix("torch.") for t in sd.values() if t.is_floating_point()}))
             for c, sd in state_dicts.items()
         },
+        prediction_type=prediction_type,
     )
-    scheduler_path = folder / "scheduler" / "scheduler_config.json"
-    scheduler = scheduler_settings(read_config_file(scheduler_path), scheduler_path) if scheduler_path.is_file() else {}
-    return Weights(state_dicts, info, configs, scheduler=scheduler)
+    return Weights(state_dicts, info, configs, rescale_betas_zero_snr=zero_snr, scheduler=scheduler)
+
+
+def prediction_of(info: CheckpointInfo, given: str | None, name: str) -> tuple[str, str | None]:
+    """(what the model predicts, a one-line note when it was assumed): the one place this is decided.
+
+    given (the caller's --prediction-type) wins, unless the source records another (a folder's scheduler_config,
+    a minisd file's metadata): then a MinisdError. Else what the source records. Else the official releases'
+    convention: every SD v1 file and SD 2's inpainting model predict ε; an SD 2 "v2" file cannot say ε from v
+    (diffusers guesses from a .ckpt's global_step), so its file `name` decides: "768" in it (v2-1_768-ema-pruned,
+    768-v-ema) means v-prediction, else ε, and the note says so.
+
+    >>> prediction_of(CheckpointInfo("ldm", "v2", False), None, "v2-1_768-ema-pruned.safetensors")[0]
+    'v_prediction'
+    """
+    recorded = info.prediction_type
+    if given is not None:
+        given = check_prediction_type(given)
+        if recorded is not None and given != recorded:
+            raise MinisdError(f"prediction_type {given} was given, but {name} records {recorded}")
+        return given, None
+    if recorded is not None:
+        return recorded, None
+    if info.variant != "v2":
+        return "epsilon", None
+    v = "768" in Path(name).name
+    guess = "v_prediction (768 px) from '768' in its name" if v else "epsilon (512 px): no '768' in its name"
+    note = f"{Path(name).name} is SD 2 and does not record whether it predicts ε or v: taking {guess}"
+    return ("v_prediction" if v else "epsilon"), note + " (--prediction-type epsilon|v_prediction to choose)"
+
+
+def read_scheduler_config(folder: Path) -> tuple[str | None, bool, dict[str, str]]:
+    """(prediction_type, rescale_betas_zero_snr, sampler defaults) of a folder's scheduler/scheduler_config.json,
+    read once: what the model predicts and whether its β are rescaled for zero terminal SNR (checked by
+    samplers.base.check_prediction_type), and configs.scheduler_settings. (None, False, {}) without one; a one-line
+    MinisdError for values minisd cannot honour."""
+    path = folder / SCHEDULER_FILE
+    if not path.is_file():
+        return None, False, {}
+    config = read_config_file(path)
+    prediction_type, zero_snr = config.get("prediction_type", "epsilon"), config.get("rescale_betas_zero_snr", False)
+    try:
+        check_prediction_type(prediction_type, zero_snr)
+    except MinisdError as error:
+        raise MinisdError(f"{path}: {error}") from None
+    return prediction_type, zero_snr, scheduler_settings(config, path)
+
+
+def pad_token(folder: Path) -> str:
+    """The padding token a folder's tokenizer names (special_tokens_map.json, then tokenizer_config.json, as
+    transformers reads them): "!" in SD 2.x folders; SD v1's "<|endoftext|>" when neither names one."""
+    for name in SPECIAL_TOKENS_FILES:
+        path = folder / name
+        if path.is_file():
+            token = read_config_file(path).get("pad_token")
+            token = token.get("content") if isinstance(token, dict) else token  # {"content": "!", ...} or "!"
+            if token is not None:
+                if not isinstance(token, str):
+                    raise MinisdError(f"{path}: pad_token must be a string, got {token!r:.40}")
+                return token
+    return PAD_TOKENS["sd1"]
 
 
 def _weights_file(component_dir: Path, component: str, variant: str | None) -> Path:
@@ -198,25 +282,21 @@ def save_safetensors(state_dict: dict[str, Tensor], path: Path, metadata: dict[s
     save_file(ready, path, metadata=metadata)
 
 
-def write_tokenizer(folder: Path) -> None:
-    """tokenizer/vocab.json + merges.txt (+ tokenizer_config.json) from minisd's packaged CLIP vocabulary."""
+def write_tokenizer(folder: Path, pad: str = PAD_TOKENS["sd1"]) -> None:
+    """tokenizer/vocab.json + merges.txt (+ tokenizer_config.json, special_tokens_map.json) from minisd's packaged
+    CLIP vocabulary; pad: the family's padding token (tokenizer.PAD_TOKENS)."""
     folder.mkdir(exist_ok=True)
     Tokenizer.from_default().backend.model.save(str(folder))  # tokenizers' BPE writes vocab.json and merges.txt
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": MAX_LENGTH,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "do_lower_case": True,
-        "errors": "replace",
-    }
-    write_config_file(folder / "tokenizer_config.json", config)
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    special["pad_token"] = pad
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH, **special}
+    write_config_file(folder / "tokenizer_config.json", {**config, "do_lower_case": True, "errors": "replace"})
+    write_config_file(folder / "special_tokens_map.json", special)
 
 
 # So diffusers' StableDiffusionPipeline.from_pretrained(folder) loads the folder too (runwayml/stable-diffusion-v1-5's
-# model_index.json without the safety checker, and its PNDM scheduler config: SD v1's β schedule, v1-inference.yaml).
+# model_index.json without the safety checker, and its PNDM scheduler config: SD's β schedule, v1-inference.yaml and
+# v2-inference.yaml alike; write_configs adds what the model predicts).
 MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",
     "_diffusers_version": "0.42.1",
@@ -244,106 +324,46 @@ SCHEDULER_CONFIG = {
 }
 
 
-def write_configs(state_dicts: dict[str, dict[str, Tensor]], out: Path) -> None:
+def write_configs(
+    state_dicts: dict[str, dict[str, Tensor]],
+    out: Path,
+    variant: str = "v1",
+    prediction_type: str = "epsilon",
+    sample_size: int = 512,
+) -> None:
     """Everything of a diffusers-style folder but the weights: unet/, vae/, text_encoder/ config.json,
-    tokenizer/, scheduler/ and model_index.json. Only names and shapes of `state_dicts` are read (meta tensors do)."""
+    tokenizer/, scheduler/ (with prediction_type) and model_index.json. Only names and shapes of `state_dicts` are
+    read (meta tensors do). variant: "v1…" or "v2…" (detect); sample_size: the model's pixels per side."""
     out.mkdir(parents=True, exist_ok=True)
-    for component, config in configs_from_shapes(state_dicts).items():
+    for component, config in configs_from_shapes(state_dicts, variant, sample_size).items():
         (out / component).mkdir(exist_ok=True)
         write_config_file(out / component / "config.json", config)
-    write_tokenizer(out / "tokenizer")
+    write_tokenizer(out / "tokenizer", PAD_TOKENS["sd2" if variant.startswith("v2") else "sd1"])
     (out / "scheduler").mkdir(exist_ok=True)
-    write_config_file(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+    scheduler = {**SCHEDULER_CONFIG, "prediction_type": check_prediction_type(prediction_type)}
+    write_config_file(out / SCHEDULER_FILE, scheduler)
     inpainting = state_dicts["unet"]["conv_in.weight"].shape[1] == 9
     pipeline = "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline"
     write_config_file(out / "model_index.json", {**MODEL_INDEX, "_class_name": pipeline})
 
 
-def write_folder(state_dicts: dict[str, dict[str, Tensor]], out: Path) -> list[str]:
+def write_folder(
+    state_dicts: dict[str, dict[str, Tensor]],
+    out: Path,
+    variant: str = "v1",
+    prediction_type: str = "epsilon",
+    sample_size: int = 512,
+) -> list[str]:
     """A new diffusers-style folder: unet/, vae/, text_encoder/ (weights + config.json), tokenizer/, scheduler/ and
-    model_index.json. Returns what was written, for the command's message."""
+    model_index.json (write_configs' arguments). Returns what was written, for the command's message."""
     out.mkdir(parents=True)
-    write_configs(state_dicts, out)
+    write_configs(state_dicts, out, variant, prediction_type, sample_size)
     written = []
     for component, names in WEIGHT_FILES.items():
         name = names[0].format(v="")
         state_dict = minisd_to_diffusers(component, state_dicts[component])
         save_safetensors(state_dict, out / component / name, {"format": "pt"})
         written.append(f"{component}/{name}")
-    written.append("tokenizer/vocab.json, tokenizer/merges.txt")
+    written.append("tokenizer/vocab.json, tokenizer/merges.txt, tokenizer/special_tokens_map.json")
     written.append("scheduler/scheduler_config.json, model_index.json")
     return written
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Describing
-
-
-def describe(path: Path) -> str:
-    """What a weights file or diffusers folder holds: format, layout, variant, EMA, dtypes, parameter counts."""
-    if path.is_dir():
-        info, kind = read_folder(path).info, "folder of safetensors files"
-    elif not path.exists():
-        raise MinisdError(f"{path}: no such file or folder")
-    else:
-        kind = "safetensors" if path.suffix == ".safetensors" else "torch pickle (read without running code)"
-        try:
-            info = inspect_checkpoint(read_state_dict(path))
-        except MinisdError as error:
-            addition = describe_addition(path)
-            if addition is None:  # one line that names the file once
-                raise MinisdError(str(error) if str(path) in str(error) else f"{path}: {error}") from None
-            return "\n".join([f"file:       {path}", f"format:     {kind}", *addition])
-    order = ("unet", "unet_ema", "vae", "text_encoder")
-    counts = {c: info.parameter_counts[c] for c in order if c in info.parameter_counts}
-    dtypes = {c: info.dtypes[c] for c in order if c in info.dtypes}
-    lines = [
-        f"file:       {path}",
-        f"format:     {kind}",
-        f"layout:     {info.layout}" + (f" - {LAYOUT_NAMES[info.layout]}" if info.layout in LAYOUT_NAMES else ""),
-        f"variant:    {info.variant}",
-        "ema:        "
-        + (
-            "EMA and raw UNet (EMA used by default; the raw one: use_ema=False in Python, or python -m "
-            "weights_convert convert --raw-unet)"
-            if info.has_ema
-            else "no"
-        ),
-        "dtype:      " + ", ".join(f"{c} {d}" for c, d in dtypes.items()),
-        "parameters:",
-        *[f"  {c:<14}{n:>15,}" for c, n in counts.items()],
-        f"  {'total':<14}{sum(n for c, n in counts.items() if c != 'unet_ema'):>15,}"
-        + ("  (without the EMA copy)" if info.has_ema else ""),
-    ]
-    return "\n".join(lines)
-
-
-def describe_addition(path: Path) -> list[str] | None:
-    """What `info` prints for the files users add to a model (an embedding, a LoRA, a VAE); None for other files."""
-    try:
-        embedding = read_embedding(path)
-        n, d = embedding.vectors.shape
-        model = {768: "SD v1", 1024: "SD 2.x", 64: "minisd's nano model"}.get(d)
-        if model is None:  # one tensor of no text encoder's width: not an embedding
-            raise MinisdError(f"{d} wide")
-        return [f"kind:       {ROUTES['embedding']}", f"name:       {embedding.name} ({embedding.format} format)",
-                f"vectors:    {n} × {d} ({model})"]  # fmt: skip
-    except MinisdError:
-        pass
-    try:
-        state_dict = read_state_dict(path)
-    except MinisdError:
-        return None
-    kind = file_kind(state_dict)
-    if kind == "lora":
-        downs = {k: t for k, t in state_dict.items() if k.endswith(("lora_down.weight", "lora_A.weight"))}
-        text = sum(k.startswith(("lora_te", "text_encoder")) for k in downs)
-        alphas = sorted({round(float(t), 4) for k, t in state_dict.items() if k.endswith(".alpha")})
-        convs = sum(t.dim() == 4 and t.shape[-1] > 1 for t in downs.values())
-        return [f"kind:       {ROUTES['lora']}", f"layers:     {len(downs) - text} UNet, {text} text encoder "
-                f"({convs} 3×3 convolutions: LoCon)", f"ranks:      {sorted({t.shape[0] for t in downs.values()})}",
-                f"alphas:     {alphas or 'none stored (alpha = rank)'}"]  # fmt: skip
-    if kind == "vae":
-        vae = ldm_vae_to_minisd(state_dict)
-        return [f"kind:       {ROUTES['vae']}", f"parameters: {sum(t.numel() for t in vae.values()):,}"]
-    return None

@@ -1,12 +1,17 @@
-"""The official SD v1 single-file layout (CompVis / LDM names) ↔ minisd's module names, written as data.
+"""The official single-file layout (CompVis / LDM names) ↔ minisd's module names, written as data.
 
 An official checkpoint (`v1-5-pruned-emaonly.safetensors`, `sd-v1-4.ckpt`, ...) is one flat state dict of a
 `LatentDiffusion` object. Four top-level prefixes hold the parts:
 
     model.diffusion_model.                    the UNet            -> component "unet"
     first_stage_model.                        the VAE             -> component "vae"
-    cond_stage_model.transformer.text_model.  CLIP ViT-L/14 text  -> component "text_encoder"
+    cond_stage_model.transformer.text_model.  CLIP ViT-L/14 text  -> component "text_encoder"   (SD v1)
+    cond_stage_model.model.                   OpenCLIP ViT-H text -> component "text_encoder"   (SD 2.x:
+                                                                     keymap_openclip.py)
     model_ema.                                LitEma: decay, num_updates and (v1-5-pruned only) an EMA UNet copy
+
+SD 2.x files use the same UNet and VAE names (only some shapes differ: Linear proj_in/proj_out, a 1024-wide
+context), so the tables below serve both families. official.py converts whole files both ways with them.
 
 minisd's module names equal diffusers/transformers in-memory names, so below each prefix the map is a table of
 renames per level of the network (a UNet level = one `down_blocks.i` / `up_blocks.i`). The tables are built by
@@ -16,18 +21,13 @@ attention), because the LDM numbers blocks in one flat list (`input_blocks.4.1`)
 
 Sources: CompVis/stable-diffusion `ldm/modules/diffusionmodules/openaimodel.py` (UNetModel),
 `ldm/modules/diffusionmodules/model.py` (Encoder/Decoder), `ldm/modules/ema.py` (LitEma), transformers 4.19
-CLIPTextModel; the key lists in tests/data/sd15/*.json.
+CLIPTextModel; the key lists in tests/data/sd15/*.json and tests/data/sd2/*.json.
 """
 
 import re
-from collections.abc import Mapping
-
-import torch
-from torch import Tensor
 
 from minisd.errors import MinisdError
-from minisd.samplers.schedule import alphas_cumprod_from_betas, scaled_linear_betas
-from weights_convert.configs import COMPONENTS, count
+from weights_convert.configs import count
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -57,7 +57,7 @@ EMA_SCALARS = ("model_ema.decay", "model_ema.num_updates")
 # Keys of an official file that minisd does not load, and why. A key that is neither here nor in a table raises.
 IGNORED = {
     **{
-        name: "DDPM schedule buffer: minisd recomputes it from minisd.samplers.schedule (SD v1's fixed β schedule)"
+        name: "DDPM schedule buffer: minisd recomputes it from minisd.samplers.schedule (SD's fixed β schedule)"
         for name in SCHEDULE_BUFFERS
     },
     "model_ema.decay": "LitEma training state (the EMA rate 0.9999), not a weight",
@@ -262,7 +262,7 @@ def _indices(names, pattern: str) -> set[int]:
     return {int(m.group(1)) for name in names if (m := regex.match(name))}
 
 
-def _ldm_unet_layout(names) -> tuple[int, int, tuple[int, ...]]:
+def ldm_unet_layout(names) -> tuple[int, int, tuple[int, ...]]:
     blocks = _indices(names, r"input_blocks\.(\d+)\.")
     if not blocks:
         return 4, 2, (0, 1, 2)
@@ -289,7 +289,7 @@ def vae_layout(names, ldm: bool) -> tuple[int, int]:
     return count(names, levels), count(names, blocks)
 
 
-def _clip_layers(names) -> int:
+def clip_layers(names) -> int:
     return count(names, "encoder.layers") or 12
 
 
@@ -304,140 +304,4 @@ def ema_name(ldm_unet_key: str) -> str:
 
 def unknown_keys_error(unknown: list[str], what: str) -> MinisdError:
     shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
-    return MinisdError(f"{len(unknown)} key(s) {what} are neither mapped nor ignored by the SD v1 key map: {shown}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The two directions.
-
-
-def ldm_to_minisd(state_dict: Mapping[str, Tensor], *, use_ema: bool = True) -> dict[str, dict[str, Tensor]]:
-    """Split an official SD v1 state dict into minisd components {"unet", "vae", "text_encoder"}.
-
-    Tensors are shared with the input (no copy); only the VAE mid-attention 1×1 conv weights are viewed as
-    linears. use_ema: in a file holding both UNets (`v1-5-pruned`), take the EMA copy (True, best for sampling)
-    or the raw weights (False, for fine-tuning); files with one UNet (`-emaonly`, inpainting) hold the EMA
-    weights under `model.diffusion_model.` already, so use_ema changes nothing there.
-    Raises MinisdError naming the first keys that are neither mapped nor in IGNORED.
-    """
-    names = list(state_dict)
-    ema_copies = [n for n in names if n.startswith(EMA_PREFIX) and n not in EMA_SCALARS]
-    unet_names = [n.removeprefix(UNET_PREFIX) for n in names if n.startswith(UNET_PREFIX)]
-    vae_names = [n.removeprefix(VAE_PREFIX) for n in names if n.startswith(VAE_PREFIX)]
-    clip_prefix = OLD_TEXT_ENCODER_PREFIX
-    if any(n.startswith(TEXT_ENCODER_PREFIX) for n in names):
-        clip_prefix = TEXT_ENCODER_PREFIX
-    clip_names = [n.removeprefix(clip_prefix) for n in names if n.startswith(clip_prefix)]
-
-    tables = {
-        "unet": unet_table(*_ldm_unet_layout(unet_names)),
-        "vae": vae_table(*vae_layout(vae_names, ldm=True)),
-        "text_encoder": text_encoder_table(_clip_layers(clip_names)),
-    }
-    prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": clip_prefix}
-    components: dict[str, dict[str, Tensor]] = {c: {} for c in COMPONENTS}
-    unknown = []
-    take_ema = use_ema and bool(ema_copies)
-    ema_used = set()
-    for name in names:
-        component = next((c for c in COMPONENTS if name.startswith(prefixes[c])), None)
-        if component is None:
-            # EMA copies are read below through ema_name() (use_ema) or skipped (IGNORED); leftovers are caught
-            # after the loop.
-            if name not in IGNORED and not name.startswith(EMA_PREFIX):
-                unknown.append(name)
-            continue
-        inner = name.removeprefix(prefixes[component])
-        if component == "text_encoder" and inner == POSITION_IDS:
-            continue  # IGNORED: minisd makes positions in forward
-        ours = tables[component].get(inner)
-        if ours is None:
-            unknown.append(name)
-            continue
-        tensor = state_dict[name]
-        if component == "unet" and take_ema:
-            ema_key = ema_name(name)
-            if ema_key not in state_dict:
-                raise MinisdError(f"use_ema=True but the EMA copy of {name} ({ema_key}) is missing from the file")
-            tensor = state_dict[ema_key]
-            ema_used.add(ema_key)
-        if component == "vae" and ours.endswith(VAE_CONV_TO_LINEAR) and tensor.ndim == 4:
-            tensor = tensor[:, :, 0, 0]  # [c, c, 1, 1] 1×1 conv -> [c, c] linear
-        components[component][ours] = tensor
-    if take_ema:
-        unknown += [n for n in ema_copies if n not in ema_used]
-    if unknown:
-        raise unknown_keys_error(unknown, "in the checkpoint")
-    return components
-
-
-def schedule_buffers(dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """The 12 DDPM buffers an official file stores, recomputed: float64 math as LatentDiffusion.register_schedule
-    does it (v_posterior = 0), rounded to float32 as stored there, then cast to `dtype` (fp16 files are fp32
-    files halved). Each (1000,).
-    """
-    betas = scaled_linear_betas()
-    alphas = 1.0 - betas
-    alphas_cumprod = alphas_cumprod_from_betas(betas)
-    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)  # DDPM eq. 7's β̃_t
-    values = {
-        "betas": betas,
-        "alphas_cumprod": alphas_cumprod,
-        "alphas_cumprod_prev": alphas_cumprod_prev,
-        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
-        "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
-        "log_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).log(),
-        "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
-        "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1).sqrt(),
-        "posterior_variance": posterior_variance,
-        "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),  # β̃_0 = 0: clip before log
-        "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),  # DDPM eq. 7's μ̃_t
-        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
-    }
-    return {name: values[name].to(torch.float32).to(dtype) for name in SCHEDULE_BUFFERS}
-
-
-def minisd_to_ldm(
-    components: Mapping[str, Mapping[str, Tensor]], *, model_ema_scalars: Mapping[str, Tensor] | None = None
-) -> dict[str, Tensor]:
-    """Write minisd components {"unet", "vae", "text_encoder"} back as one official SD v1 state dict.
-
-    The result has the official key set of an `-emaonly` file, in the official order: the 12 schedule buffers
-    (recomputed, in the UNet's float dtype), the UNet under `model.diffusion_model.`, the VAE (mid-attention
-    weights back to [c, c, 1, 1] 1×1 convs), CLIP with `embeddings.position_ids` = arange(77) int64. What
-    cannot be rebuilt is left out unless given: `model_ema.decay` / `model_ema.num_updates` (LitEma training
-    state; pass the file's own as model_ema_scalars to keep them), and a second (non-EMA) UNet copy.
-    Tensors are shared with the input (views, no copy).
-    """
-    missing = [c for c in COMPONENTS if c not in components]
-    if missing:
-        raise MinisdError(f"an official SD v1 file needs components {', '.join(COMPONENTS)}; missing {missing}")
-    unet, vae, clip = components["unet"], components["vae"], components["text_encoder"]
-    float_dtype = next((t.dtype for t in unet.values() if t.is_floating_point()), torch.float32)
-
-    out: dict[str, Tensor] = dict(schedule_buffers(float_dtype))
-    for component, prefix, table in (
-        ("unet", UNET_PREFIX, unet_table(*minisd_unet_layout(unet))),
-        ("vae", VAE_PREFIX, vae_table(*vae_layout(vae, ldm=False))),
-        ("text_encoder", TEXT_ENCODER_PREFIX, text_encoder_table(_clip_layers(clip))),
-    ):
-        state_dict = components[component]
-        inverse = {ours: ldm for ldm, ours in table.items()}
-        unknown = [name for name in state_dict if name not in inverse]
-        if unknown:
-            raise unknown_keys_error(unknown, f"of component {component!r}")
-        if component == "text_encoder":
-            out[prefix + POSITION_IDS] = torch.arange(77, dtype=torch.int64)[None]  # (1, 77), as transformers 4.19
-        for ours, ldm in inverse.items():  # table order = the official file's order
-            if ours not in state_dict:
-                continue
-            tensor = state_dict[ours]
-            if component == "vae" and ours.endswith(VAE_CONV_TO_LINEAR) and tensor.ndim == 2:
-                tensor = tensor[:, :, None, None]  # [c, c] linear -> [c, c, 1, 1] 1×1 conv
-            out[prefix + ldm] = tensor
-        if component == "unet" and model_ema_scalars:
-            for name in EMA_SCALARS:
-                if name in model_ema_scalars:
-                    out[name] = model_ema_scalars[name]
-    return out
+    return MinisdError(f"{len(unknown)} key(s) {what} are neither mapped nor ignored by the SD key map: {shown}")

@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import Tensor
 
 from minisd.errors import MinisdError
-from weights_convert.configs import read_config_file, sd_v1_config, vae_config
+from weights_convert.configs import read_config_file, sd_config, vae_config
 from weights_convert.files import read_state_dict
 from weights_convert.keymap_diffusers import diffusers_to_minisd
 from weights_convert.keymap_ldm import VAE_CONV_TO_LINEAR, VAE_PREFIX, unknown_keys_error, vae_layout, vae_table
@@ -65,7 +65,7 @@ def read_vae(path: Path, variant: str | None = None) -> VAEWeights:
     """A VAE file or folder (see the table above) -> VAEWeights; a one-line MinisdError for anything else."""
     if path.is_dir():
         folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
-        config = sd_v1_config("vae", read_config_file(folder / "config.json"), folder / "config.json")
+        config = sd_config("vae", read_config_file(folder / "config.json"), folder / "config.json")
         suffix = "" if variant is None else f".{variant}"
         files = [folder / name.format(v=suffix) for name in FOLDER_WEIGHTS]
         weights = next((f for f in files if f.is_file()), None)

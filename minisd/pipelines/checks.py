@@ -6,8 +6,8 @@ per call, seed + i for image i); the command line checks only what must fail bef
 device, dtype) and lets these speak for every range. New arguments get their check here.
 
 Besides refusing, some of these hand the checked value on in the form the loop uses: make_sampler (a name -> a
-Sampler), make_generator (a seed -> a CPU generator), prompt_list (a str -> a list), to_image and to_mask (PIL
-images or tensors -> CPU float tensors).
+Sampler; model_sampler with the model's defaults), make_generator (a seed -> a CPU generator), prompt_list (a str
+-> a list), to_image and to_mask (PIL images or tensors -> CPU float tensors).
 """
 
 import math
@@ -20,8 +20,8 @@ from torch import Generator, Tensor
 from minisd.clip import TextEncoder
 from minisd.errors import MinisdError
 from minisd.images import mask_to_tensor, pil_to_image
-from minisd.samplers import Sampler, get_sampler
-from minisd.samplers.base import img2img_start
+from minisd.samplers import SIGMA_SAMPLERS, Sampler, get_sampler, resolve_name
+from minisd.samplers.base import check_prediction_type, img2img_start
 from minisd.samplers.schedule import check_num_inference_steps
 from minisd.tokenizer import Tokenizer
 from minisd.unet import UNet
@@ -133,14 +133,60 @@ def check_size(components: Networks, height: object, width: object, what: str = 
         )
 
 
-def make_sampler(sampler: str | Sampler, eta: float | None) -> Sampler:
-    """A sampler by name (minisd.samplers.get_sampler: "PLMS", "Euler a", "DPMSolverMultistepScheduler", ...) or
-    the caller's own Sampler object, which is re-planned by every run."""
+def model_prediction(
+    components: Networks, prediction_type: str | None, rescale_betas_zero_snr: bool | None
+) -> tuple[str, bool]:
+    """What the model predicts and whether its β are rescaled for zero terminal SNR: the caller's choice, else the
+    model's own (loading.Components records both; SD v1's ε and no rescaling for any other object)."""
+    if prediction_type is None:
+        prediction_type = getattr(components, "prediction_type", "epsilon")
+    if rescale_betas_zero_snr is None:
+        rescale_betas_zero_snr = getattr(components, "rescale_betas_zero_snr", False)
+    return check_prediction_type(prediction_type, rescale_betas_zero_snr), rescale_betas_zero_snr
+
+
+def make_sampler(
+    sampler: str | Sampler, eta: float | None, prediction_type: str = "epsilon", rescale_betas_zero_snr: bool = False
+) -> Sampler:
+    """A sampler by name (minisd.samplers.get_sampler: "PLMS", "Euler a", "DPMSolverMultistepScheduler", ...) set up
+    for the model (model_prediction's settings), or the caller's own Sampler object (get_sampler(name,
+    schedule_type=..., timestep_spacing=...) for another schedule), which is re-planned by every run and must be
+    set up for the model itself."""
     if isinstance(sampler, Sampler):
         if eta is not None:
             raise MinisdError(f"eta applies when sampler is given by name; set it on the sampler object, got {eta!r}")
+        ours = (sampler.prediction_type, sampler.rescale_betas_zero_snr)
+        if ours != (prediction_type, rescale_betas_zero_snr):
+            raise MinisdError(
+                f"the sampler object has prediction_type={ours[0]!r}, rescale_betas_zero_snr={ours[1]} but the model "
+                f"{prediction_type!r}, {rescale_betas_zero_snr}: build it with those (or pass the sampler's name)"
+            )
         return sampler
-    return get_sampler(sampler, eta=eta)
+    return get_sampler(sampler, eta=eta, prediction_type=prediction_type, rescale_betas_zero_snr=rescale_betas_zero_snr)
+
+
+def model_sampler(
+    components: Networks, name: str | None, eta: float | None, schedule_type: str | None, timestep_spacing: str | None
+) -> Sampler:
+    """get_sampler with the model's defaults filled in (components.scheduler: a folder's scheduler_config.json,
+    passed on to any sampler as diffusers' from_config does; PLMS for single files): its sampler when name is None,
+    its timestep_spacing, its Karras / exponential σ for a σ sampler whose name names no schedule; and always its
+    prediction type and zero terminal SNR (model_prediction)."""
+    defaults = getattr(components, "scheduler", {"sampler": "PLMS"})
+    try:
+        display, implied = resolve_name(defaults["sampler"] if name is None else name)
+    except MinisdError as error:
+        if name is not None:
+            raise
+        raise MinisdError(f"the model's scheduler is not minisd's ({error}): name a sampler") from None
+    if schedule_type is None and implied is None and display in SIGMA_SAMPLERS:
+        schedule_type = defaults.get("schedule_type")
+    spacing = defaults.get("timestep_spacing") if timestep_spacing is None else timestep_spacing
+    prediction_type, zero_snr = model_prediction(components, None, None)
+    return get_sampler(
+        display if implied is None else name, eta, schedule_type, spacing, prediction_type=prediction_type,
+        rescale_betas_zero_snr=zero_snr,
+    )  # fmt: skip
 
 
 def check_seed(seed: object, count: int = 1) -> int:

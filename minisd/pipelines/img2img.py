@@ -42,6 +42,8 @@ def img2img(
     eta: float | None = None,
     clip_skip: int | None = None,
     sampler: str | Sampler = "PLMS",
+    prediction_type: str | None = None,
+    rescale_betas_zero_snr: bool | None = None,
     callback=None,
     output_type: str = "pil",
     vae_tiling: bool = False,
@@ -77,7 +79,8 @@ def img2img(
     image = checks.to_image("image", image, checks.size_multiple(components))
     checks.check_size(components, image.shape[-2], image.shape[-1], what="image ")
     checks.check_image_count(image.shape[0], b)
-    sampler = checks.make_sampler(sampler, eta)
+    prediction_type, zero_snr = checks.model_prediction(components, prediction_type, rescale_betas_zero_snr)
+    sampler = checks.make_sampler(sampler, eta, prediction_type, zero_snr)
     generator = checks.make_generator(generator, seed)
     device, dtype = common.device_dtype(unet)
 

@@ -51,6 +51,8 @@ def inpaint(
     eta: float | None = None,
     clip_skip: int | None = None,
     sampler: str | Sampler = "PLMS",
+    prediction_type: str | None = None,
+    rescale_betas_zero_snr: bool | None = None,
     paste_unmasked: bool = False,
     callback=None,
     output_type: str = "pil",
@@ -93,7 +95,8 @@ def inpaint(
     mask = checks.to_mask(mask_image, image)  # (1 or k, 1, H, W) of 0 and 1
     if checks.check_bool("paste_unmasked", paste_unmasked) and output_type == "latent":
         raise MinisdError("paste_unmasked=True needs decoded output, got output_type 'latent'")
-    sampler = checks.make_sampler(sampler, eta)
+    prediction_type, zero_snr = checks.model_prediction(components, prediction_type, rescale_betas_zero_snr)
+    sampler = checks.make_sampler(sampler, eta, prediction_type, zero_snr)
     generator = checks.make_generator(generator, seed)
     device, dtype = common.device_dtype(unet)
     batch = b * num_images_per_prompt

@@ -2,7 +2,7 @@
 
     "a (red:1.3) fox, forest BREAK oil painting"
       ──parse_emphasis──▶  [("a ", 1.0), ("red", 1.3), (" fox, forest", 1.0), BREAK, ("oil painting", 1.0)]
-      ──prompt_chunks───▶  chunks of 77 ids and 77 weights: BOS, ≤ 75 prompt tokens, EOS padding
+      ──prompt_chunks───▶  chunks of 77 ids and 77 weights: BOS, ≤ 75 prompt tokens, EOS, padding
       ──encode_prompt───▶  each chunk through the text encoder, weights applied, chunks side by side: (b, 77·k, d)
 
 Emphasis syntax (A1111's modules/prompt_parser.py, `parse_prompt_attention`):
@@ -143,9 +143,10 @@ def _weight(text: str) -> float:
 def prompt_chunks(tokenizer: Tokenizer, prompt: str) -> list[tuple[list[int], list[float]]]:
     """A prompt's token ids and weights, cut into chunks as A1111 does: [(77 ids, 77 weights), ...], at least one.
 
-    Each chunk is BOS, ≤ 75 prompt tokens, EOS padding (weight 1.0 for BOS and EOS). A chunk ends at 75 tokens,
-    at BREAK, or, when a chunk is full and a comma lies within its last 20 tokens, just after that comma. Each piece
-    of parse_emphasis is tokenized on its own, as in A1111 ("(red)dish" is "red" + "dish", not "reddish").
+    Each chunk is BOS, ≤ 75 prompt tokens, EOS, padding (tokenizer.pad_id; weight 1.0 for BOS, EOS and padding).
+    A chunk ends at 75 tokens, at BREAK, or, when a chunk is full and a comma lies within its last 20 tokens, just
+    after that comma. Each piece of parse_emphasis is tokenized on its own, as in A1111 ("(red)dish" is "red" +
+    "dish", not "reddish").
     """
     comma = tokenizer.encode(",")[0]  # 267, ",</w>"
     chunks: list[tuple[list[int], list[float]]] = []
@@ -156,7 +157,8 @@ def prompt_chunks(tokenizer: Tokenizer, prompt: str) -> list[tuple[list[int], li
     def close_chunk() -> None:
         nonlocal ids, weights, last_comma
         padding = CHUNK_LENGTH - len(ids)
-        chunks.append(([BOS, *ids, *[EOS] * padding, EOS], [1.0, *weights, *[1.0] * padding, 1.0]))
+        # A1111 fills with EOS, then sets every id after the first EOS to the pad id (0 for SD 2's OpenCLIP)
+        chunks.append(([BOS, *ids, EOS, *[tokenizer.pad_id] * padding], [1.0, *weights, 1.0, *[1.0] * padding]))
         ids, weights, last_comma = [], [], -1
 
     for text, weight in parse_emphasis(prompt):
@@ -214,7 +216,7 @@ def encode_prompt(
         raise MinisdError(f"prompts must be a non-empty list of str, got {prompts!r:.80}")
     all_chunks = [prompt_chunks(tokenizer, prompt) for prompt in prompts]
     n_chunks = max(len(chunks) for chunks in all_chunks)
-    empty_chunk = ([BOS, *[EOS] * (MAX_LENGTH - 1)], [1.0] * MAX_LENGTH)  # the empty prompt "", as A1111 pads
+    empty_chunk = prompt_chunks(tokenizer, "")[0]  # the empty prompt "", as A1111 pads a batch
     device = text_encoder.embeddings.token_embedding.weight.device
     prompt_embeds = []
     for i in range(n_chunks):  # chunk i of every prompt in one batch, as A1111 (and diffusers for one chunk)

@@ -84,7 +84,8 @@ def trace(
     checks.check_prompts(unet, prompt, negative_prompt, None, None)
     if not isinstance(prompt, str):
         raise MinisdError(f"prompt must be one str, got {type(prompt).__name__}")
-    sampler_name, sampler = sampler, checks.make_sampler(sampler, None)
+    prediction = checks.model_prediction(components, None, None)  # the model's own
+    sampler_name, sampler = sampler, checks.make_sampler(sampler, None, *prediction)
     generator = checks.make_generator(None, seed)
     device, dtype = common.device_dtype(unet)
     do_guidance = guidance_scale > 1.0
@@ -104,7 +105,7 @@ def trace(
         start = img2img_start(num_inference_steps, strength)
         image = checks.to_image("image", image, checks.size_multiple(components))
         checks.check_image_count(image.shape[0], 1)
-        sampler = checks.make_sampler(sampler_name, None)
+        sampler = checks.make_sampler(sampler_name, None, *prediction)
         sampler.set_timesteps(num_inference_steps, strength=strength)  # keeps the last ⌊n · strength⌋ steps
         image_latents = common.encode_image(vae, image, generator, dtype, False)
         image_latents = image_latents.repeat_interleave(1, dim=0)  # img2img's repeat: also its memory layout

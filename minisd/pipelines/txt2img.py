@@ -8,6 +8,9 @@ latent_model_input    x_t twice (unconditional, conditional)        latent_model
 noise_pred_uncond     ε_θ(x_t, t, ∅)                                noise_pred_uncond
 noise_pred_text       ε_θ(x_t, t, c)                                noise_pred_text
 guidance_scale        w: ε = ε_∅ + w · (ε_c − ε_∅)                  guidance_scale
+
+A v-prediction model (SD 2's 768 models) runs the same loop: its outputs are v, guidance mixes them the same way
+(v is linear in ε and x_0), and the sampler, set up with prediction_type "v_prediction", reads x̂_0 and ε off v.
 """
 
 import torch
@@ -38,6 +41,8 @@ def txt2img(
     eta: float | None = None,
     clip_skip: int | None = None,
     sampler: str | Sampler = "PLMS",
+    prediction_type: str | None = None,
+    rescale_betas_zero_snr: bool | None = None,
     callback=None,
     output_type: str = "pil",
     vae_tiling: bool = False,
@@ -52,8 +57,11 @@ def txt2img(
     w >= 0; w <= 1 turns guidance off (one UNet batch, no negative prompt). guidance_rescale: φ in [0, 1]
     (common.rescale_guidance). sampler: a name from minisd.samplers (A1111's "Euler a", "DPM++ 2M Karras", or
     diffusers' class names) or a Sampler object (get_sampler(name, schedule_type=..., timestep_spacing=...) for
-    another schedule). eta: DDIM's η or the ancestral η of Euler a and DPM++ 2M SDE (None: the sampler's default,
-    minisd.samplers.get_sampler). clip_skip: as
+    another schedule). prediction_type: what the UNet predicts, "epsilon" or "v_prediction" (None: the model's
+    own, components.prediction_type: SD 2's 768 models predict v); rescale_betas_zero_snr: zero terminal SNR (None:
+    the model's; v only, with DDIM / DDPM / Euler / Euler a / DPM++). With v, noise_pred below is v and guidance
+    mixes v the same way. eta: DDIM's η or the ancestral η of Euler a and DPM++ 2M SDE (None: the sampler's
+    default, minisd.samplers.get_sampler). clip_skip: as
     TextEncoder.prompt_embeds (A1111's "Clip skip: 2" is 1); like A1111 it applies to the negative prompt too
     (diffusers skips layers for the positive prompt only).
     generator / seed: a CPU torch.Generator, or a seed that makes one: the starting noise is drawn in float32 on
@@ -83,7 +91,8 @@ def txt2img(
     height, width = default if height is None else height, default if width is None else width
     checks.check_size(components, height, width)
     b = checks.check_prompts(unet, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-    sampler = checks.make_sampler(sampler, eta)
+    prediction_type, zero_snr = checks.model_prediction(components, prediction_type, rescale_betas_zero_snr)
+    sampler = checks.make_sampler(sampler, eta, prediction_type, zero_snr)
     generator = checks.make_generator(generator, seed)
     device, dtype = common.device_dtype(unet)
     f = components.vae.config.downscale_factor

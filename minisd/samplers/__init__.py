@@ -26,7 +26,7 @@ from minisd.samplers.pndm import PNDMSampler
 from minisd.samplers.schedule import SPACINGS
 from minisd.samplers.sigmas import SCHEDULE_TYPES, SigmaSampler
 
-# A1111's display name -> its class, set up for SD v1 (each class's defaults are SD v1's).
+# A1111's display name -> its class (each class's defaults are SD v1's; get_sampler gives it the rest as keywords).
 SAMPLERS: dict[str, Callable[..., Sampler]] = {
     "DDPM": DDPMSampler,
     "DDIM": DDIMSampler,
@@ -118,9 +118,15 @@ def resolve_name(name: str) -> tuple[str, str | None]:
 
 
 def get_sampler(
-    name: str, eta: float | None = None, schedule_type: str | None = None, timestep_spacing: str | None = None
+    name: str,
+    eta: float | None = None,
+    schedule_type: str | None = None,
+    timestep_spacing: str | None = None,
+    *,
+    prediction_type: str = "epsilon",
+    rescale_betas_zero_snr: bool = False,
 ) -> Sampler:
-    """A new sampler set up for SD v1, by A1111 name or diffusers class name (case-insensitive).
+    """A new sampler set up for SD, by A1111 name or diffusers class name (case-insensitive).
 
     eta: DDIM's η (A1111's "Eta DDIM"; default 0 = deterministic DDIM), or the ancestral η of Euler a and DPM++ 2M
     SDE (A1111's "Eta"; default 1 = their usual noise, 0 = none); None is the sampler's default. Other samplers
@@ -130,6 +136,9 @@ def get_sampler(
     Exponential for DPM++ 2M SDE, Uniform otherwise). DDPM, DDIM and PLMS step over integer timesteps: Uniform only.
     timestep_spacing: "leading", "linspace" or "trailing" (diffusers' names); None is the sampler's default
     (diffusers' for its class: "leading" for DDPM, DDIM, PLMS; "linspace" for the σ samplers).
+    prediction_type: what the model predicts, "epsilon" (SD v1, SD 2's 512 models) or "v_prediction" (SD 2's 768
+    models). rescale_betas_zero_snr: zero terminal SNR (v_prediction only; DDIM, DDPM, Euler, Euler a and the
+    DPM++ 2M family, as diffusers; usually with timestep_spacing "trailing").
     """
     display, implied = resolve_name(name)
     schedule_type = None if schedule_type is None else schedule_type_label(schedule_type)
@@ -154,7 +163,9 @@ def get_sampler(
             f"eta applies to DDIM (A1111's Eta DDIM) and to {' and '.join(ANCESTRAL)} (A1111's Eta), got eta={eta!r} "
             f"with {display!r}"
         )
-    options = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
+    options = {"prediction_type": prediction_type, "rescale_betas_zero_snr": rescale_betas_zero_snr}
+    if timestep_spacing is not None:
+        options["timestep_spacing"] = timestep_spacing
     if display in ("DDIM", *ANCESTRAL) and eta is not None:
         options["eta"] = eta
     if display in SIGMA_SAMPLERS:

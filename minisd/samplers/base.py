@@ -5,14 +5,24 @@ latents = noise * sampler.init_noise_sigma        # txt2img start
 # img2img start instead: latents = sampler.add_noise(x0, noise, sampler.timesteps[:1])
 for t in sampler.timesteps:                       # one entry per model call
     latent_model_input = sampler.scale_model_input(latents, t)
-    eps = unet(latent_model_input, t, context)
-    x0_pred = sampler.x0_pred(eps, t, latents)    # optional: x̂_0, e.g. for a preview
-    latents = sampler.step(eps, t, latents, generator=generator)
+    model_output = unet(latent_model_input, t, context)          # ε, or v for a v-prediction model
+    x0_pred = sampler.x0_pred(model_output, t, latents)          # optional: x̂_0, e.g. for a preview
+    latents = sampler.step(model_output, t, latents, generator=generator)
 
 Each sampler file states its maths as small pure functions with a doctest (ddim_step, ddpm_step, plms_eps,
-euler_step, ...), which its class calls with the numbers of the current step. The class keeps the run's state, and
-one piece of it is the same for all: `step_index`, the index in `timesteps` of the next model call, reset by
+euler_step, ...), which its class calls with the numbers of the current step. The class keeps the run's state,
+and one piece of it is the same for all: `step_index`, the index in `timesteps` of the next model call, reset by
 set_timesteps and moved on by every step (a call with another timestep than the expected one is an error).
+
+What the model predicts (`prediction_type`, a setting of every sampler, as in diffusers):
+  "epsilon"       the noise ε in x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε (DDPM; SD v1, SD 2's 512 and inpainting models)
+  "v_prediction"  the velocity v = √ᾱ_t·ε − √(1 − ᾱ_t)·x_0 (Salimans & Ho 2022, arXiv:2202.00512, §4;
+                  SD 2's 768 models). (√ᾱ_t, √(1 − ᾱ_t)) is a unit vector, so (x_t, v) is (x_0, ε) rotated by
+                  the angle φ_t with cos φ_t = √ᾱ_t, and rotating back gives both (x0_from_v, eps_from_v):
+                      x̂_0 = √ᾱ_t·x_t − √(1 − ᾱ_t)·v        ε̂ = √ᾱ_t·v + √(1 − ᾱ_t)·x_t
+                  Unlike x̂_0 from ε, this needs no division by √ᾱ_t: it holds at ᾱ_T = 0 (zero terminal SNR).
+Each sampler turns the output into what its method moves along (x̂_0 and ε̂ for the ᾱ samplers, D(x; σ) for the
+σ ones) at the top of its step, with these formulas; the rest of every method is the same for both kinds.
 """
 
 from collections.abc import Sequence
@@ -23,6 +33,8 @@ from torch import Generator, Tensor
 from minisd.errors import MinisdError
 from minisd.samplers import schedule
 from minisd.samplers.schedule import check_timesteps, spaced_timesteps
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers' names (its "sample" is not used by SD)
 
 
 def img2img_start(num_inference_steps: int, strength: float) -> int:
@@ -86,6 +98,21 @@ def upcast(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def check_prediction_type(prediction_type: object, rescale_betas_zero_snr: object = False) -> str:
+    """prediction_type, or a one-line MinisdError unless it is one of PREDICTION_TYPES; zero terminal SNR needs
+    v_prediction (at ᾱ_T = 0 an ε-model's x̂_0 = (x_T − ε)/0 is undefined; Lin et al. 2023, §3.2)."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise MinisdError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    if not isinstance(rescale_betas_zero_snr, bool):
+        raise MinisdError(f"rescale_betas_zero_snr must be True or False, got {rescale_betas_zero_snr!r}")
+    if rescale_betas_zero_snr and prediction_type != "v_prediction":
+        raise MinisdError(
+            "rescale_betas_zero_snr needs prediction_type v_prediction (zero terminal SNR: at the last timestep the "
+            f"latents are pure noise, and an ε-model cannot say x_0 from them), got {prediction_type!r}"
+        )
+    return prediction_type
+
+
 def x0_from_eps(x_t: Tensor, eps: Tensor, alpha_bar_t: float) -> Tensor:
     """x̂_0 = (x_t − √(1 − ᾱ_t)·ε) / √ᾱ_t: DDPM eq. 4 solved for x_0 (DDIM eq. 12's "predicted x_0"; diffusers'
     `pred_original_sample`), the ᾱ samplers' x̂_0. x_t, eps: (b, c, h, w); alpha_bar_t: ᾱ_t in (0, 1].
@@ -96,16 +123,53 @@ def x0_from_eps(x_t: Tensor, eps: Tensor, alpha_bar_t: float) -> Tensor:
     return (x_t - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5
 
 
+def x0_from_v(x_t: Tensor, v: Tensor, alpha_bar_t: float) -> Tensor:
+    """x̂_0 = √ᾱ_t·x_t − √(1 − ᾱ_t)·v: the clean latents a v-prediction implies (Salimans & Ho 2022, §4; see the
+    module docstring). x_t, v: (b, c, h, w); alpha_bar_t in [0, 1].
+
+    >>> x0_from_v(torch.tensor([1.0]), torch.tensor([1.0]), 0.25)  # √0.25 − √0.75
+    tensor([-0.3660])
+    """
+    return alpha_bar_t**0.5 * x_t - (1 - alpha_bar_t) ** 0.5 * v
+
+
+def eps_from_v(x_t: Tensor, v: Tensor, alpha_bar_t: float) -> Tensor:
+    """ε̂ = √ᾱ_t·v + √(1 − ᾱ_t)·x_t: the noise a v-prediction implies (the same rotation back).
+
+    >>> eps_from_v(torch.tensor([1.0]), torch.tensor([1.0]), 0.25)  # √0.25 + √0.75
+    tensor([1.3660])
+    """
+    return alpha_bar_t**0.5 * v + (1 - alpha_bar_t) ** 0.5 * x_t
+
+
+def predictions(model_output: Tensor, x_t: Tensor, alpha_bar_t: float, prediction_type: str) -> tuple[Tensor, Tensor]:
+    """(x̂_0, ε̂) from the model's output at x_t: for "epsilon" the output is ε̂ and x̂_0 is x0_from_eps; for
+    "v_prediction" both come from v (x0_from_v, eps_from_v). model_output, x_t: (b, c, h, w).
+
+    >>> predictions(torch.tensor([1.0]), torch.tensor([1.0]), 0.25, "v_prediction")
+    (tensor([-0.3660]), tensor([1.3660]))
+    """
+    if prediction_type == "v_prediction":
+        return x0_from_v(x_t, model_output, alpha_bar_t), eps_from_v(x_t, model_output, alpha_bar_t)
+    return x0_from_eps(x_t, model_output, alpha_bar_t), model_output
+
+
 class Sampler:
     """Base class of minisd's samplers. Subclasses fill `timesteps` and `init_noise_sigma` in `set_timesteps`.
 
     order: model calls per step of the underlying method (Heun: 2); `timesteps` has one entry per model call.
+    prediction_type: what the model's output is ("epsilon" or "v_prediction", see the module docstring).
+    rescale_betas_zero_snr: β rescaled for zero terminal SNR (schedule.rescale_zero_terminal_snr), where the
+    sampler supports it (`zero_snr`: diffusers' schedulers that have the option).
     """
 
     name: str = ""  # the A1111 name, for PNG parameters
     schedule_type: str = "Uniform"  # A1111's "Schedule type": which noise levels a run visits (sigmas.py)
     timestep_spacing: str  # diffusers' name for how "Uniform" spaces the timesteps
     order: int = 1
+    zero_snr: bool = True  # whether this sampler can run a zero-terminal-SNR schedule
+    prediction_type: str = "epsilon"
+    rescale_betas_zero_snr: bool = False
     timesteps: Tensor
     init_noise_sigma: float = 1.0
     step_index: int = 0  # the index in `timesteps` of the next model call
@@ -159,14 +223,25 @@ class Sampler:
         """What the UNet sees at step t. Identity for the ᾱ samplers (DDPM, DDIM, PLMS)."""
         return x
 
-    def step(self, eps: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
-        """One move from x at t to the next, less noisy, x, given the model's noise prediction eps."""
+    def set_prediction(self, prediction_type: str, rescale_betas_zero_snr: bool) -> None:
+        """Check and keep what the model predicts and whether β is rescaled for zero terminal SNR (each sampler's
+        constructor calls this before building its tables)."""
+        self.prediction_type = check_prediction_type(prediction_type, rescale_betas_zero_snr)
+        if rescale_betas_zero_snr and not self.zero_snr:
+            raise MinisdError(
+                f"rescale_betas_zero_snr: the {self.name} sampler cannot start from pure noise (its method divides by "
+                "√ᾱ_T = 0, and diffusers has no such option for it); use DDIM, DDPM, Euler, Euler a or DPM++ 2M"
+            )
+        self.rescale_betas_zero_snr = rescale_betas_zero_snr
+
+    def step(self, model_output: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
+        """One move from x at t to the next, less noisy, x, given the model's output (ε or v) at x."""
         raise NotImplementedError
 
-    def x0_pred(self, eps: Tensor, t: Tensor | int, x: Tensor) -> Tensor:
+    def x0_pred(self, model_output: Tensor, t: Tensor | int, x: Tensor) -> Tensor:
         """x̂_0: the clean latents the model call at t implies, in this sampler's own terms (diffusers'
         `pred_original_sample`). Call it between the UNet call and `step`, with the x that call was given (before
-        scale_model_input). eps, x: (b, c, h, w); computed in at least float32, returned in x's dtype."""
+        scale_model_input). model_output, x: (b, c, h, w); computed in at least float32, returned in x's dtype."""
         raise NotImplementedError
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
@@ -175,15 +250,26 @@ class Sampler:
 
 
 class AlphaBarSampler(Sampler):
-    """What the ᾱ samplers (DDPM, DDIM, PLMS) share: an ᾱ table (SD v1's unless `betas` are given), a timestep
-    spacing, a plan of integer timesteps (one model call each; PLMS adds its warm-up call), and the forward process
-    in x_t space. betas: another model's β_t (T,), e.g. schedule.linear_betas() for Kandinsky 2.2's decoder."""
+    """What the ᾱ samplers (DDPM, DDIM, PLMS) share: an ᾱ table (SD's unless `betas` are given; rescaled for zero
+    terminal SNR on request), a timestep spacing, a plan of integer timesteps (one model call each; PLMS adds its
+    warm-up call), x̂_0 and ε̂ from the model's output, and the forward process in x_t space. betas: another model's
+    β_t (T,), e.g. schedule.linear_betas() for Kandinsky 2.2's decoder."""
 
-    def __init__(self, timestep_spacing: str = "leading", betas: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        timestep_spacing: str = "leading",
+        betas: Tensor | None = None,
+        *,
+        prediction_type: str = "epsilon",
+        rescale_betas_zero_snr: bool = False,
+    ) -> None:
         if timestep_spacing not in schedule.SPACINGS:
             raise MinisdError(f"timestep_spacing must be one of {schedule.SPACINGS}, got {timestep_spacing!r}")
         self.timestep_spacing = timestep_spacing
+        self.set_prediction(prediction_type, rescale_betas_zero_snr)
         betas = schedule.scaled_linear_betas() if betas is None else betas.to(torch.float64)
+        if rescale_betas_zero_snr:
+            betas = schedule.rescale_zero_terminal_snr(betas)
         self.alphas_cumprod = schedule.alphas_cumprod_from_betas(betas)  # float64 (T,)
         self.set_timesteps(50)
 
@@ -205,9 +291,13 @@ class AlphaBarSampler(Sampler):
         alpha_bar_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else final_alpha_bar
         return self.alphas_cumprod[t].item(), alpha_bar_prev
 
-    def x0_pred(self, eps: Tensor, t: Tensor | int, x: Tensor) -> Tensor:
-        """x̂_0 = (x_t − √(1 − ᾱ_t)·ε) / √ᾱ_t (x0_from_eps), x being x_t."""
-        return x0_from_eps(upcast(x), upcast(eps), self.alphas_cumprod[int(t)].item()).to(x.dtype)
+    def predictions(self, model_output: Tensor, x: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor]:
+        """(x̂_0, ε̂) of the model's output at x = x_t (base.predictions, by this sampler's prediction_type)."""
+        return predictions(model_output, x, self.alphas_cumprod[int(t)].item(), self.prediction_type)
+
+    def x0_pred(self, model_output: Tensor, t: Tensor | int, x: Tensor) -> Tensor:
+        """x̂_0 = (x_t − √(1 − ᾱ_t)·ε) / √ᾱ_t (x0_from_eps), or √ᾱ_t·x_t − √(1 − ᾱ_t)·v (x0_from_v); x being x_t."""
+        return self.predictions(upcast(model_output), upcast(x), t)[0].to(x.dtype)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
         """x_t = √ᾱ_t · x0 + √(1 − ᾱ_t) · noise (DDPM eq. 4); x0, noise: (b, c, h, w)."""

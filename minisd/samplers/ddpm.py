@@ -5,8 +5,9 @@ code             paper                                  diffusers
 t, t_prev        t, t − 1 (here: the schedule's next t) timestep, prev_t
 alpha_bar_t      ᾱ_t                                    alphas_cumprod[t]
 alpha_t, beta_t  α_t = ᾱ_t / ᾱ_prev, β_t = 1 − α_t      current_alpha_t, current_beta_t
-eps              ε_θ(x_t, t)                            model_output
+model_output     ε_θ(x_t, t), or v_θ                    model_output
 x0_pred          x_0 from eq. 4 solved with ε_θ        pred_original_sample
+                 (or from v: base.predictions)
 mean             μ̃_t(x_t, x_0), eq. 7                  pred_prev_sample
 variance         β̃_t, eq. 7 ("fixed_small")            _get_variance(t)
 
@@ -56,7 +57,7 @@ def ddpm_posterior_step(
 
 
 class DDPMSampler(AlphaBarSampler):
-    """DDPM with SD v1's β (variance_type "fixed_small", clip_sample False, epsilon prediction).
+    """DDPM with SD's β (variance_type "fixed_small", clip_sample False; ε or v prediction: prediction_type).
 
     Noise: every step with t > 0 draws one noise tensor from the caller's generator (eps's shape and dtype, on the
     generator's device: minisd.noise.randn), as diffusers' DDPMScheduler.step does, so one generator gives
@@ -69,9 +70,13 @@ class DDPMSampler(AlphaBarSampler):
 
     name = "DDPM"
 
-    def step(self, eps: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
-        """x_t -> x_{t_prev} (ddpm_step). eps, x: (b, c, h, w)."""
+    def step(self, model_output: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
+        """x_t -> x_{t_prev}: ddpm_posterior_step from x̂_0 (read off ε or v: base.predictions; for ε this is
+        ddpm_step). model_output, x: (b, c, h, w)."""
         i = self.advance(t)
         alpha_bar_t, alpha_bar_prev = self.alpha_bars(i, 1.0)  # past the end: x_0 itself
-        noise = randn(eps.shape, generator, eps.dtype, eps.device) if self.timesteps[i] > 0 else None  # DDPMScheduler's
-        return ddpm_step(x, eps, alpha_bar_t, alpha_bar_prev, noise)
+        x0_pred, _ = self.predictions(model_output, x, t)
+        noise = None
+        if self.timesteps[i] > 0:  # DDPMScheduler.step's draw
+            noise = randn(model_output.shape, generator, model_output.dtype, model_output.device)
+        return ddpm_posterior_step(x, x0_pred, alpha_bar_t, alpha_bar_prev, noise)

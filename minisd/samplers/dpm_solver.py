@@ -14,6 +14,7 @@ lambda_       λ_t = log(α_t / σ_t) = −log σ (half-log-SNR)  lambda_t
 h             h_i = λ_{t_i} − λ_{t_{i−1}}                   h
 r             r_i = h_{i−1} / h_i                           r0
 x0_pred       x_θ(x̃_t, t) = (x_t − σ_t·ε) / α_t           model_output after convert_model_output
+              (from v: α_t·x_t − σ_t·v)
 x0_prev       x_θ at the previous step                      model_outputs[-2]
 z             z ~ N(0, I), fresh each step (SDE only)       noise
 eta           η: how much of x_t the SDE forgets (k-diffusion) (diffusers: always 1)
@@ -52,6 +53,17 @@ def data_prediction(x_t: Tensor, eps: Tensor, sigma: float) -> Tensor:
     """
     alpha_t, sigma_t = vp_coefficients(sigma)
     return (x_t - sigma_t * eps) / alpha_t
+
+
+def data_prediction_from_v(x_t: Tensor, v: Tensor, sigma: float) -> Tensor:
+    """x_θ = α_t·x_t − σ_t·v: the data prediction of a v-prediction model (base.x0_from_v with √ᾱ = α_t,
+    √(1 − ᾱ) = σ_t; diffusers' `convert_model_output` for "v_prediction"). x_t, v: (b, c, h, w).
+
+    >>> data_prediction_from_v(torch.tensor([1.0]), torch.tensor([1.0]), 1.0)  # α_t = σ_t = 1/√2: 0
+    tensor([0.])
+    """
+    alpha_t, sigma_t = vp_coefficients(sigma)
+    return alpha_t * x_t - sigma_t * v
 
 
 def dpmpp_2m_step(
@@ -128,7 +140,8 @@ class DPMSolverPP2MSampler(SigmaSampler):
     `timesteps` may repeat there, exactly as in diffusers. (diffusers' Exponential truncates t where minisd rounds.)
 
     sde=True is diffusers' algorithm_type "sde-dpmsolver++": every step draws one float32 standard normal tensor
-    shaped like eps from `generator` (diffusers' randn_tensor), so the same generator gives diffusers' picture.
+    shaped like the model output from `generator` (diffusers' randn_tensor), so the same generator gives diffusers'
+    picture.
     A1111's "DPM++ 2M SDE" takes its noise from k-diffusion's Brownian tree instead: same method, other pictures.
     eta (SDE only, in [0, 1]): k-diffusion's η, A1111's "Eta"; 1 is diffusers' (which has no other).
     """
@@ -137,9 +150,21 @@ class DPMSolverPP2MSampler(SigmaSampler):
     timestep_dtype = torch.int64
 
     def __init__(
-        self, schedule_type: str = "Uniform", timestep_spacing: str = "linspace", sde: bool = False, eta: float = 1.0
+        self,
+        schedule_type: str = "Uniform",
+        timestep_spacing: str = "linspace",
+        sde: bool = False,
+        eta: float = 1.0,
+        *,
+        prediction_type: str = "epsilon",
+        rescale_betas_zero_snr: bool = False,
     ) -> None:
-        super().__init__(schedule_type, timestep_spacing)
+        super().__init__(
+            schedule_type,
+            timestep_spacing,
+            prediction_type=prediction_type,
+            rescale_betas_zero_snr=rescale_betas_zero_snr,
+        )
         if eta != 1.0 and not sde:
             raise MinisdError(f"eta applies to DPM++ 2M SDE (the ODE step draws no noise), got eta={eta!r}")
         self.sde = sde
@@ -184,21 +209,28 @@ class DPMSolverPP2MSampler(SigmaSampler):
         alpha_t, sigma_t = alpha_t.to(device=x0.device, dtype=x0.dtype), (sigma * alpha_t).to(x0.device, x0.dtype)
         return alpha_t * x0 + sigma_t * noise
 
-    def x0_pred(self, eps: Tensor, t: Tensor | int, x: Tensor) -> Tensor:
-        """x̂_0 = x_θ = (x_t − σ_t·ε) / α_t (data_prediction), x being x_t and σ this call's."""
-        return data_prediction(upcast(x), upcast(eps), self.call_sigma(t)).to(x.dtype)
+    def data_prediction(self, model_output: Tensor, x_t: Tensor, sigma: float) -> Tensor:
+        """x_θ from the model's output at x_t: data_prediction (ε) or data_prediction_from_v, by prediction_type."""
+        if self.prediction_type == "v_prediction":
+            return data_prediction_from_v(x_t, model_output, sigma)
+        return data_prediction(x_t, model_output, sigma)
 
-    def step(self, eps: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
-        """x_t at step i -> x_t at step i + 1. eps, x: (b, c, h, w); returns x's dtype (computed in >= float32)."""
+    def x0_pred(self, model_output: Tensor, t: Tensor | int, x: Tensor) -> Tensor:
+        """x̂_0 = x_θ (data_prediction: (x_t − σ_t·ε) / α_t, or α_t·x_t − σ_t·v), x being x_t, σ this call's."""
+        return self.data_prediction(upcast(model_output), upcast(x), self.call_sigma(t)).to(x.dtype)
+
+    def step(self, model_output: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
+        """x_t at step i -> x_t at step i + 1. model_output, x: (b, c, h, w); returns x's dtype (computed in >=
+        float32)."""
         i = self.advance(t)
         sigma = self.sigmas[i].item()
         x_t = upcast(x)
-        x0_pred = data_prediction(x_t, upcast(eps), sigma)  # the data prediction x_θ from ε
+        x0_pred = self.data_prediction(upcast(model_output), x_t, sigma)  # the data prediction x_θ
         sigma_prev = self.sigmas[i - 1].item() if i > 0 else None
         sigma_next = self.sigmas[i + 1].item()
         noise = None
         if self.sde:  # every step draws, the last (σ_next = 0, no noise added) included, as diffusers does
-            noise = randn(eps.shape, generator, torch.float32, eps.device).to(x_t.dtype)
+            noise = randn(model_output.shape, generator, torch.float32, model_output.device).to(x_t.dtype)
         x_next = dpmpp_2m_step(x_t, x0_pred, self.x0_prev, sigma, sigma_next, sigma_prev, noise, self.eta)
         self.x0_prev = x0_pred
         return x_next.to(x.dtype)

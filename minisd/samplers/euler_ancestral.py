@@ -39,23 +39,38 @@ class EulerAncestralSampler(SigmaSampler):
     """Euler ancestral; step-equal to diffusers' EulerAncestralDiscreteScheduler (SD v1.5 config, and every
     timestep_spacing) at η = 1. eta in [0, 1]: A1111's "Eta" (its default 1); diffusers has no other.
 
-    Noise: every step, the last included (where σ_up = 0), draws one standard normal tensor shaped like eps, in
-    eps's dtype, from `generator` on the generator's device, then moves it to eps's device — diffusers'
-    `randn_tensor(eps.shape, generator=generator, device=eps.device, dtype=eps.dtype)`. So the same generator
-    (same seed and state) gives diffusers' noise draw for draw.
+    Noise: every step, the last included (where σ_up = 0), draws one standard normal tensor shaped like the model
+    output, in its dtype, from `generator` on the generator's device, then moves it to the output's device —
+    diffusers' `randn_tensor(model_output.shape, generator=generator, device=..., dtype=model_output.dtype)`.
+    So the same generator (same seed and state) gives diffusers' noise draw for draw.
     """
 
     name = "Euler a"
 
-    def __init__(self, eta: float = 1.0, schedule_type: str = "Uniform", timestep_spacing: str = "linspace") -> None:
+    def __init__(
+        self,
+        eta: float = 1.0,
+        schedule_type: str = "Uniform",
+        timestep_spacing: str = "linspace",
+        *,
+        prediction_type: str = "epsilon",
+        rescale_betas_zero_snr: bool = False,
+    ) -> None:
         self.eta = check_eta(eta)
-        super().__init__(schedule_type, timestep_spacing)
+        super().__init__(
+            schedule_type,
+            timestep_spacing,
+            prediction_type=prediction_type,
+            rescale_betas_zero_snr=rescale_betas_zero_snr,
+        )
 
-    def step(self, eps: Tensor, t: Tensor | float, x: Tensor, generator: Generator | None = None) -> Tensor:
-        """x at σ_i -> x at σ_{i+1} with fresh noise. eps, x: (b, c, h, w); returns x's dtype."""
+    def step(self, model_output: Tensor, t: Tensor | float, x: Tensor, generator: Generator | None = None) -> Tensor:
+        """x at σ_i -> x at σ_{i+1} with fresh noise. model_output, x: (b, c, h, w); returns x's dtype."""
         i = self.advance(t)
         sigma = self.sigmas[i].item()
         sigma_down, sigma_up = ancestral_sigmas(sigma, self.sigmas[i + 1].item(), self.eta)
-        x_down = euler_step(upcast(x), upcast(eps), sigma, sigma_down)  # deterministic part, to σ_down
-        noise = randn(eps.shape, generator, eps.dtype, eps.device)  # EulerAncestralDiscreteScheduler.step's
+        x_i = upcast(x)
+        denoised = self.denoised(upcast(model_output), x_i, sigma)
+        x_down = euler_step(x_i, denoised, sigma, sigma_down)  # deterministic part, to σ_down
+        noise = randn(model_output.shape, generator, model_output.dtype, model_output.device)  # diffusers' step's
         return (x_down + sigma_up * noise).to(x.dtype)  # back up to σ_{i+1} with new noise

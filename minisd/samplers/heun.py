@@ -14,12 +14,15 @@ d_next        d'_i, the slope at x_{i+1}          derivative of the second call
 from torch import Generator, Tensor
 
 from minisd.samplers.base import upcast
-from minisd.samplers.sigmas import SigmaSampler, denoised_from_eps, slope
+from minisd.samplers.sigmas import SigmaSampler, slope
 
 
-def heun_correct(x: Tensor, d: Tensor, x_pred: Tensor, eps_next: Tensor, sigma: float, sigma_next: float) -> Tensor:
-    """Alg. 1 lines 7-8: the slope d' at the Euler point x_pred, then x_{i+1} = x_i + (σ_next − σ)·(d + d')/2."""
-    d_next = slope(x_pred, sigma_next, denoised_from_eps(x_pred, eps_next, sigma_next))  # line 7
+def heun_correct(
+    x: Tensor, d: Tensor, x_pred: Tensor, denoised_next: Tensor, sigma: float, sigma_next: float
+) -> Tensor:
+    """Alg. 1 lines 7-8: the slope d' at the Euler point x_pred (whose D is denoised_next), then
+    x_{i+1} = x_i + (σ_next − σ)·(d + d')/2."""
+    d_next = slope(x_pred, sigma_next, denoised_next)  # line 7
     return x + (sigma_next - sigma) * (d + d_next) / 2  # line 8: the trapezoid rule
 
 
@@ -32,6 +35,7 @@ class HeunSampler(SigmaSampler):
 
     name = "Heun"
     order = 2
+    zero_snr = False  # diffusers' HeunDiscreteScheduler has no rescale_betas_zero_snr: no reference to prove it by
 
     def calls_for(self, timesteps: Tensor, sigmas: Tensor) -> tuple[Tensor, Tensor]:
         """(timesteps, σ of x) per call: the first step's, then every later step's twice."""
@@ -49,17 +53,19 @@ class HeunSampler(SigmaSampler):
     def reset(self) -> None:
         self.pending = None  # (x_i, d_i, σ_i, σ_{i+1}) between a step's two calls
 
-    def step(self, eps: Tensor, t: Tensor | float, x: Tensor, generator: Generator | None = None) -> Tensor:
+    def step(self, model_output: Tensor, t: Tensor | float, x: Tensor, generator: Generator | None = None) -> Tensor:
         """One UNet call's move: an Euler prediction (first call) or its correction (second call). Returns x's dtype."""
         call = self.advance(t)
-        if self.pending is not None:  # second call: eps was evaluated at the Euler point x = x_pred
+        if self.pending is not None:  # second call: the model was evaluated at the Euler point x = x_pred
             x_i, d, sigma, sigma_next = self.pending
             self.pending = None
-            return heun_correct(x_i, d, upcast(x), upcast(eps), sigma, sigma_next).to(x.dtype)
+            x_pred = upcast(x)
+            denoised_next = self.denoised(upcast(model_output), x_pred, sigma_next)
+            return heun_correct(x_i, d, x_pred, denoised_next, sigma, sigma_next).to(x.dtype)
         i = call // 2  # first calls are 0, 2, 4, …: they start steps 0, 1, 2, …
         sigma, sigma_next = self.sigmas[i].item(), self.sigmas[i + 1].item()
         x_i = upcast(x)
-        d = slope(x_i, sigma, denoised_from_eps(x_i, upcast(eps), sigma))  # Alg. 1 line 4
+        d = slope(x_i, sigma, self.denoised(upcast(model_output), x_i, sigma))  # Alg. 1 line 4
         x_pred = x_i + (sigma_next - sigma) * d  # line 5: the Euler step
         if sigma_next > 0:  # line 6: correct unless this step lands on σ = 0
             self.pending = (x_i, d, sigma, sigma_next)

@@ -16,7 +16,7 @@ interpolating polynomial through the last k slopes (k = 1: Euler).
 from torch import Generator, Tensor
 
 from minisd.samplers.base import upcast
-from minisd.samplers.sigmas import SigmaSampler, denoised_from_eps, slope
+from minisd.samplers.sigmas import SigmaSampler, slope
 
 
 def lagrange_integral(nodes: list[float], j: int, a: float, b: float) -> float:
@@ -65,17 +65,18 @@ class LMSSampler(SigmaSampler):
     """
 
     name = "LMS"
+    zero_snr = False  # diffusers' LMSDiscreteScheduler has no rescale_betas_zero_snr: no reference to prove it by
     max_order = 4  # diffusers' step(order=4) default; k-diffusion sample_lms order=4
 
     def reset(self) -> None:
         self.derivatives: list[Tensor] = []  # d of the last (up to max_order) steps, oldest first
 
-    def step(self, eps: Tensor, t: Tensor | float, x: Tensor, generator: Generator | None = None) -> Tensor:
-        """x at σ_i -> x at σ_{i+1}. eps, x: (b, c, h, w); returns x's dtype (computed in at least float32)."""
+    def step(self, model_output: Tensor, t: Tensor | float, x: Tensor, generator: Generator | None = None) -> Tensor:
+        """x at σ_i -> x at σ_{i+1}. model_output, x: (b, c, h, w); returns x's dtype (computed in >= float32)."""
         i = self.advance(t)
         sigma = self.sigmas[i].item()
         x_i = upcast(x)
-        d = slope(x_i, sigma, denoised_from_eps(x_i, upcast(eps), sigma))  # dx/dσ at σ_i (Karras Alg. 1)
+        d = slope(x_i, sigma, self.denoised(upcast(model_output), x_i, sigma))  # dx/dσ at σ_i (Karras Alg. 1)
         self.derivatives = [*self.derivatives, d][-self.max_order :]
         order = len(self.derivatives)  # 1, 2, 3, 4, 4, …: only this run's own slopes
         nodes = self.sigmas[i - order + 1 : i + 1].flip(0).tolist()  # σ_i, σ_{i−1}, …

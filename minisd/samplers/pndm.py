@@ -5,7 +5,7 @@ skip_prk_steps=True: no Runge-Kutta warm-up).
 code             paper                                  diffusers
 t, t_prev        t, t − δ                               timestep, prev_timestep
 alpha_bar_t      ᾱ_t                                    alphas_cumprod[t]
-eps              ε_θ(x_t, t)                            model_output
+model_output     ε_θ(x_t, t) (or v_θ)                   model_output
 eps_history      e_t, e_{t−δ}, e_{t−2δ}, e_{t−3δ}       ets
 plms_eps         e'_t, the combined ε (eq. 12)          model_output (after combining)
 plms_transfer    φ(x_t, e'_t, t, t − δ), eq. 9          _get_prev_sample
@@ -14,6 +14,10 @@ Each step moves x along φ (the DDIM step, eq. 9) with ε extrapolated from the 
 weights (55, −59, 37, −9) / 24 (eq. 12). Until four ε exist, lower orders: (3, −1) / 2, then (23, −16, 5) / 12.
 The very first step has no history: it is a pseudo improved Euler (Heun) step, which costs a second model call
 at the next timestep; so `timesteps` repeats its second entry and holds n + 1 calls for n ≥ 2 steps.
+
+A v-prediction model: its outputs are what the history holds and combines, and ε is read off the combination at
+the start of the step it moves (base.eps_from_v at x_t and ᾱ_t), in φ — diffusers' PNDMScheduler order. (Reading ε
+off each output at its own x and t before combining would be the other choice; step parity follows diffusers.)
 """
 
 from collections.abc import Sequence
@@ -21,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Generator, Tensor
 
-from minisd.samplers.base import AlphaBarSampler, inference_timesteps
+from minisd.samplers.base import AlphaBarSampler, inference_timesteps, predictions
 
 
 def plms_transfer(x_t: Tensor, eps: Tensor, alpha_bar_t: float, alpha_bar_prev: float) -> Tensor:
@@ -68,9 +72,18 @@ class PNDMSampler(AlphaBarSampler):
     """
 
     name = "PLMS"
+    zero_snr = False  # φ divides by √ᾱ_t (eq. 9): undefined at ᾱ_T = 0; diffusers' PNDMScheduler has no such option
 
-    def __init__(self, timestep_spacing: str = "leading") -> None:
-        super().__init__(timestep_spacing)
+    def __init__(
+        self,
+        timestep_spacing: str = "leading",
+        *,
+        prediction_type: str = "epsilon",
+        rescale_betas_zero_snr: bool = False,
+    ) -> None:
+        super().__init__(
+            timestep_spacing, prediction_type=prediction_type, rescale_betas_zero_snr=rescale_betas_zero_snr
+        )  # zero SNR: refused by Sampler.set_prediction (zero_snr = False)
         # set_alpha_to_one=False (SD v1): past the last step, ᾱ_prev = ᾱ_0, not 1 (CompVis plms.py does the same)
         self.final_alpha_bar = self.alphas_cumprod[0].item()
 
@@ -96,24 +109,29 @@ class PNDMSampler(AlphaBarSampler):
         """The warm-up's first call completes no step; every later call completes one."""
         return self.step_index if len(self.steps) == 1 else max(self.step_index - 1, 0)
 
-    def transfer(self, x: Tensor, eps: Tensor, j: int) -> Tensor:
-        """φ (plms_transfer) over step j of `steps`: from steps[j] to the next one (past the last: ᾱ_0)."""
+    def transfer(self, x: Tensor, output: Tensor, j: int) -> Tensor:
+        """φ (plms_transfer) over step j of `steps`: from steps[j] to the next one (past the last: ᾱ_0). output: the
+        (combined) model output; for a v-prediction model, ε is read off it here at (x, steps[j])."""
         t_prev = int(self.steps[j + 1]) if j + 1 < len(self.steps) else -1
         a_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else self.final_alpha_bar
-        return plms_transfer(x, eps, self.alphas_cumprod[int(self.steps[j])].item(), a_prev)
+        a_t = self.alphas_cumprod[int(self.steps[j])].item()
+        _, eps = predictions(output, x, a_t, self.prediction_type)  # ε itself for ε-models
+        return plms_transfer(x, eps, a_t, a_prev)
 
-    def step(self, eps: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
-        """One model call's move. eps, x: (b, c, h, w). Call with every entry of `timesteps`, in order."""
+    def step(self, model_output: Tensor, t: Tensor | int, x: Tensor, generator: Generator | None = None) -> Tensor:
+        """One model call's move. model_output (ε or v), x: (b, c, h, w). Call with every entry of `timesteps`, in
+        order."""
         i = self.advance(t)
         warmup = len(self.steps) > 1 and i < 2
         j = max(i - 1, 0)  # index in `steps` of the step this call completes
+        output = model_output  # ε (or v: the history holds the outputs as they come, see the module docstring)
         if warmup and i == 0:  # improved Euler, stage 1: an Euler (DDIM) step, only to evaluate ε at t_prev
-            self.warmup_start = (x, eps)
-            return self.transfer(x, eps, j)
+            self.warmup_start = (x, output)
+            return self.transfer(x, output, j)
         if warmup:  # stage 2: redo the first step from its start with the mean of both ε
-            x, eps_first = self.warmup_start
+            x, first = self.warmup_start
             self.warmup_start = None
-            self.eps_history = [eps_first]
-            return self.transfer(x, (eps_first + eps) / 2, j)
-        self.eps_history = [*self.eps_history[-3:], eps]
+            self.eps_history = [first]
+            return self.transfer(x, (first + output) / 2, j)
+        self.eps_history = [*self.eps_history[-3:], output]
         return self.transfer(x, plms_eps(self.eps_history), j)

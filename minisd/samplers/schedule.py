@@ -75,6 +75,33 @@ def alphas_cumprod_from_betas(betas: Tensor) -> Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """β rescaled so the last timestep is pure noise, ᾱ_T = 0 (Lin et al. 2023, "Common Diffusion Noise Schedules
+    and Sample Steps are Flawed", arXiv:2305.08891, Algorithm 1; diffusers' rescale_betas_zero_snr).
+
+    SD's schedule ends at ᾱ_T = 0.0047: a little of the image survives at t = T in training, but inference starts
+    from pure noise. Shift √ᾱ_t so that √ᾱ_T = 0, scale it so that √ᾱ_1 is unchanged, and read β back off it:
+        √ᾱ'_t = (√ᾱ_t − √ᾱ_T) · √ᾱ_1 / (√ᾱ_1 − √ᾱ_T),   β'_t = 1 − ᾱ'_t / ᾱ'_{t−1}   (β'_T = 1)
+    Same shape and dtype as `betas`. Meant for v-prediction models (base.check_prediction_type).
+
+    >>> ac = alphas_cumprod_from_betas(rescale_zero_terminal_snr(scaled_linear_betas()))
+    >>> round(ac[0].item(), 5), ac[-1].item()
+    (0.99915, 0.0)
+    """
+    alphas_bar_sqrt = alphas_cumprod_from_betas(betas).sqrt()
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))  # √ᾱ'_T = 0, √ᾱ'_1 = √ᾱ_1
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])  # undo the cumulative product
+    return 1 - alphas
+
+
+def training_alphas_cumprod(rescale_betas_zero_snr: bool = False) -> Tensor:
+    """SD's ᾱ table (T,) float64: from the scaled-linear β, rescaled first for zero terminal SNR on request."""
+    betas = scaled_linear_betas()
+    return alphas_cumprod_from_betas(rescale_zero_terminal_snr(betas) if rescale_betas_zero_snr else betas)
+
+
 def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
     """σ_t = √((1 − ᾱ_t) / ᾱ_t): the noise level of x_t / √ᾱ_t, the variable k-diffusion samplers move
     (Karras et al. 2022, arXiv:2206.00364, Table 1 "VP"). Same shape as the input, increasing with t.
@@ -169,3 +196,18 @@ def add_noise(x0: Tensor, noise: Tensor, t: Tensor | int, alphas_cumprod: Tensor
     signal = alpha_bar_t.sqrt().to(device=x0.device, dtype=x0.dtype)
     noise_level = (1.0 - alpha_bar_t).sqrt().to(device=x0.device, dtype=x0.dtype)
     return signal * x0 + noise_level * noise
+
+
+def velocity(x0: Tensor, noise: Tensor, t: Tensor | int, alphas_cumprod: Tensor) -> Tensor:
+    """v_t = √ᾱ_t · ε − √(1 − ᾱ_t) · x_0: what a v-prediction model learns to predict (Salimans & Ho 2022,
+    arXiv:2202.00512, §4; SD 2's 768 models). x0, noise: (b, c, h, w); t: an int or (b,) integer timesteps.
+    Returns (b, c, h, w) in x0's dtype, coefficients computed in alphas_cumprod's dtype (float64) as add_noise's.
+
+    >>> velocity(torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), 999, torch.full((1000,), 0.25)).flatten()
+    tensor([-0.8660])
+    """
+    t = torch.as_tensor(t, device=alphas_cumprod.device).reshape(-1)
+    alpha_bar_t = alphas_cumprod[t].reshape(-1, *([1] * (x0.ndim - 1)))  # (b, 1, 1, 1)
+    signal = alpha_bar_t.sqrt().to(device=x0.device, dtype=x0.dtype)
+    noise_level = (1.0 - alpha_bar_t).sqrt().to(device=x0.device, dtype=x0.dtype)
+    return signal * noise - noise_level * x0

@@ -6,13 +6,16 @@ sigma           σ: the noise level of x = x_t / √ᾱ_t             sigmas[ste
 sigmas          the σ a run visits, decreasing, ending at 0      sigmas
 x               x = x_0 + σ·ε (Karras et al. 2022 §2)            sample
 eps             ε_θ(x / √(σ² + 1), t)                            model_output
+v               v_θ(x / √(σ² + 1), t), v-prediction models       model_output
 denoised        D(x; σ) = x − σ·ε, the x_0 prediction            pred_original_sample
+                (from v: x/(σ² + 1) − σ·v/√(σ² + 1))
 d               slope(): dx/dσ = (x − D(x; σ)) / σ (Karras Alg. 1) derivative
 
 SD's UNet was trained on x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε. Dividing by √ᾱ_t gives x = x_0 + σ_t·ε with
 σ_t = √((1 − ᾱ_t)/ᾱ_t): the "variance exploding" form in which Karras et al. (arXiv:2206.00364) write every
 sampler as an ODE in σ. The UNet still wants x_t, so it is fed x / √(σ² + 1) (= x_t, because √ᾱ_t = 1/√(σ² + 1)).
-The samplers below step in σ; a run's σ list ends at 0, the clean image.
+The samplers below step in σ; a run's σ list ends at 0, the clean image. Every method moves along D(x; σ), read
+off the model's output by `SigmaSampler.denoised` (denoised_from_eps or denoised_from_v).
 
 Which σ a run visits is its schedule type (A1111's "Schedule type", k-diffusion's σ schedules), chosen apart from
 the sampler, as A1111 1.9+ does:
@@ -22,6 +25,8 @@ the sampler, as A1111 1.9+ does:
     "Exponential"   σ evenly spaced in log σ (exponential_sigmas; k-diffusion get_sigmas_exponential)
     "SGM Uniform"   t = linspace(T − 1, 0, n + 1) without its last point, σ interpolated in log σ there
                     (sgm_uniform_sigmas; A1111's sgm_uniform)
+Under zero terminal SNR (v-prediction models) the table's σ_max is ≈ 4096 (sd_sigma_table): Karras, Exponential
+and SGM Uniform start there, as does Uniform unless its spacing is "leading".
 """
 
 import math
@@ -35,20 +40,28 @@ from minisd.samplers.base import Sampler, img2img_start, upcast
 from minisd.samplers.schedule import (
     NUM_TRAIN_TIMESTEPS,
     SPACINGS,
-    alphas_cumprod_from_betas,
     check_num_inference_steps,
     check_timesteps,
-    scaled_linear_betas,
     sigmas_from_alphas_cumprod,
     spaced_timesteps,
+    training_alphas_cumprod,
 )
 
 SCHEDULE_TYPES = ("Uniform", "Karras", "Exponential", "SGM Uniform")  # A1111's "Schedule type" labels
+SMALLEST_ALPHA_BAR = 2.0**-24  # ᾱ_T under zero terminal SNR: float16's smallest subnormal, as diffusers sets it
 
 
-def sd_sigma_table() -> Tensor:
-    """σ_t of SD v1's training schedule for t = 0 … 999, float64, increasing (0.0292 … 14.61)."""
-    return sigmas_from_alphas_cumprod(alphas_cumprod_from_betas(scaled_linear_betas()))
+def sd_sigma_table(rescale_betas_zero_snr: bool = False) -> Tensor:
+    """σ_t of SD's training schedule for t = 0 … 999, float64, increasing (0.0292 … 14.61).
+
+    With zero terminal SNR, ᾱ_T = 0 would make σ_T infinite; like diffusers' σ schedulers, ᾱ_T is set to 2⁻²⁴
+    instead, so the run starts at σ_T = √((1 − 2⁻²⁴)/2⁻²⁴) ≈ 4096: noise 4096 times the image, pure noise in
+    practice (the UNet sees x / √(σ² + 1)).
+    """
+    alphas_cumprod = training_alphas_cumprod(rescale_betas_zero_snr)
+    if rescale_betas_zero_snr:
+        alphas_cumprod[-1] = SMALLEST_ALPHA_BAR
+    return sigmas_from_alphas_cumprod(alphas_cumprod)
 
 
 def linspace_exact(stop: float, num: int) -> Tensor:
@@ -200,6 +213,17 @@ def denoised_from_eps(x: Tensor, eps: Tensor, sigma: float) -> Tensor:
     return x - sigma * eps
 
 
+def denoised_from_v(x: Tensor, v: Tensor, sigma: float) -> Tensor:
+    """D(x; σ) = x/(σ² + 1) − σ·v/√(σ² + 1): the denoiser of a v-prediction model (Karras et al. 2022 eq. 7 with
+    c_skip = 1/(σ² + 1), c_out = −σ/√(σ² + 1)): base.x0_from_v with x_t = x/√(σ² + 1) and √ᾱ = 1/√(σ² + 1),
+    √(1 − ᾱ) = σ/√(σ² + 1). Needs no division by σ's inverse, so it holds at zero SNR's σ_T ≈ 4096. x, v: (b, c, h, w).
+
+    >>> denoised_from_v(torch.tensor([2.0]), torch.tensor([1.0]), 1.0)  # 2/2 − 1/√2
+    tensor([0.2929])
+    """
+    return v * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)  # diffusers' order of the same terms
+
+
 def slope(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
     """dx/dσ = (x − D(x; σ)) / σ: the probability-flow ODE's slope in σ (Karras et al. 2022, Alg. 1 line 4 with
     σ(t) = t; k-diffusion's `to_d`). x, denoised: (b, c, h, w).
@@ -212,7 +236,7 @@ def slope(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
 
 class SigmaSampler(Sampler):
     """What the σ samplers share: the schedule (timesteps, σ), image-to-image truncation, the UNet input scaling,
-    add_noise and x̂_0. Subclasses write `step` (and Heun `calls_for`).
+    add_noise, D(x; σ) from the model's output, and x̂_0. Subclasses write `step` (and Heun `calls_for`).
 
     After `set_timesteps`: `sigmas` (m + 1,) float64, the σ of the m method steps this run makes, then 0;
     `timesteps` one float32 entry per model call (what the UNet is given); `call_sigmas` the σ of x at each call;
@@ -232,10 +256,18 @@ class SigmaSampler(Sampler):
 
     timestep_dtype = torch.float32  # fractional t: what diffusers gives these UNet calls
 
-    def __init__(self, schedule_type: str = "Uniform", timestep_spacing: str = "linspace") -> None:
+    def __init__(
+        self,
+        schedule_type: str = "Uniform",
+        timestep_spacing: str = "linspace",
+        *,
+        prediction_type: str = "epsilon",
+        rescale_betas_zero_snr: bool = False,
+    ) -> None:
         self.schedule_type = check_schedule(schedule_type, timestep_spacing)
         self.timestep_spacing = timestep_spacing
-        self.sigma_table = sd_sigma_table()
+        self.set_prediction(prediction_type, rescale_betas_zero_snr)
+        self.sigma_table = sd_sigma_table(rescale_betas_zero_snr)
 
     def schedule(self, num_inference_steps: int) -> tuple[Tensor, Tensor]:
         """The full run's (timesteps (n,), sigmas (n,) float64), before truncation and the final 0."""
@@ -322,9 +354,15 @@ class SigmaSampler(Sampler):
         """The UNet's input x_t = x / √(σ² + 1) (Karras Table 1, VP: c_in = 1/√(σ² + 1))."""
         return x / math.sqrt(self.call_sigma(t) ** 2 + 1)
 
-    def x0_pred(self, eps: Tensor, t: Tensor | float, x: Tensor) -> Tensor:
-        """x̂_0 = D(x; σ) = x − σ·ε (denoised_from_eps), σ being this call's."""
-        return denoised_from_eps(upcast(x), upcast(eps), self.call_sigma(t)).to(x.dtype)
+    def denoised(self, model_output: Tensor, x: Tensor, sigma: float) -> Tensor:
+        """D(x; σ) from the model's output at x: denoised_from_eps or denoised_from_v, by prediction_type."""
+        if self.prediction_type == "v_prediction":
+            return denoised_from_v(x, model_output, sigma)
+        return denoised_from_eps(x, model_output, sigma)
+
+    def x0_pred(self, model_output: Tensor, t: Tensor | float, x: Tensor) -> Tensor:
+        """x̂_0 = D(x; σ) (denoised), σ being this call's."""
+        return self.denoised(upcast(model_output), upcast(x), self.call_sigma(t)).to(x.dtype)
 
     def sigma_of(self, t: Tensor | float) -> Tensor:
         """σ of each timestep in t (the first place it appears in this run's `timesteps`), float64, shape (b,)."""

@@ -7,6 +7,7 @@
     torchrun --nproc_per_node=2 -m minisd.train diffusion ...             stage 2 under DDP (gloo CPU / nccl GPU)
     torchrun --nproc_per_node=2 -m minisd.train all ...                   the VAE on rank 0, then stage 2 under DDP
     python -m minisd.train evaluate --model nano.safetensors --grid g.png  adherence, PSNR, a sample grid
+    python -m minisd.train all ... --prediction-type v                    the same recipe, learning SD 2's v
     python -m minisd.train textual-inversion --out diamond.safetensors   teach the nano model "<diamond>", a new word
     python -m minisd.train lora --out diamond-lora.safetensors            teach it "diamond" with a LoRA
 
@@ -61,7 +62,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def prediction_type(text: str) -> str:
+    """An argparse type: "epsilon", or "v" / "v_prediction" (SD 2's velocity target)."""
+    names = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"expected epsilon or v (v_prediction), got {text!r}")
+    return names[text]
+
+
 def _add_text_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prediction-type", type=prediction_type, help="what the UNet learns: epsilon (default, SD v1) or v "
+        "(SD 2's velocity, v_prediction)",
+    )  # fmt: skip
     parser.add_argument("--text-steps", type=int, help="steps of the text encoder's contrastive pretraining")
     parser.add_argument(
         "--train-text-encoder",
@@ -78,6 +91,8 @@ def diffusion_config(args: argparse.Namespace) -> DiffusionTrainingConfig:
         config.text_pretraining = replace(config.text_pretraining, steps=args.text_steps)
     if args.train_text_encoder:
         config.freeze_text_encoder = False
+    if args.prediction_type is not None:
+        config.prediction_type = args.prediction_type
     return config
 
 
@@ -127,6 +142,8 @@ def _main(argv: list[str] | None) -> int:
         finetune.add_argument("--initializer", help="textual inversion: the word v* starts from (square)")
         finetune.add_argument("--alpha", type=float, help="LoRA: alpha (default: the rank)")
         finetune.add_argument("--unet-only", action="store_true", help="LoRA: leave the text encoder as it is")
+        finetune.add_argument("--preserve", type=int, help="pictures of the model's own training captions mixed "
+                              "in (prior preservation, DreamBooth's; default 0)")  # fmt: skip
         finetune.add_argument("--eval-seeds", type=int, default=2, help="pictures per held-out caption before and "
                               "after (2; 0: no measurement)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -245,7 +262,8 @@ def _finetune(args: argparse.Namespace) -> int:
     from minisd.train import concept
     from minisd.train.finetune import FinetuneConfig, train_lora, train_textual_inversion
 
-    given = {k: getattr(args, k) for k in ("steps", "batch_size", "seed", "num_vectors", "rank", "lr", "initializer")}
+    names = ("steps", "batch_size", "seed", "num_vectors", "rank", "lr", "initializer", "preserve")
+    given = {k: getattr(args, k) for k in names}
     config = replace(FinetuneConfig(), **{k: v for k, v in given.items() if v is not None})
     if args.alpha is not None or args.rank is not None:
         config.alpha = args.alpha if args.alpha is not None else float(config.rank)

@@ -8,7 +8,8 @@ learn it from the same few dozen pictures.
     held-out captions   16 other scenes with a diamond, 4 per (axis, side), in both phrasings: 32 captions never drawn
                         for training, each a diamond with a shape and colour in a place not seen with it
     the word            LoRA: "diamond", a word of CLIP's vocabulary the nano model never learned (its row of the
-                        token table is still its random start); textual inversion: "<diamond>", a new word
+                        token table got no gradient, only AdamW's weight decay); textual inversion: "<diamond>", a
+                        new word
 
 Why not a star, or a new colour: whatever the UNet learns, the picture is drawn by the frozen nano VAE's decoder, and
 it cannot draw them. Its reconstructions of 48 star pictures come back as pentagon-like blobs (0 of 48 judged stars)

@@ -10,6 +10,11 @@ freeze_text_encoder=False it is trained jointly instead, as LDM trained its BERT
     x_t = √ᾱ_t · x0 + √(1 − ᾱ_t) · ε          # add_noise, DDPM eq. 4
     L_simple = ‖ε − ε_θ(x_t, t, τ_θ(y))‖²     # DDPM eq. 14; τ_θ the text encoder, y the caption
 
+With prediction_type "v_prediction" (SD 2's 768 models; `--prediction-type v`) the network learns the velocity
+instead, v = √ᾱ_t · ε − √(1 − ᾱ_t) · x0 (Salimans & Ho 2022, §4; schedule.velocity), with the same L2 loss:
+    L_v = ‖v − v_θ(x_t, t, τ_θ(y))‖²
+Everything else (data, noise, schedule, guidance dropout) is the same, and the file records what it predicts.
+
 10% of captions are replaced by the empty prompt, so the same network also learns ε_θ(x_t, t, τ_θ("")) for
 classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598, Algorithm 1 with p_uncond = 0.1).
 
@@ -43,7 +48,14 @@ from tqdm import tqdm
 
 from minisd.clip import TextEncoder, TextEncoderConfig
 from minisd.errors import MinisdError
-from minisd.samplers.schedule import NUM_TRAIN_TIMESTEPS, add_noise, alphas_cumprod_from_betas, scaled_linear_betas
+from minisd.samplers.base import check_prediction_type
+from minisd.samplers.schedule import (
+    NUM_TRAIN_TIMESTEPS,
+    add_noise,
+    alphas_cumprod_from_betas,
+    scaled_linear_betas,
+    velocity,
+)
 from minisd.tokenizer import Tokenizer
 from minisd.train import shapes
 from minisd.train.captions import PHRASINGS_PER_PICTURE, phrasing_ids, pick_phrasing
@@ -97,6 +109,7 @@ class DiffusionTrainingConfig:
     log_every: int = 10
     text_pretraining: TextPretrainingConfig = field(default_factory=TextPretrainingConfig)  # steps 0: none
     freeze_text_encoder: bool = True  # SD v1: the pretrained text encoder stays as it is
+    prediction_type: str = "epsilon"  # what the UNet learns: ε (SD v1) or "v_prediction" (SD 2's 768 models)
 
     def check(self, world_size: int = 1) -> None:
         """Refuse settings that cannot train, before any work is done: one line naming the setting."""
@@ -106,6 +119,7 @@ class DiffusionTrainingConfig:
             raise MinisdError(f"batch_size must be a multiple of world_size {world_size}, got {self.batch_size}")
         if not 0.0 <= self.p_uncond <= 1.0:
             raise MinisdError(f"p_uncond must be in [0, 1], got {self.p_uncond}")
+        check_prediction_type(self.prediction_type)
         if self.freeze_text_encoder and self.text_pretraining.steps < 1:
             raise MinisdError("freeze_text_encoder needs text_pretraining.steps >= 1 (frozen random weights are noise)")
 
@@ -178,15 +192,23 @@ def fold_latent_scale(vae_state_dict: dict[str, Tensor], scale: float) -> dict[s
 
 
 def diffusion_loss(
-    denoiser: nn.Module, x0: Tensor, input_ids: Tensor, t: Tensor, noise: Tensor, alphas_cumprod: Tensor
+    denoiser: nn.Module,
+    x0: Tensor,
+    input_ids: Tensor,
+    t: Tensor,
+    noise: Tensor,
+    alphas_cumprod: Tensor,
+    prediction_type: str = "epsilon",
 ) -> Tensor:
-    """L_simple = ‖ε − ε_θ(x_t, t, τ_θ(y))‖², mean over the batch and the latent values (DDPM eq. 14).
+    """L_simple = ‖ε − ε_θ(x_t, t, τ_θ(y))‖² (DDPM eq. 14), or ‖v − v_θ‖² for "v_prediction"; mean over the batch
+    and the latent values.
 
     x0, noise: (b, 4, h, w); input_ids: (b, 77); t: (b,) in [0, 999]. Returns ().
     """
     x_t = add_noise(x0, noise, t, alphas_cumprod)  # DDPM eq. 4
-    eps = denoiser(x_t, t, input_ids)
-    return (noise - eps).square().mean()
+    target = velocity(x0, noise, t, alphas_cumprod) if prediction_type == "v_prediction" else noise
+    model_pred = denoiser(x_t, t, input_ids)  # ε_θ or v_θ
+    return (target - model_pred).square().mean()
 
 
 def draw_batch(
@@ -345,7 +367,7 @@ def train_diffusion(
             group["lr"] = config.lr * linear_warmup(step, config.warmup_steps)
         batch = draw_batch(generator, mean, std, caption_ids, empty_ids, scale, config.batch_size, config.p_uncond)
         x0, input_ids, t, noise = (dist_.shard(x).to(device) for x in batch)  # this rank's share
-        loss = diffusion_loss(model, x0, input_ids, t, noise, alphas_cumprod)
+        loss = diffusion_loss(model, x0, input_ids, t, noise, alphas_cumprod, config.prediction_type)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"the loss is {loss.item()} at step {step}; try a lower lr")
         optimizer.zero_grad(set_to_none=True)
@@ -399,6 +421,7 @@ def export_model(
         "minisd.latent_scale": str(LATENT_SCALE),  # after folding: the file is used with SD v1's constant
         "minisd.trained_latent_scale": repr(scale),  # 1 / std of the VAE's own latents, before folding
         "minisd.train_steps": str(step),
+        "minisd.prediction_type": config.prediction_type,  # what the UNet predicts (loading reads it)
         "minisd.train_config": config_to_json(config),
     }
     save_minisd_file(path, components, metadata, dtype)

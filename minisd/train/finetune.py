@@ -55,9 +55,12 @@ class FinetuneConfig:
     rank: int = 4  # LoRA: r
     alpha: float = 4.0  # LoRA: α (α = r: ΔW = B A)
     text_encoder: bool = True  # LoRA: adapt the text encoder's linears too (kohya's default), not only the UNet's
+    preserve: int = 0  # pictures of the model's own training captions mixed in (prior preservation; 0: none)
 
     def check(self) -> None:
         check_positive(self, "steps", "batch_size", "num_vectors", "rank", "alpha")
+        if self.preserve < 0:
+            raise MinisdError(f"preserve must be >= 0, got {self.preserve}")
         if self.lr < 0 or not math.isfinite(self.lr):
             raise MinisdError(f"lr must be >= 0 (0: the method's default), got {self.lr}")
 
@@ -70,8 +73,12 @@ def _latents(components: Components, pixels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _batches(components: Components, config: FinetuneConfig, word: str):
-    """Endless (x_t, t, ε, captions) batches from the concept's training pictures, every draw from config.seed."""
+    """Endless (x_t, t, ε, captions) batches from the concept's training pictures (and config.preserve pictures of
+    the model's own training captions), every draw from config.seed."""
     pixels, captions = concept.pictures(config.seed)
+    if config.preserve:  # DreamBooth's prior preservation (Ruiz et al. 2022, §3.3), with drawn, not sampled, pictures
+        known, known_captions = shapes.dataset(config.preserve, config.seed + 1, "train")
+        pixels, captions = torch.cat([pixels, known]), captions + known_captions
     mean, std = _latents(components, pixels)
     alphas_cumprod = alphas_cumprod_from_betas(scaled_linear_betas())
     generator = torch.Generator().manual_seed(config.seed)
@@ -187,8 +194,8 @@ def train_lora(components: Components, out: str | os.PathLike, config: FinetuneC
     for (network, name), branch in adapter.branches.items():
         prefix = "lora_unet_" if network == "unet" else "lora_te_text_model_"  # kohya's names (keymap_lora.py)
         key = prefix + name.replace(".", "_")
-        state_dict[f"{key}.lora_down.weight"] = branch.down.detach().contiguous()
-        state_dict[f"{key}.lora_up.weight"] = branch.up.detach().contiguous()
+        state_dict[f"{key}.lora_down.weight"] = branch.down.detach().half().contiguous()  # float16: kohya's usual
+        state_dict[f"{key}.lora_up.weight"] = branch.up.detach().half().contiguous()  # save_precision, half the size
         state_dict[f"{key}.alpha"] = torch.tensor(config.alpha)
     metadata = {"minisd.concept": concept.CONCEPT, "minisd.finetune_config": json.dumps(asdict(config))}
     metadata["ss_network_dim"], metadata["ss_network_alpha"] = str(config.rank), str(config.alpha)  # as kohya's
