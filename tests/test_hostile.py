@@ -585,6 +585,58 @@ def test_weights_and_configs_of_the_wrong_kind(commands, tmp_path):
         assert_refused(commands, "minisd", "generate", "a fox", "--model", "sd", cwd=tmp_path, says=("sd",))
 
 
+def test_sd2_files_get_the_same_checks(commands, tmp_path):
+    """SD 2 files are accepted since issue 19; the same classes stay refused in one line there: a fused OpenCLIP
+    q, k, v of the wrong shape, NaN weights, SD 2's own config fields of the wrong type or not fitting the weights
+    (attention_head_dim per level, use_linear_projection, upcast_attention, hidden_act), a bad recorded prediction
+    type, and a folder's scheduler_config / special_tokens_map that are wrong, nested too deep or too large."""
+    from safetensors.torch import save_file
+
+    from tests.fakes import tiny_components, tiny_sd2_official_state_dict
+    from weights_convert.configs import configs_from_shapes
+    from weights_convert.detect import MINISD_METADATA, join_minisd_file
+    from weights_convert.folders import write_folder
+
+    official = tiny_sd2_official_state_dict()
+    fused = next(name for name in official if name.endswith("in_proj_weight"))
+    proj_in = next(name for name in official if name.endswith("proj_in.weight"))
+    for i, (name, tensor) in enumerate(((fused, torch.tensor(1.0)), (fused, torch.zeros(5, official[fused].shape[1])),
+                                        (proj_in, torch.full_like(official[proj_in], float("nan"))))):  # fmt: skip
+        save_file({**official, name: tensor}, tmp_path / f"official{i}.safetensors")
+        argv = ("generate", "a fox", "--checkpoint", f"official{i}.safetensors")
+        assert_refused(commands, "minisd", *argv, cwd=tmp_path, says=(name.rsplit(".", 2)[-2],))
+
+    components = tiny_components(sd2=True)
+    configs = configs_from_shapes(components, "v2")
+    metadata = {**MINISD_METADATA, "minisd.variant": "v2", "minisd.prediction_type": "v_prediction"}
+    cases = [("unet", "attention_head_dim", "8"), ("unet", "attention_head_dim", [0, 1]),
+             ("unet", "attention_head_dim", [3, 3]), ("unet", "attention_head_dim", [1, 2, 3]),
+             ("unet", "use_linear_projection", "yes"), ("unet", "use_linear_projection", False),
+             ("unet", "upcast_attention", 1), ("text_encoder", "hidden_act", ["gelu"]),
+             ("text_encoder", "hidden_act", "relu"), ("text_encoder", "num_hidden_layers", 40_000)]  # fmt: skip
+    for i, (component, key, value) in enumerate(cases):
+        changed = {**configs, component: {**configs[component], key: value}}
+        path = tmp_path / f"minisd{i}.safetensors"
+        save_file(join_minisd_file(components), path, {**metadata, "minisd.config": json.dumps(changed)})
+        assert_refused(commands, "minisd", "generate", "a fox", "--checkpoint", path.name, cwd=tmp_path)
+    save_file(join_minisd_file(components), tmp_path / "pred.safetensors", {**metadata, "minisd.prediction_type": "x"})
+    argv = ("generate", "a fox", "--checkpoint", "pred.safetensors")
+    assert_refused(commands, "minisd", *argv, cwd=tmp_path, says=("prediction_type",))
+
+    write_folder(components, tmp_path / "sd2", "v2", "v_prediction", 64)
+    for name, text in (("scheduler/scheduler_config.json", json.dumps({"prediction_type": ["v_prediction"]})),
+                       ("scheduler/scheduler_config.json", json.dumps({"rescale_betas_zero_snr": "yes"})),
+                       ("scheduler/scheduler_config.json", "[" * 100_000 + "]" * 100_000),
+                       ("tokenizer/special_tokens_map.json", "[" * 100_000 + "]" * 100_000),
+                       ("tokenizer/special_tokens_map.json", json.dumps({"pad_token": "!" * (2 << 20)}))):  # fmt: skip
+        path = tmp_path / "sd2" / name
+        kept = path.read_text()
+        path.write_text(text)
+        argv = ("generate", "a fox", "--model", "sd2")
+        assert_refused(commands, "minisd", *argv, cwd=tmp_path, says=(path.name,))
+        path.write_text(kept)
+
+
 def test_unreadable_and_special_weights_files(commands, tmp_path):
     """An unreadable .ckpt gave a traceback and an unreadable .safetensors was reported as "No such file"; a FIFO
     or a folder where a weights file belongs must not block or mislead either."""

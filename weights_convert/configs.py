@@ -169,13 +169,19 @@ def configs_from_shapes(
 # config.json files
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config.json, scheduler_config.json or special_tokens_map.json is a few KB
+
+
 def read_config_file(path: Path) -> dict:
-    """A config.json as a dict; a one-line MinisdError when it is missing or not a JSON object."""
+    """A config.json as a dict; a one-line MinisdError when it is missing, over MAX_CONFIG_BYTES, nested too deep
+    for Python's parser or not a JSON object."""
     if not path.is_file():
         raise MinisdError(f"{path}: missing (every diffusers component folder has a config.json)")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise MinisdError(f"{path}: {path.stat().st_size} bytes; a config file has at most {MAX_CONFIG_BYTES}")
     try:
         config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise MinisdError(f"{path}: not valid JSON ({' '.join(str(error).split())})") from None
     if not isinstance(config, dict):
         raise MinisdError(f"{path}: not a config (a JSON {type(config).__name__}, not an object)")
@@ -274,9 +280,8 @@ SHAPE_KEYS = {  # use_linear_projection: SD 2's Linear proj_in ([c, c]) or SD v1
 
 def check_config(component: str, config, state_dict: dict[str, Tensor]) -> None:
     """Before a network is built from its dataclass `config`: every size its weights show must be the config's
-    (a config saying 40,000 layers would otherwise build them before any shape is compared), and the head count
-    and GroupNorm groups, which the weights do not show, must divide every level's channels (SD 2's head counts,
-    one per level, their own level's)."""
+    (a config saying 40,000 layers would otherwise build them before any shape is compared), and the head counts
+    (SD 2's: one per level) and GroupNorm groups, which the weights do not show, must divide each level's channels."""
     read = {"unet": unet_config, "vae": vae_config, "text_encoder": lambda sd: text_encoder_config(sd, "")}
     try:
         shown = read[component](state_dict)

@@ -9,7 +9,6 @@ Every network is built on the meta device from its config.json (checked by weigh
 anything that is not Kandinsky 2.2) and takes the file's tensors strictly (minisd.loading.assign_weights).
 """
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from minisd.kandinsky.prior import Prior, PriorConfig
 from minisd.kandinsky.unet import DecoderUNet, DecoderUNetConfig
 from minisd.loading import HUB_ID, WEIGHT_SUFFIXES, assign_weights, hub_snapshot
 from minisd.tokenizer import Tokenizer
-from weights_convert.configs import check_sizes_within, fields_from
+from weights_convert.configs import check_sizes_within, fields_from, read_config_file
 from weights_convert.files import read_state_dict
 from weights_convert.kandinsky import (
     FOLDERS,
@@ -166,10 +165,7 @@ def _weights_path(component_dir: Path, component: str, variant: str | None) -> P
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise MinisdError(f"{path}: missing (a diffusers folder has model_index.json and a config.json per part)")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise MinisdError(f"{path}: not valid JSON ({' '.join(str(error).split())})") from None
+    return read_config_file(path)  # bounded: size, nesting, a JSON object
 
 
 def _readme_prior(decoder_folder: Path) -> str:
@@ -226,6 +222,6 @@ def _model_index(source: str | os.PathLike, local_files_only: bool) -> dict | No
     else:
         return None
     try:
-        return json.loads(index_path.read_text())
-    except (OSError, ValueError):
+        return read_config_file(index_path)  # bounded: size, nesting, a JSON object
+    except (OSError, MinisdError):
         return None
