@@ -16,8 +16,8 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1.
+def positive_int(text: str, most: int | None = None) -> int:
+    """An argparse type: an integer >= 1, and <= most if given (then the type is partial(positive_int, most=N)).
 
     >>> positive_int("3")
     3
@@ -26,8 +26,8 @@ def positive_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    if value < 1 or (most is not None and value > most):
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, {most or 'inf'}], got {value}")
     return value
 
 

@@ -25,6 +25,8 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,7 +38,7 @@ from minisd.errors import MinisdError
 from minisd.hashes import hash_matches
 from minisd.images import make_grid, open_image, read_png_parameters, save_png
 from minisd.kandinsky import cli as kandinsky_cli
-from minisd.loading import HUB_ID
+from minisd.loading import HUB_ID, check_device
 from minisd.locate import find_vae, find_weights
 from minisd.parameters import GenerationParameters, check_fields, draw_seed, parse_parameters
 from minisd.samplers import sampler_names
@@ -45,6 +47,8 @@ from minisd.samplers.schedule import SPACINGS
 from minisd.samplers.sigmas import SCHEDULE_TYPES
 
 OUTPUT_DIR = Path("outputs")
+MAX_IMAGES = 10_000  # --num-images: each image is written as it is made, but a run should end this year
+MAX_GRID = 100  # --grid: the images of one run in one picture (100 SD v1 images: 26 M pixels)
 MODES = {"generate": "txt2img", "img2img": "img2img", "inpaint": "inpaint"}  # command -> GenerationParameters.mode
 NUMBERED = re.compile(r"^(\d{5,})")  # outputs/00042.png, 00042-cat.png, ...
 NO_WEIGHTS = (
@@ -91,7 +95,7 @@ def check_args(args) -> None:
     if args.dtype is not None and args.dtype not in DTYPES:
         raise MinisdError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     if args.device is not None:
-        check_device(args.device)
+        check_device(args.device, "--device")
     if args.output is not None:
         check_output(args.output)
 
@@ -99,28 +103,19 @@ def check_args(args) -> None:
 def check_output(output: str) -> None:
     if Path(output).is_dir():
         return
-    if Path(output).suffix.lower() != ".png":
+    if Path(output).suffix.lower() != ".png" or (Path(output).exists() and not Path(output).is_file()):  # a FIFO
         raise MinisdError(f"-o must be a .png file or an existing folder, got {output!r}")
     if not Path(output).parent.is_dir():
         raise MinisdError(f"-o: the folder {str(Path(output).parent)!r} does not exist")
-
-
-def check_device(device: str) -> None:
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError):
-        raise MinisdError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {device!r}") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise MinisdError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise MinisdError(f"--device {device}: MPS is not available on this machine (use --device cpu)")
 
 
 def weights_source(args) -> str:
     """--checkpoint FILE or --model ID_OR_FOLDER, else the shipped default model, else a one-line hint."""
     if args.checkpoint is not None:
         if not Path(args.checkpoint).is_file():
-            what = "a folder (use --model for diffusers folders)" if Path(args.checkpoint).is_dir() else "no such file"
+            path = Path(args.checkpoint)
+            what = "no such file" if not path.exists() else "not a regular file (a pipe, socket or device)"
+            what = "a folder (use --model for diffusers folders)" if path.is_dir() else what
             raise MinisdError(f"--checkpoint {args.checkpoint!r}: {what}")
         return args.checkpoint
     if args.model is not None:
@@ -133,16 +128,8 @@ def weights_source(args) -> str:
     return str(model)
 
 
-def load(
-    source: str,
-    dtype: str | None,
-    device: str | None,
-    fast: bool,
-    status: Status,
-    cached_only: bool = False,
-    vae: str | None = None,
-    prediction_type: str | None = None,
-) -> StableDiffusion:
+def load(source: str, dtype: str | None, device: str | None, fast: bool, status: Status, cached_only: bool = False,
+         vae: str | None = None, prediction_type: str | None = None) -> StableDiffusion:  # fmt: skip
     status.phase(f"loading {source}")
     dtype = DTYPES[dtype] if dtype else None
     with warnings.catch_warnings(record=True) as caught:  # what loading assumed: one "note:" line each
@@ -171,15 +158,15 @@ def next_numbered(folder: Path) -> Path:
     return folder / f"{max(numbers, default=0) + 1:05d}.png"
 
 
-def output_paths(output: str | None, n: int) -> list[Path]:
-    """Where n images go: -o FILE (FILE-1.png ... with n > 1), -o FOLDER or outputs/ (numbered)."""
+def output_paths(output: str | None, n: int) -> Iterator[Path]:
+    """Where n images go, one path at a time: -o FILE (FILE-1.png ... with n > 1), -o FOLDER or outputs/ (numbered).
+    Nothing is created here: outputs/ is made when the first image is written (see save)."""
     if output is None or Path(output).is_dir():
         folder = OUTPUT_DIR if output is None else Path(output)
-        folder.mkdir(parents=True, exist_ok=True)
         first = int(NUMBERED.match(next_numbered(folder).name).group(1))
-        return [folder / f"{first + i:05d}.png" for i in range(n)]
+        return (folder / f"{first + i:05d}.png" for i in range(n))
     path = Path(output)
-    return [path] if n == 1 else [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(n)]
+    return iter([path]) if n == 1 else (path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(n))
 
 
 def write_png(pil, path: Path, text: str | None, overwrite: bool) -> Path:
@@ -212,6 +199,7 @@ def save(pil, params: GenerationParameters, path: Path, overwrite: bool) -> Path
         )
     if params.sampler == "DDPM":
         print("note: A1111 has no DDPM sampler: it reads this PNG's Sampler as its default sampler", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)  # outputs/, on the first image (-o folders exist already)
     written = write_png(pil, path, text, overwrite)
     print(f"{written}  seed {params.seed}")
     return written
@@ -230,34 +218,35 @@ def command_generate(args, status: Status) -> None:
     args.steps = args.steps or 50  # SD v1's default (the sampler's: the model's, see StableDiffusion.sampler)
     if args.command != "generate" and args.strength is None:
         args.strength = 0.8 if args.command == "img2img" else 1.0
-    if args.image is not None:
-        open_image("--image", args.image)  # a missing or unreadable file fails before loading
-    if args.mask is not None:
-        open_image("--mask", args.mask)
+    if args.grid and args.num_images > MAX_GRID:
+        raise MinisdError(f"--grid takes at most {MAX_GRID} images (--num-images), got {args.num_images}")
+    # the source images are opened once, here: a missing, special or oversized file fails before loading
+    image = None if args.image is None else open_image("--image", args.image)
+    mask = None if args.mask is None else open_image("--mask", args.mask)
     seed = args.seed if args.seed is not None else draw_seed()
     loras = additions_cli.check(args)  # a bad --lora or <lora:…> tag fails before loading
     paths = output_paths(args.output, args.num_images)
     pipe = load(source, args.dtype, args.device, args.fast, status, vae=args.vae, prediction_type=args.prediction_type)
     added = additions_cli.apply(pipe, args, loras)
-    from minisd.train.evaluate import prompt_note  # the nano model's grammar: a note for prompts outside it
-
-    note = None if added else prompt_note(source, args.prompt)  # new words and LoRAs: no note on the grammar
-    if note is not None:
-        print(note, file=sys.stderr)
     params, sources = pipe.parameters(
         MODES[args.command], args.prompt, args.negative_prompt, args.steps, args.guidance, args.sampler, args.eta,
-        args.clip_skip, height=args.height, width=args.width, strength=args.strength, image=args.image,
-        mask_image=args.mask, schedule_type=args.schedule_type, timestep_spacing=args.timestep_spacing,
+        args.clip_skip, height=args.height, width=args.width, strength=args.strength, image=image,
+        mask_image=mask, schedule_type=args.schedule_type, timestep_spacing=args.timestep_spacing,
         guidance_rescale=args.guidance_rescale, vae_tiling=args.vae_tiling, paste_unmasked=args.paste_unmasked,
     )  # fmt: skip
     written = []
     for i, path in enumerate(paths):  # one image at a time, so each is written as soon as it is made
-        label = f"image {i + 1}/{len(paths)}"
+        label = f"image {i + 1}/{args.num_images}"
         written.append(make_image(pipe, params, sources, seed + i, path, args.overwrite, status, label))
     if args.grid and len(written) > 1:
         grid = make_grid([open_image("image", p) for p in written], rows=max(1, round(math.sqrt(len(written)))))
         grid_path = written[0].with_name(f"{written[0].stem}-grid.png")
         print(f"{write_png(grid, grid_path, None, args.overwrite)}  grid of {len(written)} images")
+    from minisd.train.evaluate import prompt_note  # the nano model's grammar: a note for prompts outside it
+
+    note = None if added else prompt_note(source, args.prompt)  # after the run: a refusal stays the only line
+    if note is not None:
+        print(note, file=sys.stderr)
     if args.seed is None:
         print(f"seed {seed} was drawn (--seed {seed} repeats this run)", file=sys.stderr)
 
@@ -266,12 +255,16 @@ def command_regenerate(args, status: Status) -> None:
     text = read_png_parameters(args.png)
     if not text:
         raise MinisdError(f"{args.png} holds no 'parameters' text: not written by minisd or A1111 (or a grid)")
-    if kandinsky_cli.is_kandinsky_text(text):
+    try:  # a text too long, malformed or out of range: one line naming the file
+        fields = parse_parameters(text)
+        params = None if kandinsky_cli.is_kandinsky_text(text) else GenerationParameters.from_text(text)
+    except MinisdError as error:
+        raise MinisdError(f"{args.png}: {error}") from None
+    if params is None:
         return kandinsky_cli.regenerate(args, text, status, save, output_paths, weights_source)
     if args.prior is not None:
         raise MinisdError("--prior is a Kandinsky 2.2 option; this PNG's parameters are an SD v1 image's")
-    params = GenerationParameters.from_text(text)
-    unknown = check_fields(parse_parameters(text))
+    unknown = check_fields(fields)
     if unknown:
         print(f"note: fields minisd does not know, not used: {', '.join(unknown)}", file=sys.stderr)
     cached_only = False
@@ -285,7 +278,7 @@ def command_regenerate(args, status: Status) -> None:
         raise MinisdError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     device = args.device or params.device
     if device is not None:
-        check_device(device)
+        check_device(device, "--device" if args.device else f"{args.png}'s Device parameter")
     if params.threads is not None and (device or "cpu").startswith("cpu"):
         torch.set_num_threads(params.threads)  # the CPU's float sums depend on how the work is split
     vae = None if params.vae is None else find_vae(params.vae, params.vae_hash, args.models_dir or [])
@@ -298,7 +291,7 @@ def command_regenerate(args, status: Status) -> None:
     params.model_hash = pipe.model_hash  # A1111's 10 digits, also where the PNG held its old 8
     params.dtype, params.device = str(pipe.dtype).removeprefix("torch."), pipe.device.type
     params.threads = torch.get_num_threads() if pipe.device.type == "cpu" else None  # also where A1111 wrote none
-    path = output_paths(args.output, 1)[0]
+    path = next(output_paths(args.output, 1))
     make_image(pipe, params, sources, params.seed, path, args.overwrite, status, "regenerating")
 
 
@@ -350,7 +343,8 @@ def add_weights_args(command) -> None:
 def add_generation_args(command, name: str) -> None:
     command.add_argument("prompt", help="the prompt (A1111 emphasis: (word:1.2), [word], BREAK)")
     if name != "generate":
-        command.add_argument("--image", required=True, help="the source image (sides multiples of 8)")
+        command.add_argument("--image", required=True, help="the source image (sides multiples of 8, at most "
+                             "16 times the model's own area)")  # fmt: skip
     if name == "inpaint":
         command.add_argument("--mask", required=True, help="the mask, the image's size (white = repaint)")
         command.add_argument(
@@ -374,14 +368,19 @@ def add_generation_args(command, name: str) -> None:
     command.add_argument("--vae-tiling", action="store_true", help="decode in 512-pixel tiles (large images)")
     command.set_defaults(height=None, width=None, strength=None, image=None, mask=None, paste_unmasked=False)
     if name == "generate":
-        size = "pixels, a multiple of 8 (default: the model's size, 512 for SD v1, 64 for the nano model)"
+        size = (
+            "pixels, a multiple of 8 (default: the model's size, 512 for SD v1, 64 for the nano model); width × "
+            "height at most 16 times the model's own area (2048×2048 for SD v1, 256×256 for the nano model)"
+        )
         command.add_argument("--height", type=positive_int, help=size)
         command.add_argument("--width", type=positive_int, help=size)
     else:
         default = "0.8; Kandinsky 2.2: 0.3" if name == "img2img" else "1"
         command.add_argument("--strength", type=number, help=f"in (0, 1] ({default})")
-    command.add_argument("--num-images", type=positive_int, default=1, help="images, seed, seed+1, ... (1)")
-    command.add_argument("--grid", action="store_true", help="with --num-images: also one picture of them all")
+    command.add_argument("--num-images", type=partial(positive_int, most=MAX_IMAGES), default=1,
+                         help=f"images, seed, seed+1, ... (1; at most {MAX_IMAGES})")  # fmt: skip
+    command.add_argument("--grid", action="store_true", help="with --num-images: also one picture of them all (at "
+                         f"most {MAX_GRID} images)")  # fmt: skip
 
 
 def build_parser() -> ArgumentParser:
@@ -413,7 +412,8 @@ def build_parser() -> ArgumentParser:
     weights.add_argument("--checkpoint", metavar="FILE", help="a single weights file (default: the nano model)")
     weights.add_argument("--model", metavar="ID|DIR", help="a Hugging Face hub id or a diffusers folder")
     explain.add_argument("--device", help="cpu (default), cuda, cuda:1, mps")
-    explain.add_argument("--port", type=positive_int, default=7860, help="http://127.0.0.1:PORT (7860)")
+    explain.add_argument("--port", type=partial(positive_int, most=65535), default=7860,
+                         help="http://127.0.0.1:PORT (7860)")  # fmt: skip
     explain.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     info = commands.add_parser("info", help="what a weights file, diffusers folder or hub id holds")
     info.add_argument("source", metavar="FILE_OR_ID", help="a .safetensors/.ckpt file, a diffusers folder or a hub id")

@@ -10,17 +10,23 @@ into a PNG and take it out.
 
 import math
 import os
+import stat
+import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from einops import rearrange
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin
 from torch import Tensor
 
 from minisd.errors import MinisdError
 
 WHITE = (255, 255, 255)  # what transparent pixels become: A1111's default img2img_background_color "#ffffff"
 PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")  # the modes PIL can write as PNG
+MAX_IMAGE_SIDE = (
+    8192  # pixels: the largest picture minisd makes (pipelines/checks.py MAX_SIDE), so the largest it reads
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # PIL <-> tensors
@@ -80,8 +86,8 @@ def image_to_pixels(image: Tensor) -> Tensor:
 
 
 def image_to_pil(image: Tensor) -> list[Image.Image]:
-    """(b, 3, h, w) in [-1, 1] -> b RGB PIL images of image_to_pixels(image). Values outside [-1, 1] clip; NaN is
-    refused.
+    """(b, 3, h, w) in [-1, 1] -> b RGB PIL images of image_to_pixels(image). Values outside [-1, 1] clip; NaN and
+    inf are refused.
 
     >>> [pil.getpixel((0, 0)) for pil in image_to_pil(torch.tensor([-1.0, 0.0, 2.0]).reshape(1, 3, 1, 1))]
     [(0, 128, 255)]
@@ -89,8 +95,13 @@ def image_to_pil(image: Tensor) -> list[Image.Image]:
     if not isinstance(image, Tensor) or image.dim() != 4 or image.shape[1] != 3 or not image.is_floating_point():
         what = f"{tuple(image.shape)} {image.dtype}" if isinstance(image, Tensor) else type(image).__name__
         raise MinisdError(f"image must be a floating (batch, 3, height, width) tensor, got {what}")
-    if image.isnan().any():
-        raise MinisdError("image must not contain NaN (a VAE decode in float16 can overflow: decode in float32)")
+    if not image.isfinite().all():  # inf would clip silently to white or black
+        hint = (
+            "a VAE decode in float16 can overflow: decode in float32"
+            if image.dtype == torch.float16
+            else ("the latents were not finite: check the weights, the guidance scale and the emphasis weights")
+        )
+        raise MinisdError(f"image must not contain NaN or inf ({hint})")
     pixels = image_to_pixels(image)
     h, w = pixels.shape[1:3]
     return [Image.frombytes("RGB", (w, h), bytes(p.flatten().tolist())) for p in pixels]
@@ -157,8 +168,6 @@ def load_image(image: str | os.PathLike | Image.Image, timeout: float = 30.0) ->
     import urllib.error
     import urllib.request
 
-    from PIL import ImageOps
-
     if isinstance(image, str) and image.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(image, timeout=timeout) as response:
@@ -168,19 +177,17 @@ def load_image(image: str | os.PathLike | Image.Image, timeout: float = 30.0) ->
         if len(data) > MAX_DOWNLOAD:
             raise MinisdError(f"{image}: larger than {MAX_DOWNLOAD >> 20} MB, not loaded")
         source = io.BytesIO(data)
-    elif isinstance(image, str | os.PathLike):
-        if not Path(image).is_file():
-            raise MinisdError(f"image must be an image file, an http(s) URL or a PIL image; no such file: {image!r}")
-        source = image
+    elif isinstance(image, str | os.PathLike):  # opened once, a regular file, its size checked, upright
+        return open_image("image", image).convert("RGB")
     elif isinstance(image, Image.Image):
         return ImageOps.exif_transpose(image).convert("RGB")
     else:
         raise MinisdError(f"image must be a path, an http(s) URL or a PIL image, got {type(image).__name__}")
-    try:
-        with Image.open(source) as pil:
+    with _open_pil("image", source, image) as pil:  # the declared size checked before any pixel is decoded
+        try:
             return ImageOps.exif_transpose(pil).convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-        raise MinisdError(f"cannot read {image} as an image ({type(error).__name__})") from None
+        except Exception as error:  # truncated or corrupt pixel data, a crafted EXIF block: PIL raises many kinds
+            raise MinisdError(f"cannot read {image} as an image ({type(error).__name__})") from None
 
 
 def make_image_grid(images: list[Image.Image], rows: int, cols: int, resize: int | None = None) -> Image.Image:
@@ -210,18 +217,54 @@ def make_image_grid(images: list[Image.Image], rows: int, cols: int, resize: int
 # Image files
 
 
-def open_image(name: str, path: str | os.PathLike) -> Image.Image:
-    """An image file, fully read; a one-line MinisdError if it is missing or not an image."""
+def open_file(name: str, path: str | os.PathLike) -> BinaryIO:
+    """A regular file opened once for reading (binary), or a one-line MinisdError: missing, a folder, a FIFO, socket or
+    device (opened without waiting for a writer, then refused: reading it could block forever), unreadable.
+    Checking the path and then opening it would leave a gap in which it can change; this opens, then checks."""
+    shown = os.fspath(path)
     try:
-        with Image.open(path) as pil:
-            pil.load()
-            return pil
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO opens at once instead of waiting
     except FileNotFoundError:
-        raise MinisdError(f"{name}: no such file: {os.fspath(path)!r}") from None
-    except IsADirectoryError:
-        raise MinisdError(f"{name} must be an image file, got the folder {os.fspath(path)!r}") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise MinisdError(f"{name}: cannot read {os.fspath(path)!r} as an image ({error.__class__.__name__})") from None
+        raise MinisdError(f"{name}: no such file: {shown!r}") from None
+    except OSError as error:
+        raise MinisdError(f"{name}: cannot read {shown!r} ({error.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "the folder" if stat.S_ISDIR(mode) else "a pipe, socket or device"
+        raise MinisdError(f"{name} must be a regular file, got {what} {shown!r}")
+    return os.fdopen(fd, "rb")
+
+
+def _open_pil(name: str, file: BinaryIO, shown: str) -> Image.Image:
+    """Image.open on an open file, its size checked before any pixel is decoded (a 296 KB PNG can declare
+    10000×10000: 300 MB decoded); PIL's decompression-bomb warning and error are the same one-line refusal."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            pil = Image.open(file)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise MinisdError(f"{name}: {shown!r} declares more pixels than {MAX_IMAGE_SIDE}×{MAX_IMAGE_SIDE}") from None
+    except Exception as error:  # PIL raises many kinds for a crafted file: each is "not an image we can read"
+        raise MinisdError(f"{name}: cannot read {shown!r} as an image ({error.__class__.__name__})") from None
+    if max(pil.size) > MAX_IMAGE_SIDE:
+        raise MinisdError(
+            f"{name}: {shown!r} is {pil.width}x{pil.height} pixels; images go up to {MAX_IMAGE_SIDE} on a side"
+        )
+    return pil
+
+
+def open_image(name: str, path: str | os.PathLike) -> Image.Image:
+    """An image file, opened once, checked, fully read and upright: its EXIF orientation applied (a phone photo
+    stores its pixels sideways and says so), as diffusers' load_image and A1111 do. A one-line MinisdError for a
+    missing, unreadable or special file (open_file), a file PIL cannot read, or one over MAX_IMAGE_SIDE."""
+    with open_file(name, path) as file, _open_pil(name, file, os.fspath(path)) as pil:
+        try:
+            pil.load()
+            return ImageOps.exif_transpose(pil)  # a transposed copy, or a plain copy when upright already
+        except Exception as error:  # truncated or corrupt pixel data, a crafted EXIF block: PIL raises many kinds
+            shown = f"{os.fspath(path)!r} as an image ({error.__class__.__name__})"
+            raise MinisdError(f"{name}: cannot read {shown}") from None
 
 
 def save_png(pil: Image.Image, path: str | os.PathLike, parameters: str | None, overwrite: bool = False) -> None:
@@ -241,6 +284,8 @@ def save_png(pil: Image.Image, path: str | os.PathLike, parameters: str | None, 
         raise MinisdError(f"path must be in an existing folder, got {str(path)!r}")
     if path.is_dir():
         raise MinisdError(f"path must be a file name, got the folder {str(path)!r}")
+    if path.exists() and not path.is_file():  # opening a FIFO to write waits for a reader: forever
+        raise MinisdError(f"path must be a regular file, got a pipe, socket or device: {str(path)!r}")
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
@@ -252,13 +297,15 @@ def save_png(pil: Image.Image, path: str | os.PathLike, parameters: str | None, 
 
 
 def read_png_parameters(path: str | os.PathLike) -> str | None:
-    """The "parameters" text of a PNG (A1111's or save_png's), or None when it has none."""
-    if not isinstance(path, str | os.PathLike) or not os.path.isfile(path):
-        raise MinisdError(f"path must be an existing file, got {path!r}")
-    try:
-        with Image.open(path) as im:
-            if im.format != "PNG":
-                raise MinisdError(f"path must be a PNG file, got a {im.format} file: {os.fspath(path)!r}")
-            return im.text.get("parameters")  # .text also reads text chunks stored after the pixels
-    except UnidentifiedImageError:
-        raise MinisdError(f"path must be a PNG file, got a file PIL cannot read: {os.fspath(path)!r}") from None
+    """The "parameters" text of a PNG (A1111's or save_png's), or None when it has none. A PNG whose (compressed)
+    text inflates past PIL's limit is refused, not read; the text's own limit is parameters.parse_parameters'."""
+    if not isinstance(path, str | os.PathLike):
+        raise MinisdError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    with open_file("path", path) as file, _open_pil("path", file, os.fspath(path)) as im:
+        if im.format != "PNG":
+            raise MinisdError(f"path must be a PNG file, got a {im.format} file: {os.fspath(path)!r}")
+        try:
+            text = im.text.get("parameters")  # .text also reads text chunks stored after the pixels
+        except Exception as error:  # PIL: "Decompressed Data Too Large", a truncated or crafted file
+            raise MinisdError(f"path: cannot read the text of {os.fspath(path)!r} ({error})") from None
+    return text

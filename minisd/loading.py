@@ -34,7 +34,7 @@ from minisd.errors import MinisdError
 from minisd.tokenizer import PAD_TOKENS, Tokenizer
 from minisd.unet import UNet, UNetConfig
 from minisd.vae import VAE, VAEConfig
-from weights_convert.configs import COMPONENTS, fields_from
+from weights_convert.configs import COMPONENTS, check_config, fields_from
 from weights_convert.detect import CheckpointInfo
 from weights_convert.files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 from weights_convert.folders import (
@@ -105,10 +105,7 @@ def load_components(
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise MinisdError(f"dtype must be None or a torch floating dtype, got {dtype!r}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise MinisdError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+    device = check_device(device)
     path = Path(source)
     read_as = dtype if device.type == "cpu" else None  # the CPU's weights are the converted copies themselves
     if path.is_file():
@@ -130,17 +127,43 @@ def load_components(
         weights = read_weights(folder, use_ema, variant, read_as)
         prediction, note = prediction_of(weights.info, prediction_type, str(source))
         latent_size = weights.configs["unet"].get("sample_size", 64)
+        if type(latent_size) is not int or not 1 <= latent_size <= 512:
+            raise MinisdError(
+                f"{folder}: unet config sample_size must be an integer in [1, 512], got {latent_size!r:.20}"
+            )
         factor = fields_from(VAEConfig, weights.configs["vae"]).downscale_factor
-        sample_size, guidance_scale = latent_size * factor if isinstance(latent_size, int) else 512, 7.5
+        sample_size, guidance_scale = latent_size * factor, 7.5
         tokenizer = _folder_tokenizer(folder, weights.info.variant)
-    unet, vae, text_encoder = (
-        _build(component, weights.configs[component], weights.state_dicts[component], dtype, device)
-        for component in COMPONENTS  # unet, vae, text_encoder
-    )
+    try:  # every config checked against its weights before any network is built
+        configs = {c: _checked_config(c, weights.configs[c], weights.state_dicts[c]) for c in COMPONENTS}
+        unet, vae, text_encoder = (
+            _build(component, configs[component], weights.state_dicts[component], dtype, device)
+            for component in COMPONENTS  # unet, vae, text_encoder
+        )
+    except MinisdError as error:
+        raise MinisdError(f"{source}: {error}") from None
     return Components(
         tokenizer, text_encoder, vae, unet, weights.info, sample_size, guidance_scale, prediction,
         weights.rescale_betas_zero_snr, note, scheduler=weights.scheduler or {"sampler": "PLMS"},
     )  # fmt: skip
+
+
+def check_device(device: str | torch.device, name: str = "device") -> torch.device:
+    """cpu, cuda, cuda:N or mps, present on this machine, as a torch.device (meta, xla and the like hold no
+    numbers: the weights could not go there)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
+        raise MinisdError(f"{name} must be cpu, cuda, cuda:N or mps, got {str(device)!r:.40}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise MinisdError(f"{name} {device}: CUDA is not available on this machine (use cpu)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise MinisdError(f"{name} {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise MinisdError(f"{name} {device}: MPS is not available on this machine (use cpu)")
+    return parsed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,7 +174,7 @@ def _defaults_from_metadata(path: Path, metadata: dict[str, str], size: int = 51
     """The picture size and guidance scale a minisd-trained file records; `size` (512, or 768 for SD 2's v models)
     and SD's 7.5 for other files."""
     text = metadata.get("minisd.sample_size", str(size))
-    if not text.isdigit() or int(text) % 8 or not 8 <= int(text) <= 4096:
+    if not re.fullmatch(r"[0-9]{1,4}", text) or int(text) % 8 or not 8 <= int(text) <= 4096:  # ASCII digits only
         raise MinisdError(f"{path}: its minisd.sample_size metadata must be a multiple of 8 pixels, got {text!r:.20}")
     guidance = metadata.get("minisd.guidance_scale", "7.5")[:20]
     if not re.fullmatch(r"\d{1,3}(\.\d+)?", guidance) or float(guidance) > 100:
@@ -196,46 +219,51 @@ def hub_snapshot(
     weight_files: dict[str, tuple[str, ...]] = WEIGHT_FILES,
     other_files: tuple[str, ...] | None = None,
 ) -> Path:
-    """Download (or find in the cache) just the files load_components reads: configs, one weights file per
+    """The snapshot folder of a hub id with just the files load_components reads: configs, one weights file per
     component (safetensors preferred, `variant` if given), the tokenizer and the scheduler config (what the model
-    predicts). Returns the snapshot folder. weight_files, other_files: another family's components (name ->
-    weights file names, best first) and the other files it reads (minisd.kandinsky.loading); each component's
-    config.json is always fetched.
+    predicts). weight_files, other_files: another family's components (name -> weights file names, best first) and
+    the other files it reads (minisd.kandinsky.loading); each component's config.json is always fetched.
 
-    Offline (local_files_only, HF_HUB_OFFLINE=1, or the Hub unreachable) the cached snapshot of `main` is used,
-    as diffusers does; what it lacks is reported by the folder reader.
+    Offline by default for an id found in the Hugging Face cache: its cached snapshot of `main` is used without a
+    network call (as diffusers does offline; what it lacks is reported by the folder reader). An id not in the
+    cache is downloaded, unless downloads are off (local_files_only, HF_HUB_OFFLINE=1): the Hub is asked once,
+    without retries, and an unreachable Hub is one line within seconds (the hub client's own retries took 25 s and
+    printed a dozen lines).
     """
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     suffix = "" if variant is None else f".{variant}"
     cache_dir = _hub_cache_dir()
-    offline = local_files_only or _hub_offline()
-    why_offline = "downloads are off (local_files_only=True or HF_HUB_OFFLINE=1)"
-    files: set[str] = set()
-    if not offline:
-        try:
-            files = set(HfApi().list_repo_files(repo_id))
-        except (RepositoryNotFoundError, GatedRepoError) as error:
-            raise MinisdError(f"{repo_id}: {' '.join(str(error).split()[:12])} ...") from None
-        except Exception as error:  # any transport failure (DNS, proxy, timeout): fall back to the cache
-            offline, why_offline = True, f"the Hub cannot be reached ({type(error).__name__}: {error})"
+    candidates = {c: [f"{c}/{name.format(v=suffix)}" for name in names] for c, names in weight_files.items()}
     sd_files = ("model_index.json", *TOKENIZER_FILES, *SPECIAL_TOKENS_FILES, SCHEDULER_FILE)
     other_files = sd_files if other_files is None else other_files
     patterns = [*other_files, *(f"{c}/config.json" for c in weight_files)]
-    for component, names in weight_files.items():
-        candidates = [f"{component}/{name.format(v=suffix)}" for name in names]
-        # online: the best file the repo has (never both formats); offline: whatever the cache holds
-        patterns += candidates if offline else [next((c for c in candidates if c in files), candidates[0])]
-    try:
-        folder = snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir, local_files_only=offline)
+    try:  # the cache first: never a network call for an id already there
+        cached = [*patterns, *(name for names in candidates.values() for name in names)]
+        return Path(snapshot_download(repo_id, allow_patterns=cached, cache_dir=cache_dir, local_files_only=True))
     except LocalEntryNotFoundError:
-        message = f"{repo_id} is not in the Hugging Face cache ({cache_dir}) and {why_offline}"
-        raise MinisdError(" ".join(f"{message}: download it once online, or pass a local path".split())) from None
-    except (HfHubHTTPError, OSError, ValueError) as error:
+        pass
+    not_cached = f"{repo_id} is not in the Hugging Face cache ({cache_dir})"
+    if local_files_only or _hub_offline():
         raise MinisdError(
-            f"{repo_id}: cannot fetch from the Hugging Face Hub ({' '.join(str(error).split())})"
+            f"{not_cached} and downloads are off (local_files_only=True, HF_HUB_OFFLINE=1, or weights a PNG names)"
+        )
+    try:
+        files = {sibling.rfilename for sibling in HfApi().model_info(repo_id, timeout=10).siblings or []}
+    except (RepositoryNotFoundError, GatedRepoError) as error:
+        raise MinisdError(f"{repo_id}: {' '.join(str(error).split()[:12])} ...") from None
+    except Exception as error:  # any transport failure (DNS, proxy, timeout): one line, no retries
+        raise MinisdError(
+            f"{not_cached} and the Hub cannot be reached ({type(error).__name__}: {error}): download it once "
+            "online, or pass a local path"
         ) from None
+    # the best weights file the repo has for each component (never both formats)
+    patterns += [next((name for name in names if name in files), names[0]) for names in candidates.values()]
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir)
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        raise MinisdError(f"{repo_id}: cannot fetch from the Hugging Face Hub ({error})") from None
     return Path(folder)
 
 
@@ -263,7 +291,8 @@ def load_vae(
         path = _hub_vae_snapshot(str(source), local_files_only)
     weights = read_vae(path)
     try:
-        return _build("vae", weights.config, weights.state_dict, dtype, torch.device(device))
+        config = _checked_config("vae", weights.config, weights.state_dict)  # before building, as load_components
+        return _build("vae", config, weights.state_dict, dtype, torch.device(device))
     except MinisdError as error:
         raise MinisdError(f"{source}: {error}") from None
 
@@ -294,12 +323,25 @@ def _hub_vae_snapshot(repo_id: str, local_files_only: bool) -> Path:
 # Building the networks
 
 
-def _build(component: str, config: dict, state_dict: dict[str, Tensor], dtype, device) -> nn.Module:
-    """Build the network from its config.json dict on the meta device (no memory, no random init), then give it
-    the file's tensors as its parameters (strict; a one-line error on any mismatch)."""
-    module_class, config_class = NETWORKS[component]
+def _checked_config(component: str, config: dict, state_dict: dict[str, Tensor]):
+    """The network's dataclass config from its config.json dict, once it fits the weights: each field of its type,
+    every size the weights show equal to the config's (configs.check_config), every weight floating point."""
+    integers = [f"{name} ({t.dtype})" for name, t in state_dict.items() if not t.is_floating_point()]
+    if integers:
+        raise MinisdError(f"{component}: {len(integers)} weights are not floating point, e.g. {integers[0]}")
+    try:
+        module_config = fields_from(NETWORKS[component][1], config)
+    except MinisdError as error:
+        raise MinisdError(f"{component}: {error}") from None
+    check_config(component, module_config, state_dict)
+    return module_config
+
+
+def _build(component: str, config, state_dict: dict[str, Tensor], dtype, device) -> nn.Module:
+    """Build the network from its checked dataclass config on the meta device (no memory, no random init), then
+    give it the file's tensors as its parameters (strict; a one-line error on any mismatch)."""
     with torch.device("meta"):
-        module = module_class(fields_from(config_class, config))
+        module = NETWORKS[component][0](config)
     return assign_weights(component, module, state_dict, dtype, device, "SD's")
 
 
@@ -307,7 +349,8 @@ def assign_weights(
     component: str, module: nn.Module, state_dict: dict[str, Tensor], dtype, device, model: str
 ) -> nn.Module:
     """Give a meta-device `module` the file's tensors as its parameters: strict (every name, every shape; one
-    line naming `model`'s component otherwise), moved straight from the memory map to device/dtype. Eval mode."""
+    line naming `model`'s component otherwise), moved straight from the memory map to device/dtype, every value
+    finite. Eval mode."""
     expected = module.state_dict()
     missing = [name for name in expected if name not in state_dict]
     unexpected = [name for name in state_dict if name not in expected]
@@ -325,6 +368,13 @@ def assign_weights(
         raise MinisdError(f"{component}: the weights do not fit {model} {component}: {'; '.join(problems)}")
     # one step from the memory map to the target; .to() copies only when the dtype or device differs (None: keep)
     moved = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else None) for k, t in state_dict.items()}
+    # NaN or ±inf weights make every picture garbage (an inf VAE bias: all white). A tensor's float32 sum is finite
+    # exactly when its values are (weights are far too small to overflow it): one cheap pass on the target device,
+    # one synchronisation.
+    finite = torch.stack([t.sum(dtype=torch.float32) for t in moved.values()]).isfinite().tolist()
+    if not all(finite):
+        bad = [name for name, ok in zip(moved, finite, strict=True) if not ok]
+        raise MinisdError(f"{component}: {len(bad)} weights hold NaN or inf values, e.g. {bad[0]}: a corrupt file")
     with torch.no_grad():
         module.load_state_dict(moved, strict=True, assign=True)
     assert not any(t.is_meta for t in module.state_dict().values()), "every tensor must come from the file"

@@ -24,10 +24,8 @@ minisd's own keys, for what A1111 lacks or does otherwise (A1111 shows them and 
     Dtype, Device       the UNet's: other arithmetic gives other bytes
     Threads             the CPU threads torch computed with: the CPU's float sums depend on how work is split
     Fast                minisd.fast applied: the same image up to float rounding, not to the byte
-    Prediction type     what SD 2 and v-prediction models predict (SD 2 files lack it: regenerate gives it back)
-    Zero terminal SNR   β rescaled for zero terminal SNR (Lin et al. 2023), when on
-    TI hashes           A1111's: each textual-inversion embedding the prompts used, "name: first 12 hex digits of
-                        the file's SHA-256, …" (hashes.file_hash)
+    Prediction type     SD 2's and v models' ε or v (SD 2 files lack it); Zero terminal SNR (Lin et al. 2023) when on
+    TI hashes           A1111's: each embedding the prompts used, "name: 12 hex digits of its file's SHA-256, …"
     Lora hashes         A1111's: each LoRA applied, "name: 12 hex digits of its tensor bytes' SHA-256, …"
                         (hashes.lora_hash); minisd adds Lora weights, {name: {"weight": w, "fused": bool}} as JSON, for
                         LoRAs loaded for every image (a <lora:name:w> tag's weight is in the prompt)
@@ -36,8 +34,8 @@ No path of the maker's machine is written (minisd before this wrote "Weights", "
 they are read no more). Not recorded: library versions and the CPU or GPU model. Same recorded parameters, weights,
 torch version, device kind, dtype, CPU thread count and CPU or GPU model -> same bytes (see README "Same bytes").
 Texts from A1111 read into the same sampler and schedule ("DPM++ 2M Karras" of 1.5-era A1111 and "DPM++ 2M,
-Schedule type: Karras" of 1.9+ alike); A1111 fields that change the picture and that minisd cannot honour (hires
-fix, an A1111 sampler or schedule minisd lacks, ...) are refused in one line naming the field (check_fields).
+Schedule type: Karras" of 1.9+ alike); A1111 fields that change the picture and that minisd cannot honour (hires fix,
+an A1111 sampler or schedule minisd lacks, ...) are refused in one line naming the field (check_fields).
 """
 
 import json
@@ -52,6 +50,7 @@ from PIL import Image
 from minisd import samplers
 from minisd.errors import MinisdError
 from minisd.hashes import recorded_image
+from minisd.parameter_line import key_values  # the last line's pairs, in linear time
 
 MODES = ("txt2img", "img2img", "inpaint")
 MAX_THREADS = 1024  # a recorded CPU thread count regenerate sets: more is a tampered file, not a machine
@@ -66,9 +65,7 @@ def draw_seed() -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # A1111's "parameters" text
 
-# One "key: value" pair of the last line, as A1111's parser reads it: a key of word characters, spaces, "-" and "/",
-# then either a JSON string or anything up to the next comma.
-PARAMETER = re.compile(r'\s*(?P<key>\w[\w \-/]+):\s*(?P<value>"(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+MAX_PARAMETERS = 256 << 10  # characters of a "parameters" text (a 10,000-word prompt is ~60 KB)
 NEGATIVE_PREFIX = "Negative prompt:"
 FIXED_KEYS = (
     "Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash",
@@ -172,9 +169,12 @@ def parse_parameters(text: str) -> dict[str, str]:
     """
     if not isinstance(text, str):
         raise MinisdError(f"text must be a str, got {type(text).__name__}")
+    if len(text) > MAX_PARAMETERS:
+        raise MinisdError(f"parameters text must be at most {MAX_PARAMETERS} characters, got {len(text)}")
     *lines, last = text.strip().split("\n")
-    if len(PARAMETER.findall(last)) < 3:
-        lines, last = [*lines, last], ""
+    pairs = key_values(last)
+    if len(pairs) < 3:
+        lines, pairs = [*lines, last], []
     prompt_lines: list[str] = []
     negative_lines: list[str] = []
     in_negative = False
@@ -187,7 +187,7 @@ def parse_parameters(text: str) -> dict[str, str]:
         if target or line:  # A1111 drops empty lines before the first text
             target.append(line)
     fields = {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines)}
-    for key, value in PARAMETER.findall(last):
+    for key, value in pairs:
         if len(value) >= 2 and value[0] == value[-1] == '"':
             try:
                 value = json.loads(value)

@@ -230,6 +230,10 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise MinisdError(f"text must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # lone surrogates: bytes a terminal could not decode (Python's escapes)
+            raise MinisdError(f"text must be valid text, got undecodable bytes at character {error.start}") from None
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return [j for i in ids for j in self.added.get(i, [i])] if self.added else ids
 

@@ -398,11 +398,13 @@ def test_status_line():
 
 def test_output_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert cli.output_paths(None, 2) == [Path("outputs/00001.png"), Path("outputs/00002.png")]
+    assert list(cli.output_paths(None, 2)) == [Path("outputs/00001.png"), Path("outputs/00002.png")]
+    assert not (tmp_path / "outputs").exists()  # made when the first image is written, not before
+    (tmp_path / "outputs").mkdir()
     (tmp_path / "outputs" / "00041-cat.png").write_bytes(b"")
-    assert cli.output_paths(None, 1) == [Path("outputs/00042.png")]
-    assert cli.output_paths("cat.png", 2) == [Path("cat-1.png"), Path("cat-2.png")]
-    assert cli.output_paths(str(tmp_path), 1) == [tmp_path / "00001.png"]
+    assert list(cli.output_paths(None, 1)) == [Path("outputs/00042.png")]
+    assert list(cli.output_paths("cat.png", 2)) == [Path("cat-1.png"), Path("cat-2.png")]
+    assert list(cli.output_paths(str(tmp_path), 1)) == [tmp_path / "00001.png"]
 
 
 def test_help_version_and_info_texts(work, capsys):

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from minisd.errors import MinisdError
-from weights_convert.safe_pickle import Stub, safe_load
+from weights_convert.safe_pickle import Stub
+from weights_convert.torch_save import safe_load
 
 
 def write_torch_zip(path, data_pkl: bytes) -> None:

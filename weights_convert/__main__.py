@@ -6,12 +6,13 @@
     python -m weights_convert export IN OUT.safetensors    # -> the official single-file layout
 
 IN may be an official single file (.safetensors / .ckpt), a minisd single file or a diffusers-style folder.
-An existing OUT is never replaced unless --overwrite is given. Errors: one line on stderr, exit status 2.
+An existing OUT is never replaced unless --overwrite is given; OUT is written beside, then renamed into place, and
+an existing OUT folder keeps every file a conversion does not write. OUT may not be, contain or lie inside IN.
+Errors: one line on stderr, exit status 2.
 What the model predicts travels with it (a folder's scheduler_config, a minisd file's metadata); an SD 2 single
 file does not record it: --prediction-type says it, else the file's name decides (768 = v) and a note says so.
 """
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -22,29 +23,9 @@ from minisd.errors import MinisdError
 from minisd.samplers.base import PREDICTION_TYPES
 from weights_convert.describe import describe
 from weights_convert.detect import LAYOUT_NAMES, MINISD_METADATA, join_minisd_file
+from weights_convert.files import check_output, write_beside
 from weights_convert.folders import cast_floats, prediction_of, read_weights, save_safetensors, write_folder
 from weights_convert.official import minisd_to_ldm
-
-
-def _check_out(src: Path, out: Path, overwrite: bool, want_file: bool) -> None:
-    """Refuse a bad OUT before any work is done (an existing OUT stays until the new data is ready)."""
-    if want_file and out.suffix != ".safetensors":
-        raise MinisdError(f"OUT must be a .safetensors file path, got {str(out)!r}")
-    if out.exists() and src.exists() and out.resolve() == src.resolve():
-        raise MinisdError(f"IN and OUT are the same path ({out}); write to a new path")
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise MinisdError(f"{out} already exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise MinisdError(f"the folder {out.parent} for OUT does not exist")
-
-
-def _remove(out: Path) -> None:
-    """Delete an existing OUT (only reached with --overwrite), just before writing the new one."""
-    if out.is_dir() and not out.is_symlink():
-        shutil.rmtree(out)
-    elif out.exists() or out.is_symlink():
-        out.unlink()
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The three commands (info is describe.describe).
@@ -54,32 +35,35 @@ def command_convert(
     src: Path, out: Path, use_ema: bool, dtype: torch.dtype | None, overwrite: bool, prediction_type: str | None
 ) -> str:
     to_file = out.suffix == ".safetensors"
-    _check_out(src, out, overwrite, want_file=False)
+    check_output(src, out, overwrite, "file" if to_file else "folder")
     weights = read_weights(src, use_ema)
     layout, variant = weights.info.layout, weights.info.variant
     prediction, note = prediction_of(weights.info, prediction_type, str(src))
     components = {c: cast_floats(sd, dtype) for c, sd in weights.state_dicts.items()}
-    _remove(out)
     if to_file:
         metadata = {**MINISD_METADATA, "minisd.variant": variant, "minisd.prediction_type": prediction}
-        save_safetensors(join_minisd_file(components), out, metadata)
+        write_beside(out, "file", lambda path: save_safetensors(join_minisd_file(components), path, metadata))
         return f"wrote {out} (minisd single file, from the {LAYOUT_NAMES[layout]})" + (
             f"\nnote: {note}" if note else ""
         )
     sample_size = 768 if variant == "v2" and prediction == "v_prediction" else 512  # SD 2's v models: 768 px
-    written = write_folder(components, out, variant, prediction, sample_size)
+    written = []
+    write_beside(
+        out, "folder", lambda path: written.extend(write_folder(components, path, variant, prediction, sample_size))
+    )
     return f"wrote {out}/: {', '.join(written)} (from the {LAYOUT_NAMES[layout]})" + (f"\nnote: {note}" if note else "")
 
 
 def command_export(src: Path, out: Path, use_ema: bool, dtype: torch.dtype | None, overwrite: bool) -> str:
-    _check_out(src, out, overwrite, want_file=True)
+    if out.suffix != ".safetensors":
+        raise MinisdError(f"OUT must be a .safetensors file path, got {str(out)!r}")
+    check_output(src, out, overwrite, "file")
     weights = read_weights(src, use_ema)
     layout = weights.info.layout
     variant = weights.info.variant
     state_dict = minisd_to_ldm(weights.state_dicts, variant=variant, kept=weights.kept)
     state_dict = cast_floats(state_dict, dtype)
-    _remove(out)
-    save_safetensors(state_dict, out, {"format": "pt"})
+    write_beside(out, "file", lambda path: save_safetensors(state_dict, path, {"format": "pt"}))
     family = "SD 2" if variant.startswith("v2") else "SD v1"
     return f"wrote {out} (official {family} layout, {len(state_dict)} tensors, from the {LAYOUT_NAMES[layout]})"
 
@@ -99,7 +83,8 @@ def build_parser() -> ArgumentParser:
         command.add_argument("out", type=Path, metavar="OUT", help=out_help)
         command.add_argument("--raw-unet", action="store_true", help="take the non-EMA UNet of a v1-5-pruned file")
         command.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: keep)")
-        command.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+        command.add_argument("--overwrite", action="store_true", help="replace an existing OUT (in a folder: only the "
+                             "files a conversion writes)")  # fmt: skip
         if name == "convert":
             command.add_argument(
                 "--prediction-type", choices=PREDICTION_TYPES, help="what an SD 2 single file's model predicts"

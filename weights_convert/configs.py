@@ -29,6 +29,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
+from types import UnionType
+from typing import get_args
 
 from torch import Tensor
 
@@ -52,26 +54,36 @@ def count(names: Iterable[str], prefix: str) -> int:
     return len({m.group(1) for m in map(pattern.match, names) if m})
 
 
+def _dim(state_dict: dict[str, Tensor], name: str, dim: int) -> int:
+    """state_dict[name].shape[dim], once the tensor has SD's number of dimensions for that weight: 2 for the
+    linear layers and embedding tables sizes are read from, 4 for the convolutions."""
+    ndim = 2 if name.endswith(("to_k.weight", "fc1.weight", "_embedding.weight")) else 4
+    shape = tuple(state_dict[name].shape)
+    if len(shape) != ndim:
+        raise MinisdError(f"{name} has shape {shape}; SD's has {ndim} dimensions")
+    return shape[dim]
+
+
 def unet_config(unet: dict[str, Tensor], latent_size: int = 64) -> dict:
     """diffusers UNet2DConditionModel config.json for these weights: sizes read from shapes, the rest the family's.
     SD 2 shows itself by its Linear proj_in ([c, c], not a [c, c, 1, 1] conv): then 64-wide heads per level and
     attention upcast (Stability's SD 2 code computes attention in float32: ATTN_PRECISION "fp32")."""
     levels = count(unet, "down_blocks")
     attention = [f"down_blocks.{i}.attentions.0.norm.weight" in unet for i in range(levels)]
-    channels = [unet[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)]
+    channels = [_dim(unet, f"down_blocks.{i}.resnets.0.conv1.weight", 0) for i in range(levels)]
     proj_in = next((t for name, t in unet.items() if name.endswith("attentions.0.proj_in.weight")), None)
     sd2 = proj_in is not None and proj_in.ndim == 2
     return {
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": "0.42.1",
         "sample_size": latent_size,  # latent pixels: 64 for 512 px, 96 for SD 2's 768 px
-        "in_channels": unet["conv_in.weight"].shape[1],
-        "out_channels": unet["conv_out.weight"].shape[0],
+        "in_channels": _dim(unet, "conv_in.weight", 1),
+        "out_channels": _dim(unet, "conv_out.weight", 0),
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
         "block_out_channels": channels,
         "layers_per_block": count(unet, "down_blocks.0.resnets"),
-        "cross_attention_dim": unet["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"].shape[1],
+        "cross_attention_dim": _dim(unet, "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight", 1),
         # the number of heads (diffusers' historical name), not their width: SD v1's 8, or SD 2's one per level
         "attention_head_dim": [c // HEAD_WIDTH_SD2 for c in channels] if sd2 else 8,
         "use_linear_projection": sd2,
@@ -93,13 +105,13 @@ def vae_config(vae: dict[str, Tensor]) -> dict:
     return {
         "_class_name": "AutoencoderKL",
         "_diffusers_version": "0.42.1",
-        "in_channels": vae["encoder.conv_in.weight"].shape[1],
-        "out_channels": vae["decoder.conv_out.weight"].shape[0],
+        "in_channels": _dim(vae, "encoder.conv_in.weight", 1),
+        "out_channels": _dim(vae, "decoder.conv_out.weight", 0),
         "down_block_types": ["DownEncoderBlock2D"] * levels,
         "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "block_out_channels": [vae[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)],
+        "block_out_channels": [_dim(vae, f"encoder.down_blocks.{i}.resnets.0.conv1.weight", 0) for i in range(levels)],
         "layers_per_block": count(vae, "encoder.down_blocks.0.resnets"),
-        "latent_channels": vae["post_quant_conv.weight"].shape[0],
+        "latent_channels": _dim(vae, "post_quant_conv.weight", 0),
         "norm_num_groups": 32,
         "act_fn": "silu",
         "sample_size": 512,
@@ -111,17 +123,17 @@ def text_encoder_config(text_encoder: dict[str, Tensor], dtype_name: str, varian
     """transformers CLIPTextModel config.json, sizes from shapes: openai/clip-vit-large-patch14's text part (SD v1),
     or OpenCLIP ViT-H's as stabilityai/stable-diffusion-2-1's text_encoder/config.json has it (variant "v2…":
     64-wide heads, GELU). The family cannot be read off minisd names and shapes, hence `variant`."""
-    vocab_size, hidden_size = text_encoder["embeddings.token_embedding.weight"].shape
+    vocab_size, hidden_size = (_dim(text_encoder, "embeddings.token_embedding.weight", i) for i in (0, 1))
     sd2 = variant.startswith("v2")
     return {
         "architectures": ["CLIPTextModel"],
         "model_type": "clip_text_model",
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
-        "intermediate_size": text_encoder["encoder.layers.0.mlp.fc1.weight"].shape[0],
+        "intermediate_size": _dim(text_encoder, "encoder.layers.0.mlp.fc1.weight", 0),
         "num_hidden_layers": count(text_encoder, "encoder.layers"),
         "num_attention_heads": hidden_size // HEAD_WIDTH_SD2 if sd2 else 12,
-        "max_position_embeddings": text_encoder["embeddings.position_embedding.weight"].shape[0],
+        "max_position_embeddings": _dim(text_encoder, "embeddings.position_embedding.weight", 0),
         "hidden_act": "gelu" if sd2 else "quick_gelu",
         "layer_norm_eps": 1e-5,
         "projection_dim": 512 if sd2 else 768,
@@ -157,13 +169,19 @@ def configs_from_shapes(
 # config.json files
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config.json, scheduler_config.json or special_tokens_map.json is a few KB
+
+
 def read_config_file(path: Path) -> dict:
-    """A config.json as a dict; a one-line MinisdError when it is missing or not a JSON object."""
+    """A config.json as a dict; a one-line MinisdError when it is missing, over MAX_CONFIG_BYTES, nested too deep
+    for Python's parser or not a JSON object."""
     if not path.is_file():
         raise MinisdError(f"{path}: missing (every diffusers component folder has a config.json)")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise MinisdError(f"{path}: {path.stat().st_size} bytes; a config file has at most {MAX_CONFIG_BYTES}")
     try:
         config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise MinisdError(f"{path}: not valid JSON ({' '.join(str(error).split())})") from None
     if not isinstance(config, dict):
         raise MinisdError(f"{path}: not a config (a JSON {type(config).__name__}, not an object)")
@@ -184,23 +202,104 @@ def configs_from_metadata(metadata: dict[str, str]) -> dict[str, dict] | None:
     try:
         configs = json.loads(text)
         return {component: dict(configs[component]) for component in COMPONENTS}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as error:
         raise MinisdError(f"its minisd.config metadata is not valid ({error!r:.80})") from None
 
 
+MAX_SIZE = 1 << 20  # any size in a config (channels, layers, vocabulary; SD v1's largest is 49,408)
+MAX_LEVELS = 16  # entries of block_out_channels (SD v1 has 4)
+
+
+def _valid(kind: type, value) -> bool:
+    """Whether a config value has its field's type: int sizes in [1, MAX_SIZE], a positive finite float, a bool, a
+    short str, or a list of 1 to MAX_LEVELS int sizes (bool is not an int here)."""
+    if kind is int:
+        return type(value) is int and 1 <= value <= MAX_SIZE
+    if kind is float:
+        return type(value) in (int, float) and 0 < value < MAX_SIZE
+    if kind is bool:
+        return type(value) is bool
+    if kind is str:  # a name (hidden_act): the network's own check says which
+        return type(value) is str and len(value) <= 64
+    if isinstance(kind, UnionType):  # SD 2's attention_head_dim: one head count, or one per level
+        return any(_valid(arm, value) for arm in get_args(kind))
+    return type(value) in (list, tuple) and 1 <= len(value) <= MAX_LEVELS and all(_valid(int, v) for v in value)
+
+
 def fields_from(config_class, config: dict):
-    """The dataclass config from a config.json dict: the fields of the same name (lists become tuples).
+    """The dataclass config from a config.json dict: the fields of the same name (lists become tuples), each of its
+    field's type (a one-line MinisdError for "320" where 320 belongs, 1e9 layers, a list where an int goes).
 
     >>> from dataclasses import dataclass
     >>> @dataclass
     ... class Sizes:
-    ...     channels: tuple = (1,)
+    ...     channels: tuple[int, ...] = (1,)
     ...     layers: int = 2
     >>> fields_from(Sizes, {"channels": [8, 16], "act_fn": "silu"})
     Sizes(channels=(8, 16), layers=2)
+    >>> fields_from(Sizes, {"layers": "2"})
+    Traceback (most recent call last):
+    minisd.errors.MinisdError: config key layers must be an integer in [1, 1048576], got '2'
     """
     values = {f.name: config[f.name] for f in fields(config_class) if config.get(f.name) is not None}
+    for f in fields(config_class):
+        if f.name in values and not _valid(f.type, values[f.name]):
+            what = {int: f"an integer in [1, {MAX_SIZE}]", float: "a positive number", bool: "true or false"}
+            levels = f"a list of 1 to {MAX_LEVELS} integers in [1, {MAX_SIZE}]"
+            what = {**what, str: "a name (at most 64 characters)", int | tuple[int, ...]: f"{what[int]} or {levels}"}
+            what = what.get(f.type, levels)
+            raise MinisdError(f"config key {f.name} must be {what}, got {values[f.name]!r:.40}")
     return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def check_sizes_within(component: str, config, state_dict: dict[str, Tensor]) -> None:
+    """A bound for networks without a size table (Kandinsky 2.2's): no integer in the dataclass `config` may exceed
+    what its weights could show, the largest tensor side or the number of tensors, whichever is larger (defaults
+    aside). A config saying a million layers is refused before a million layers are built (on the meta device:
+    seconds, gigabytes)."""
+    bound = max([len(state_dict), *(max(t.shape, default=1) for t in state_dict.values())])
+    for f in fields(config):
+        values = getattr(config, f.name)
+        if values == f.default:  # a field the file did not set (or set to minisd's own default): a known size
+            continue
+        for value in values if isinstance(values, tuple) else (values,):
+            if type(value) is int and value > bound:
+                raise MinisdError(
+                    f"{component}: the config says {f.name} {value}; its weights show no size over {bound}"
+                )
+
+
+# The config keys whose values the weights show (read by unet_config, vae_config, text_encoder_config).
+SHAPE_KEYS = {  # use_linear_projection: SD 2's Linear proj_in ([c, c]) or SD v1's 1×1 conv ([c, c, 1, 1])
+    "unet": ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
+             "use_linear_projection"),
+    "vae": ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block"),
+    "text_encoder": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "max_position_embeddings"),
+}  # fmt: skip
+
+
+def check_config(component: str, config, state_dict: dict[str, Tensor]) -> None:
+    """Before a network is built from its dataclass `config`: every size its weights show must be the config's
+    (a config saying 40,000 layers would otherwise build them before any shape is compared), and the head counts
+    (SD 2's: one per level) and GroupNorm groups, which the weights do not show, must divide each level's channels."""
+    read = {"unet": unet_config, "vae": vae_config, "text_encoder": lambda sd: text_encoder_config(sd, "")}
+    try:
+        shown = read[component](state_dict)
+    except KeyError as error:
+        raise MinisdError(f"{component}: cannot read the network sizes: the weights lack {error.args[0]}") from None
+    for key in SHAPE_KEYS[component]:
+        said = getattr(config, key)
+        seen = tuple(shown[key]) if isinstance(shown[key], list) else shown[key]
+        if said != seen:
+            raise MinisdError(f"{component}: the config says {key} {said}, the weights show {seen}")
+    channels = getattr(config, "block_out_channels", ())
+    heads = config.heads() if component == "unet" else (1,) * len(channels)
+    groups = (getattr(config, "norm_num_groups", 1),) * len(channels)
+    for key, parts in (("attention_head_dim", heads), ("norm_num_groups", groups)):
+        if any(c % p for c, p in zip(channels, parts, strict=True)):
+            raise MinisdError(
+                f"{component}: {key} {getattr(config, key)} does not divide the channels {channels} of each level"
+            )
 
 
 def family(configs: dict[str, dict]) -> str:
@@ -237,12 +336,15 @@ def _check_unet(config: dict, where: str | Path) -> dict:
     ):
         if config.get(key, sd_v1) != sd_v1:
             _refuse(where, f"{key} {config[key]!r}, SD v1 has {sd_v1!r}")
-    levels = len(config.get("block_out_channels", (320, 640, 1280, 1280)))
-    down = ["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"]
-    up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1)
+    channels = config.get("block_out_channels", (320, 640, 1280, 1280))
+    if not isinstance(channels, list | tuple):
+        _refuse(where, f"block_out_channels {channels!r:.40} is not a list")
+    down = ["CrossAttnDownBlock2D"] * (len(channels) - 1) + ["DownBlock2D"]
+    up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (len(channels) - 1)
     for key, sd_v1 in (("down_block_types", down), ("up_block_types", up)):
-        if list(config.get(key, sd_v1)) != sd_v1:
-            _refuse(where, f"{key} {config[key]}, SD has {sd_v1}")
+        value = config.get(key, sd_v1)
+        if not isinstance(value, list | tuple) or list(value) != sd_v1:
+            _refuse(where, f"{key} {value!r:.200}, SD has {sd_v1}")
     if config.get("num_attention_heads") is not None:  # diffusers: num_attention_heads or attention_head_dim
         return {**config, "attention_head_dim": config["num_attention_heads"]}
     return config

@@ -30,10 +30,10 @@ def describe(path: Path) -> str:
         kind = "safetensors" if path.suffix == ".safetensors" else "torch pickle (read without running code)"
         try:
             info = inspect_checkpoint(read_state_dict(path))
-        except MinisdError:
+        except MinisdError as error:
             addition = describe_addition(path)
-            if addition is None:
-                raise
+            if addition is None:  # one line that names the file once
+                raise MinisdError(str(error) if str(path) in str(error) else f"{path}: {error}") from None
             return "\n".join([f"file:       {path}", f"format:     {kind}", *addition])
         if info.layout == "minisd":  # what minisd's files record beside their tensors
             metadata = file_metadata(path)

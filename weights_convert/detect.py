@@ -125,7 +125,7 @@ def _refuse_other_models(state_dict: Mapping[str, Tensor], names: list[str]) -> 
         if key in state_dict and state_dict[key].ndim == 2 and state_dict[key].shape[1] == 2048:
             raise MinisdError(f"this is an SDXL UNet (2048-wide text context in {key}); SD v1 uses 768, SD 2 1024")
     for key in _TEXT_WIDTH_KEYS:
-        if key in state_dict and state_dict[key].shape[0] == 1280:
+        if key in state_dict and state_dict[key].ndim == 1 and state_dict[key].shape[0] == 1280:
             raise MinisdError(
                 f"this is an SDXL (OpenCLIP ViT-bigG) text encoder (1280 wide, {key}); SD v1's CLIP is 768 wide, "
                 "SD 2's OpenCLIP ViT-H 1024"
@@ -174,9 +174,10 @@ def family(state_dict: Mapping[str, Tensor], names: list[str]) -> str:
     """ "v1" or "v2": the text context's width, read where the layout keeps it (the UNet's attn2.to_k, the text
     encoder's width); SD 2 single files also by their OpenCLIP keys. A file whose parts disagree is refused."""
     seen = {}
-    for key in (_LDM_TO_K, _DIFFUSERS_TO_K, "unet." + _DIFFUSERS_TO_K, *_TEXT_WIDTH_KEYS):
-        if key in state_dict and state_dict[key].ndim in (1, 2):
-            width = state_dict[key].shape[-1] if state_dict[key].ndim == 2 else state_dict[key].shape[0]
+    to_k_keys = (_LDM_TO_K, _DIFFUSERS_TO_K, "unet." + _DIFFUSERS_TO_K)
+    for key in (*to_k_keys, *_TEXT_WIDTH_KEYS):
+        if key in state_dict and state_dict[key].ndim == (2 if key in to_k_keys else 1):  # (c, d_ctx) or (d,)
+            width = state_dict[key].shape[-1]
             if width in CONTEXT_WIDTHS:
                 seen[key] = CONTEXT_WIDTHS[width]
     if any(n.startswith(OPENCLIP_PREFIX) for n in names):
@@ -216,6 +217,8 @@ def inspect_checkpoint(state_dict: Mapping[str, Tensor]) -> CheckpointInfo:
     variant = family(state_dict, names)
     conv_in = _CONV_IN.get(layout, "conv_in.weight")
     if conv_in in state_dict:
+        if state_dict[conv_in].ndim != 4:
+            raise MinisdError(f"{conv_in} has shape {tuple(state_dict[conv_in].shape)}; SD's has 4 dimensions")
         in_channels = state_dict[conv_in].shape[1]
         if in_channels not in (4, 9):
             raise MinisdError(f"UNet input has {in_channels} channels ({conv_in}); SD has 4, its inpainting UNets 9")

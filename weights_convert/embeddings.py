@@ -25,7 +25,7 @@ from torch import Tensor
 
 from minisd.errors import MinisdError
 from weights_convert.files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_state_dict
-from weights_convert.safe_pickle import safe_load
+from weights_convert.torch_save import safe_load
 
 A1111_KEY = "emb_params"  # the one key of A1111's .safetensors embeddings
 MAX_VECTORS = 75  # one prompt chunk holds 75 tokens: an embedding of more vectors could never be used whole

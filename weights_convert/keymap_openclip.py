@@ -109,6 +109,10 @@ def openclip_to_minisd(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tens
         elif name in table:
             text_encoder[table[name]] = tensor
         elif m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", name):
+            if tensor.ndim != (2 if m.group(2) == "weight" else 1) or tensor.shape[0] % 3:
+                raise MinisdError(
+                    f"{OPENCLIP_PREFIX}{name} has shape {tuple(tensor.shape)}; a fused q, k, v is (3d, d) or (3d,)"
+                )
             q, k, v = tensor.chunk(3, dim=0)  # [q; k; v] rows, views of the fused tensor
             for part, piece in zip("qkv", (q, k, v), strict=True):
                 text_encoder[f"encoder.layers.{m.group(1)}.self_attn.{part}_proj.{m.group(2)}"] = piece

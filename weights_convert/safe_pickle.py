@@ -15,23 +15,25 @@ How a checkpoint pickle rebuilds a tensor (torch.save, zip format):
 Every `module.name` global the pickle names goes through `find_class`, which hands back only:
 - our own tensor builders for `torch._utils._rebuild_tensor_v2` / `_rebuild_parameter` (they check their arguments
   and view the file's bytes; they never call torch's functions with values from the file),
-- a dtype token for `torch.<Type>Storage`, the real `collections.OrderedDict` and `builtins.set`, a latin-1-only
-  `_codecs.encode`,
+- a dtype token for `torch.<Type>Storage`, `collections.OrderedDict(pairs)` and `builtins.set(items)` (scalar keys
+  only, see below), a latin-1-only `_codecs.encode`,
 - an inert `Stub` class for the harmless training objects old checkpoints carry (Lightning callbacks, numpy scalars
   and dtypes): it records the pickled name and ignores its arguments and state, the real class is never imported,
 and raises a one-line `MinisdError` naming the global and the file for anything else (`os.system`, `builtins.eval`,
 `subprocess.Popen`, ...). BUILD (`__setstate__`) is honoured only on stubs and OrderedDicts, whose state is dropped.
 
-Storages are never copied: the whole file is memory-mapped once (`torch.UntypedStorage.from_file`, private
-copy-on-write pages) and every tensor is a view into it at its record's offset, so pages are read when first used.
+A hostile pickle is refused before it can hang or crash the loader:
+- dict keys and set items must be scalars (str, int, float, bool, None, bytes) or stub classes: hashing a key is
+  then linear in its size (a tuple key can be a DAG of 2**80 paths, or nested a million deep: `hash` hangs or
+  crashes); SETITEM / APPEND / ADDITEMS only fill real dicts, lists and sets;
+- containers nest at most MAX_NESTING deep and never hold themselves (`check_nesting`, after loading);
+- every tensor lies inside its storage: no more elements than the storage holds from its offset on.
+The file around the pickle (zip or legacy layout, sizes, the memory map) is weights_convert/torch_save.py's.
 """
 
 import collections
-import io
-import os
+import math
 import pickle
-import struct
-import zipfile
 from pathlib import Path
 from typing import ClassVar
 
@@ -69,7 +71,10 @@ STUBBED_GLOBALS = {
     ("numpy.dtypes", "Int64DType"),
 }
 
-LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a pre-1.6 (non-zip) torch.save file
+# Limits on what a pickle may build (real checkpoints nest ~6 deep and use 4-dimensional tensors at most).
+MAX_NESTING = 64  # containers inside containers (Python's own recursion limit is 1000)
+MAX_DIMS = 16  # tensor dimensions
+SCALAR_KEYS = (str, int, float, bool, type(None), bytes)
 
 
 class Stub:
@@ -149,14 +154,80 @@ def rebuild_tensor(storage, storage_offset, size, stride, requires_grad, backwar
         or not _is_int_tuple(size)
         or not _is_int_tuple(stride)
         or len(size) != len(stride)
+        or len(size) > MAX_DIMS
     ):
-        raise pickle.UnpicklingError(f"_rebuild_tensor_v2 got a bad layout: offset {storage_offset!r}, size {size!r}")
+        raise pickle.UnpicklingError(  # types only: the values may be anything (a repr can take forever)
+            f"_rebuild_tensor_v2 got a bad layout: offset, size, stride of types {type(storage_offset).__name__}, "
+            f"{type(size).__name__}, {type(stride).__name__} (non-negative ints, at most {MAX_DIMS} dimensions)"
+        )
     if type(requires_grad) is not bool:
         raise pickle.UnpicklingError("_rebuild_tensor_v2 got a non-bool requires_grad")
-    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) if all(size) else storage_offset
-    if storage_offset < 0 or (all(size) and last >= storage.numel):
-        raise pickle.UnpicklingError(f"tensor of size {size} at offset {storage_offset} overruns its storage")
+    # The view must lie inside its storage (its last element, at offset + Σ (n − 1)·stride) and hold no more
+    # elements than the storage has from its offset on: a stride-0 view of 2**40 elements would otherwise read
+    # as a 4 TiB tensor made of one stored number.
+    numel = math.prod(size)
+    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+    if storage_offset < 0 or (numel and (last >= storage.numel or numel > storage.numel - storage_offset)):
+        raise pickle.UnpicklingError(
+            f"tensor of size {size} and stride {stride} at offset {storage_offset} does not fit in its storage of "
+            f"{storage.numel} elements"
+        )
     return torch.empty(0, dtype=storage.dtype).set_(storage.untyped, storage_offset, size, stride)
+
+
+def _check_keys(keys, what: str = "dict keys") -> None:
+    """Keys (and set items) must hash in time linear in their size: scalars, or the stub classes Lightning uses."""
+    for key in keys:
+        if not (type(key) in SCALAR_KEYS or isinstance(key, Stub) or (isinstance(key, type) and issubclass(key, Stub))):
+            raise pickle.UnpicklingError(
+                f"{what} must be str, int, float, bool, None or bytes, got a {type(key).__name__}"
+            )
+
+
+def ordered_dict(items=()) -> collections.OrderedDict:
+    """`collections.OrderedDict(items)` for a list or tuple of (key, value) pairs with scalar keys."""
+    if type(items) not in (list, tuple) or not all(type(pair) in (list, tuple) and len(pair) == 2 for pair in items):
+        raise pickle.UnpicklingError("OrderedDict is allowed only as OrderedDict(list of (key, value) pairs)")
+    _check_keys(pair[0] for pair in items)
+    return collections.OrderedDict(items)
+
+
+def make_set(items=()) -> set:
+    """`set(items)` for a list or tuple of scalars (how protocol-2 pickles write a set)."""
+    if type(items) not in (list, tuple):
+        raise pickle.UnpicklingError("set is allowed only as set(list of items)")
+    _check_keys(items, "set items")
+    return set(items)
+
+
+def check_nesting(root, path: Path) -> None:
+    """Refuse containers (dicts, lists, tuples) nested more than MAX_NESTING deep, or holding themselves.
+
+    The depth is the longest path of the object graph, computed bottom-up by an iterative depth-first search that
+    finishes each container once: a DAG of 2**80 paths costs its few nodes, a million levels cost no Python stack.
+    Dict keys and set items are scalars (checked while loading), so only dict values, list and tuple items count.
+    """
+    containers = (dict, list, tuple)
+
+    def children(node) -> list:
+        return [c for c in (node.values() if isinstance(node, dict) else node) if isinstance(c, containers)]
+
+    depth: dict[int, int] = {}  # id of a finished container -> its depth (1: holds no containers)
+    on_path: set[int] = set()  # ids of the containers being expanded: meeting one again is a cycle
+    todo = [(root, False)] if isinstance(root, containers) else []
+    while todo:
+        node, expanded = todo.pop()
+        if expanded:
+            on_path.discard(id(node))
+            depth[id(node)] = 1 + max((depth[id(c)] for c in children(node)), default=0)
+            if depth[id(node)] > MAX_NESTING:
+                raise MinisdError(f"{path}: containers nested more than {MAX_NESTING} deep: not a checkpoint")
+        elif id(node) not in depth:
+            if id(node) in on_path:
+                raise MinisdError(f"{path}: a container holds itself: not a checkpoint")
+            on_path.add(id(node))
+            todo.append((node, True))
+            todo.extend((c, False) for c in children(node))
 
 
 def rebuild_parameter(data, requires_grad, backward_hooks, state=None) -> torch.Tensor:
@@ -170,9 +241,9 @@ ALLOWED_GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): rebuild_parameter,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set,
-    ("__builtin__", "set"): set,  # protocol-2 pickles written by Python 2 name builtins this way
+    ("collections", "OrderedDict"): ordered_dict,
+    ("builtins", "set"): make_set,
+    ("__builtin__", "set"): make_set,  # protocol-2 pickles written by Python 2 name builtins this way
     ("_codecs", "encode"): codecs_encode,
 }
 
@@ -204,9 +275,11 @@ class SafeUnpickler(pickle._Unpickler):
     def persistent_load(self, pid):
         # ("storage", torch.FloatStorage, key, location, numel[, view_metadata]); location is ignored: all loads
         # go to CPU memory first.
-        ok = type(pid) is tuple and len(pid) in (5, 6) and pid[0] == "storage"
+        ok = type(pid) is tuple and len(pid) in (5, 6) and type(pid[0]) is str and pid[0] == "storage"
         if not ok or not isinstance(pid[1], StorageType) or type(pid[2]) is not str or type(pid[4]) is not int:
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
+            raise pickle.UnpicklingError(f"unsupported persistent id (a {type(pid).__name__})")
+        if pid[4] < 0:
+            raise pickle.UnpicklingError(f"storage {pid[2]:.40} has a negative size")
         if len(pid) == 6 and pid[5] is not None:
             raise pickle.UnpicklingError("storage views (pre-1.0 torch) are not supported")
         return self.storages(pid[2], pid[1].dtype, pid[4])
@@ -220,127 +293,48 @@ class SafeUnpickler(pickle._Unpickler):
 
     dispatch[pickle.BUILD[0]] = load_build
 
+    # The opcodes that hash (dict keys, set items) or fill a container: scalar keys, real containers only. In the
+    # pure-Python unpickler the items since the last MARK are `self.stack`, the stack below it `self.metastack[-1]`.
+    @staticmethod
+    def _check_target(target, kind: type, opcode: str) -> None:
+        if not isinstance(target, kind):
+            raise pickle.UnpicklingError(f"{opcode} on a {type(target).__name__} is not allowed")
 
-def _one_line(error: Exception) -> str:
-    return " ".join(f"{type(error).__name__}: {error}".split())
+    def load_setitem(self):  # stack: ... dict key value
+        _check_keys(self.stack[-2:-1])
+        self._check_target(self.stack[-3], dict, "SETITEM")
+        pickle._Unpickler.load_setitem(self)
 
+    def load_setitems(self):  # ... dict MARK key value key value ...
+        _check_keys(self.stack[0::2])
+        self._check_target(self.metastack[-1][-1], dict, "SETITEMS")
+        pickle._Unpickler.load_setitems(self)
 
-def _zip_records(path: Path, size: int) -> tuple[str, bytes, dict[str, tuple[int, int]]]:
-    """The zip's root folder, its data.pkl bytes and {record name: (data offset, nbytes)} of the stored records."""
-    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
-        pkl_names = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pkl_names) != 1:
-            raise MinisdError(f"{path}: a zip file, but not a torch.save checkpoint (no <root>/data.pkl record)")
-        root = pkl_names[0][: -len("data.pkl")]
-        byteorder = archive.read(root + "byteorder") if root + "byteorder" in archive.namelist() else b"little"
-        if byteorder != b"little":
-            raise MinisdError(f"{path}: big-endian checkpoints are not supported (byteorder record: {byteorder!r})")
-        records = {}
-        for info in archive.infolist():
-            if not info.filename.startswith(root + "data/"):
-                continue
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise MinisdError(
-                    f"{path}: record {info.filename} is compressed; torch.save stores records uncompressed"
-                )
-            raw.seek(info.header_offset)
-            header = raw.read(30)  # zip local file header: name and extra-field lengths at bytes 26 and 28
-            if len(header) < 30 or header[:4] != b"PK\x03\x04":
-                raise MinisdError(f"{path}: corrupt zip (bad local header of {info.filename})")
-            name_len, extra_len = struct.unpack("<HH", header[26:30])
-            offset = info.header_offset + 30 + name_len + extra_len
-            if offset + info.file_size > size:
-                raise MinisdError(f"{path}: truncated file (record {info.filename} ends past the end of the file)")
-            records[info.filename[len(root + "data/") :]] = (offset, info.file_size)
-        return root, archive.read(pkl_names[0]), records
+    def load_dict(self):  # MARK key value ... -> a new dict
+        _check_keys(self.stack[0::2])
+        pickle._Unpickler.load_dict(self)
 
+    def load_additems(self):  # ... set MARK item item ...
+        _check_keys(self.stack, "set items")
+        self._check_target(self.metastack[-1][-1], set, "ADDITEMS")
+        pickle._Unpickler.load_additems(self)
 
-def _storage_lookup(path: Path, mapped: torch.UntypedStorage, locate):
-    """A `storages(key, dtype, numel)` function for SafeUnpickler; `locate(key) -> (offset, nbytes)` in the file."""
-    cache: dict[str, FileStorage] = {}
+    def load_frozenset(self):  # MARK item ... -> a new frozenset
+        _check_keys(self.stack, "set items")
+        pickle._Unpickler.load_frozenset(self)
 
-    def storages(key: str, dtype: torch.dtype, numel: int) -> FileStorage:
-        if key not in cache:
-            offset, nbytes = locate(key)
-            itemsize = torch.empty(0, dtype=dtype).element_size()
-            if numel * itemsize > nbytes:
-                raise MinisdError(f"{path}: storage {key} holds {nbytes} bytes, the pickle expects {numel * itemsize}")
-            cache[key] = FileStorage(mapped[offset : offset + numel * itemsize], dtype, numel)
-        elif cache[key].dtype != dtype:
-            raise MinisdError(f"{path}: storage {key} is used with two dtypes ({cache[key].dtype}, {dtype})")
-        return cache[key]
+    def load_append(self):  # ... list value
+        self._check_target(self.stack[-2], list, "APPEND")
+        pickle._Unpickler.load_append(self)
 
-    return storages
+    def load_appends(self):  # ... list MARK value value ...
+        self._check_target(self.metastack[-1][-1], list, "APPENDS")
+        pickle._Unpickler.load_appends(self)
 
-
-def _load_zip(path: Path, mapped: torch.UntypedStorage, size: int):
-    _, data_pkl, records = _zip_records(path, size)
-
-    def locate(key: str) -> tuple[int, int]:
-        if key not in records:
-            raise MinisdError(f"{path}: the pickle refers to storage record data/{key}, which the zip lacks")
-        return records[key]
-
-    return SafeUnpickler(io.BytesIO(data_pkl), path, _storage_lookup(path, mapped, locate)).load()
-
-
-def _load_legacy(path: Path, mapped: torch.UntypedStorage, size: int):
-    """Pre-1.6 torch.save layout: 5 pickles (magic, version, sys info, object, storage keys), then each storage as
-    an int64 element count and its bytes, in key order. Two passes: the first learns each storage's dtype."""
-    dtypes: dict[str, torch.dtype] = {}
-
-    def scan(key: str, dtype: torch.dtype, numel: int) -> FileStorage:
-        dtypes[key] = dtype
-        return FileStorage(None, dtype, numel)  # rebuild_tensor returns None for these
-
-    with open(path, "rb") as file:
-        for _ in range(3):  # magic number, protocol version, sys info
-            SafeUnpickler(file, path, None).load()
-        object_start = file.tell()
-        SafeUnpickler(file, path, scan).load()
-        keys = SafeUnpickler(file, path, None).load()
-        if type(keys) is not list or not all(type(k) is str for k in keys):
-            raise MinisdError(f"{path}: legacy torch file with a malformed storage key list")
-        locations = {}
-        for key in keys:
-            header = file.read(8)
-            if len(header) < 8:
-                raise MinisdError(f"{path}: truncated file (storage {key} is missing)")
-            (numel,) = struct.unpack("<q", header)
-            nbytes = numel * torch.empty(0, dtype=dtypes.get(key, torch.uint8)).element_size()
-            locations[key] = (file.tell(), nbytes)
-            if file.tell() + nbytes > size:
-                raise MinisdError(f"{path}: truncated file (storage {key} ends past the end of the file)")
-            file.seek(nbytes, os.SEEK_CUR)
-        file.seek(object_start)
-
-        def locate(key: str) -> tuple[int, int]:
-            if key not in locations:
-                raise MinisdError(f"{path}: the pickle refers to storage {key}, which the file lacks")
-            return locations[key]
-
-        return SafeUnpickler(file, path, _storage_lookup(path, mapped, locate)).load()
-
-
-def safe_load(path: str | os.PathLike):
-    """Unpickle a torch.save file (zip, or pre-1.6 legacy) without running code from it; tensors view a memory map.
-
-    Returns the pickled object (for an SD `.ckpt`: a dict with "state_dict", "global_step", ...), harmless
-    non-tensor objects replaced by `Stub`s. Raises a one-line MinisdError for anything else.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    mapped = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)  # MAP_PRIVATE, read lazily
-    try:
-        if zipfile.is_zipfile(path):
-            return _load_zip(path, mapped, size)
-        with open(path, "rb") as file:
-            magic = SafeUnpickler(file, path, None).load()
-        if magic != LEGACY_MAGIC:
-            raise pickle.UnpicklingError("not a torch.save file (neither a zip nor the legacy magic number)")
-        return _load_legacy(path, mapped, size)
-    except MinisdError:
-        raise
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, TypeError, ValueError, AttributeError, IndexError,
-            KeyError, RuntimeError, struct.error, UnicodeDecodeError, RecursionError) as error:  # fmt: skip
-        raise MinisdError(f"{path}: cannot read as a PyTorch checkpoint ({_one_line(error)})") from None
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+    dispatch[pickle.DICT[0]] = load_dict
+    dispatch[pickle.ADDITEMS[0]] = load_additems
+    dispatch[pickle.FROZENSET[0]] = load_frozenset
+    dispatch[pickle.APPEND[0]] = load_append
+    dispatch[pickle.APPENDS[0]] = load_appends

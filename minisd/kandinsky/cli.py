@@ -18,9 +18,11 @@ import torch
 
 from minisd.arguments import DTYPES
 from minisd.errors import MinisdError
+from minisd.images import open_image
 from minisd.kandinsky.api import Kandinsky, KandinskyParameters, is_kandinsky_text, record_name
 from minisd.kandinsky.loading import AUTO, is_kandinsky
 from minisd.kandinsky.pipelines.common import DECODER_SAMPLERS
+from minisd.loading import check_device
 from minisd.locate import find_weights
 from minisd.parameters import draw_seed
 
@@ -74,6 +76,9 @@ def generate(args, source: str, status, save, output_paths) -> None:
     """`minisd generate|img2img|inpaint` with a Kandinsky 2.2 decoder: one image at a time, each written at once."""
     check(args)
     strength = 1.0 if args.command != "img2img" else DEFAULTS["strength"] if args.strength is None else args.strength
+    # the source images are opened once, here: a missing, special or oversized file fails before loading
+    image = None if args.image is None else open_image("--image", args.image)
+    mask = None if args.mask is None else open_image("--mask", args.mask)
     seed = args.seed if args.seed is not None else draw_seed()
     paths = output_paths(args.output, args.num_images)
     pipe = load(source, args.prior, args.dtype, args.device, status)
@@ -85,14 +90,14 @@ def generate(args, source: str, status, save, output_paths) -> None:
         "sampler": args.sampler or DEFAULTS["sampler"],
     }  # fmt: skip
     for i, path in enumerate(paths):
-        label = f"image {i + 1}/{len(paths)}"
+        label = f"image {i + 1}/{args.num_images}"
         status.phase(label)
         if args.command == "generate":
             output = pipe(args.prompt, seed=seed + i, **shared)
         elif args.command == "img2img":
-            output = pipe.img2img(args.prompt, args.image, strength, seed=seed + i, **shared)
+            output = pipe.img2img(args.prompt, image, strength, seed=seed + i, **shared)
         else:
-            output = pipe.inpaint(args.prompt, args.image, args.mask, seed=seed + i, **shared)
+            output = pipe.inpaint(args.prompt, image, mask, seed=seed + i, **shared)
         status.done(f"{label}: prior, decoder and MoVQ done")
         save(output.images[0], output.parameters[0], path, args.overwrite)
     if args.seed is None:
@@ -111,17 +116,20 @@ def regenerate(args, text: str, status, save, output_paths, weights_source) -> N
     prior = args.prior
     if prior is None and params.prior is not None:
         prior = find_weights(params.prior, None, models_dirs)[0]
-    params.source_images(args.image, args.mask)  # before loading: a missing or changed image fails fast
+    sources = params.source_images(args.image, args.mask)  # before loading: a missing or changed image fails fast
     dtype = args.dtype or params.dtype
     if dtype is not None and dtype not in DTYPES:
         raise MinisdError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if params.threads is not None and (args.device or params.device or "cpu").startswith("cpu"):
+    device = args.device or params.device
+    if device is not None:
+        check_device(device, "--device" if args.device else f"{args.png}'s Device parameter")
+    if params.threads is not None and (device or "cpu").startswith("cpu"):
         torch.set_num_threads(params.threads)  # the CPU's float sums depend on how the work is split
-    pipe = load(source, prior, dtype, args.device or params.device, status, cached_only)
+    pipe = load(source, prior, dtype, device, status, cached_only)
     params.prior, params.model_name = record_name(pipe.prior), pipe.model_name
     params.dtype, params.device = str(pipe.dtype).removeprefix("torch."), pipe.device.type
     params.threads = torch.get_num_threads() if pipe.device.type == "cpu" else None
     status.phase("regenerating")
-    pil = pipe.generate(params, args.image, args.mask)
+    pil = pipe.generate(params, *sources)  # the images read once, above
     status.done("regenerated: prior, decoder and MoVQ done")
-    save(pil, params, output_paths(args.output, 1)[0], args.overwrite)
+    save(pil, params, next(output_paths(args.output, 1)), args.overwrite)

@@ -9,7 +9,6 @@ Every network is built on the meta device from its config.json (checked by weigh
 anything that is not Kandinsky 2.2) and takes the file's tensors strictly (minisd.loading.assign_weights).
 """
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from minisd.kandinsky.prior import Prior, PriorConfig
 from minisd.kandinsky.unet import DecoderUNet, DecoderUNetConfig
 from minisd.loading import HUB_ID, WEIGHT_SUFFIXES, assign_weights, hub_snapshot
 from minisd.tokenizer import Tokenizer
-from weights_convert.configs import fields_from
+from weights_convert.configs import check_sizes_within, fields_from, read_config_file
 from weights_convert.files import read_state_dict
 from weights_convert.kandinsky import (
     FOLDERS,
@@ -137,10 +136,12 @@ def _read_networks(folder: Path, kind: str, variant: str | None, dtype, device) 
         config_path = folder / component / "config.json"
         config = kandinsky_config(component, _read_json(config_path), config_path)
         module_class, config_class = NETWORKS[component]
-        with torch.device("meta"):
-            module = module_class(fields_from(config_class, config))
         weights = _weights_path(folder / component, component, variant)
         state_dict = to_minisd(component, read_state_dict(weights))
+        module_config = fields_from(config_class, config)
+        check_sizes_within(f"{folder / component}", module_config, state_dict)  # before building: bounded work
+        with torch.device("meta"):
+            module = module_class(module_config)
         networks[component] = assign_weights(component, module, state_dict, dtype, device, "Kandinsky 2.2's")
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     if scheduler_path.is_file():  # the samplers are minisd's own; a folder asking for another schedule is refused
@@ -164,10 +165,7 @@ def _weights_path(component_dir: Path, component: str, variant: str | None) -> P
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise MinisdError(f"{path}: missing (a diffusers folder has model_index.json and a config.json per part)")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise MinisdError(f"{path}: not valid JSON ({' '.join(str(error).split())})") from None
+    return read_config_file(path)  # bounded: size, nesting, a JSON object
 
 
 def _readme_prior(decoder_folder: Path) -> str:
@@ -206,16 +204,24 @@ def _model_index(source: str | os.PathLike, local_files_only: bool) -> dict | No
         from minisd.loading import _hub_cache_dir, _hub_offline
 
         offline = local_files_only or _hub_offline()
-        try:
-            snapshot = snapshot_download(
-                str(source), allow_patterns=["model_index.json"], cache_dir=_hub_cache_dir(), local_files_only=offline
-            )
-            index_path = Path(snapshot) / "model_index.json"
-        except Exception:  # not cached, unreachable, no such repo: not known to be Kandinsky
+        index_path = None
+        for cache_only in (True, False) if not offline else (True,):  # the cache first: no network call for an id
+            try:  # found there (minisd.loading.hub_snapshot does the same)
+                snapshot = snapshot_download(
+                    str(source),
+                    allow_patterns=["model_index.json"],
+                    cache_dir=_hub_cache_dir(),
+                    local_files_only=cache_only,
+                )
+                index_path = Path(snapshot) / "model_index.json"
+                break
+            except Exception:  # not cached, unreachable, no such repo: not known to be Kandinsky
+                continue
+        if index_path is None:
             return None
     else:
         return None
     try:
-        return json.loads(index_path.read_text())
-    except (OSError, ValueError):
+        return read_config_file(index_path)  # bounded: size, nesting, a JSON object
+    except (OSError, MinisdError):
         return None

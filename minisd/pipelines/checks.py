@@ -29,6 +29,8 @@ from minisd.vae import VAE
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SIDE = 8192  # pixels: 1024×1024 latents, a million self-attention tokens; far past what SD v1 was trained for
+MAX_AREA_FACTOR = 16  # a picture has at most 16× its model's own area: 2048×2048 for SD v1, 256×256 for nano
+MAX_GUIDANCE = 100.0  # A1111's slider stops at 30; past 100 the guided ε overflows to garbage (1e308 gives inf)
 
 
 class Networks(Protocol):
@@ -75,7 +77,7 @@ def check_common(
 ) -> None:
     """The checks every pipeline makes on its shared arguments."""
     check_num_inference_steps(num_inference_steps)
-    check_number("guidance_scale", guidance_scale, 0.0)
+    check_number("guidance_scale", guidance_scale, 0.0, MAX_GUIDANCE)
     check_number("guidance_rescale", guidance_rescale, 0.0, 1.0)
     check_int("num_images_per_prompt", num_images_per_prompt, 1)
     n_layers = components.text_encoder.config.num_hidden_layers
@@ -102,14 +104,33 @@ def size_multiple(components: Networks) -> int:
     return components.vae.config.downscale_factor
 
 
-def check_size(components: Networks, height: object, width: object) -> None:
+def max_pixels(components: Networks) -> int | None:
+    """The most pixels (height · width) a picture of these networks may have: MAX_AREA_FACTOR times the model's own
+    area when the components say it (loading.Components.sample_size), else None (only MAX_SIDE bounds a side).
+    Minutes of sampling at 8192×8192 on the 64-pixel nano model would make nothing it was trained for."""
+    sample_size = getattr(components, "sample_size", None)
+    if isinstance(sample_size, bool) or not isinstance(sample_size, int):
+        return None
+    return MAX_AREA_FACTOR * sample_size * sample_size
+
+
+def check_size(components: Networks, height: object, width: object, what: str = "") -> None:
+    """height and width (of the picture, or of `what`, e.g. "image ") in pixels: multiples of the VAE's 8, at most
+    MAX_SIDE each and max_pixels(components) together."""
     multiple = size_multiple(components)
     for name, value in (("height", height), ("width", width)):
         ok = isinstance(value, int) and not isinstance(value, bool) and multiple <= value <= MAX_SIDE
         if not ok or value % multiple:
             raise MinisdError(
-                f"{name} must be a multiple of {multiple} pixels from {multiple} to {MAX_SIDE}, got {value!r}"
+                f"{what}{name} must be a multiple of {multiple} pixels from {multiple} to {MAX_SIDE}, got {value!r}"
             )
+    limit = max_pixels(components)
+    if limit is not None and height * width > limit:
+        side = components.sample_size
+        raise MinisdError(
+            f"{what}width × height must be at most {limit} pixels ({MAX_AREA_FACTOR} times this model's own "
+            f"{side}×{side}), got {width}x{height}"
+        )
 
 
 def model_prediction(

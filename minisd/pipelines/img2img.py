@@ -77,6 +77,7 @@ def img2img(
     checks.check_strength(strength, num_inference_steps)
     b = checks.check_prompts(unet, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
     image = checks.to_image("image", image, checks.size_multiple(components))
+    checks.check_size(components, image.shape[-2], image.shape[-1], what="image ")
     checks.check_image_count(image.shape[0], b)
     prediction_type, zero_snr = checks.model_prediction(components, prediction_type, rescale_betas_zero_snr)
     sampler = checks.make_sampler(sampler, eta, prediction_type, zero_snr)

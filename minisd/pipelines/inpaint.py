@@ -90,6 +90,7 @@ def inpaint(
     checks.check_strength(strength, num_inference_steps)
     b = checks.check_prompts(unet, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
     image = checks.to_image("image", image, checks.size_multiple(components))
+    checks.check_size(components, image.shape[-2], image.shape[-1], what="image ")
     checks.check_image_count(image.shape[0], b)
     mask = checks.to_mask(mask_image, image)  # (1 or k, 1, H, W) of 0 and 1
     if checks.check_bool("paste_unmasked", paste_unmasked) and output_type == "latent":

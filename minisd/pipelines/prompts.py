@@ -62,6 +62,10 @@ EMPHASIS_TOKEN = re.compile(
     re.VERBOSE,
 )
 BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")  # the keyword eats the spaces around it
+# Bounds on what a prompt may ask (A1111 has none; the hostile prompts they stop are no one's real prompt):
+MAX_OPEN_BRACKETS = 100  # brackets open at once: each close multiplies every piece inside (quadratic past this)
+MAX_WEIGHT = 100.0  # |weight| of a piece after every bracket has multiplied in (finite: 1e400 reads as inf)
+MAX_CHUNKS = 256  # 75-token chunks, 19,200 tokens: ~14,000 words; the UNet attends to all 77·k of them each step
 
 
 def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
@@ -76,6 +80,10 @@ def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
     """
     if not isinstance(prompt, str):
         raise MinisdError(f"prompt must be a str, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:  # lone surrogates: bytes a terminal could not decode (Python's escapes)
+        raise MinisdError(f"prompt must be valid text, got undecodable bytes at character {error.start}") from None
     pieces: list[list] = []  # [text, weight, is_break]
     open_round: list[int] = []  # for each open "(": the index of the first piece inside it
     open_square: list[int] = []
@@ -88,6 +96,8 @@ def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
     for match in EMPHASIS_TOKEN.finditer(prompt):
         if match["escaped"] is not None:
             pieces.append([match["escaped"], 1.0, False])
+        elif match["open"] and len(open_round) + len(open_square) == MAX_OPEN_BRACKETS:
+            raise MinisdError(f"prompt emphasis opens more than {MAX_OPEN_BRACKETS} brackets at once")
         elif match["open"] == "(":
             open_round.append(len(pieces))
         elif match["open"] == "[":
@@ -108,6 +118,11 @@ def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
     for start in open_square:
         multiply(start, SQUARE_MULTIPLIER)
 
+    for text, weight, is_break in pieces:
+        if not is_break and not abs(weight) <= MAX_WEIGHT:  # NaN and inf fail too
+            raise MinisdError(
+                f"prompt emphasis weights must be in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {weight} for {text[:40]!r}"
+            )
     merged: list[list] = []
     for piece in pieces or [["", 1.0, False]]:
         if merged and not piece[2] and not merged[-1][2] and merged[-1][1] == piece[1]:
@@ -160,6 +175,8 @@ def prompt_chunks(tokenizer: Tokenizer, prompt: str) -> list[tuple[list[int], li
                 ids, weights = moved_ids, moved_weights
             if len(ids) == CHUNK_LENGTH:
                 close_chunk()
+            if len(chunks) == MAX_CHUNKS:
+                raise MinisdError(f"prompt must fit in {MAX_CHUNKS} chunks of {CHUNK_LENGTH} tokens, got a longer one")
             ids.append(token)
             weights.append(weight)
     if ids or not chunks:
@@ -208,4 +225,9 @@ def encode_prompt(
         weights = torch.tensor([w for _, w in batch], device=device)  # (b, 77)
         z = text_encoder.prompt_embeds(input_ids, clip_skip=clip_skip)  # (b, 77, d)
         prompt_embeds.append(apply_weights(z, weights))
-    return torch.cat(prompt_embeds, dim=1)  # (b, 77·k, d)
+    context = torch.cat(prompt_embeds, dim=1)  # (b, 77·k, d)
+    if not context.isfinite().all():  # emphasis weights whose mean nearly cancels rescale a chunk past float range
+        raise MinisdError(
+            "the prompt embedding holds NaN or inf: emphasis weights whose mean is near 0 (or a broken text encoder)"
+        )
+    return context

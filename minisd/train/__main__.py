@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from minisd.arguments import positive_int  # the same integer check as `minisd`
+from minisd.arguments import ArgumentParser, positive_int  # the same checks and errors as `minisd`
 from minisd.errors import MinisdError
-from minisd.train.common import init_distributed, read_log
+from minisd.loading import check_device
+from minisd.train.common import check_run_dir, init_distributed, read_log
 from minisd.train.diffusion_training import DiffusionTrainingConfig, train_diffusion
 from minisd.train.vae_training import VAETrainingConfig, train_vae
 
@@ -96,11 +97,11 @@ def diffusion_config(args: argparse.Namespace) -> DiffusionTrainingConfig:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minisd.train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m minisd.train", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1: reproducible, and "
                         "faster than 2 on a shared 2-core machine)")  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     vae = commands.add_parser("vae", help="train the VAE")
     vae.add_argument("--run-dir", type=Path, required=True)
     _add_fields(vae)
@@ -126,7 +127,8 @@ def _main(argv: list[str] | None) -> int:
     evaluate.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     evaluate.add_argument("--phrasings", action="store_true", help="also adherence per phrasing family on the "
                           "held-out scenes (over, beneath, left of, the, a full stop, ...)")  # fmt: skip
-    evaluate.add_argument("--grid", type=Path, help="write a labelled sample grid here (PNG)")
+    evaluate.add_argument("--grid", type=Path, help="write a labelled sample grid here (a new .png)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --grid file")
     evaluate.add_argument("--fast", action="store_true", help="measure the fast path: minisd.fast.make_fast, in "
                           "bfloat16 where the CPU computes it natively (as minisd generate --fast)")  # fmt: skip
     for name, what in (("textual-inversion", "learn a new word <diamond> for a new shape"), ("lora", "learn a "
@@ -147,6 +149,8 @@ def _main(argv: list[str] | None) -> int:
         finetune.add_argument("--eval-seeds", type=int, default=2, help="pictures per held-out caption before and "
                               "after (2; 0: no measurement)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.device is not None:
+        check_device(args.device, "--device")
     if args.command == "evaluate":
         torch.set_num_threads(args.threads)
         return _evaluate(args)
@@ -154,6 +158,7 @@ def _main(argv: list[str] | None) -> int:
         torch.set_num_threads(args.threads)
         return _finetune(args)
 
+    check_run_dir(args.run_dir)
     torch.set_num_threads(args.threads)
     distributed = init_distributed()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -219,8 +224,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     model = args.model or default_model()
     if model is None or not Path(model).is_file():
-        print(f"no model file {model}; pass --model", file=sys.stderr)
-        return 2
+        raise MinisdError(f"no model file {model}; pass --model")
+    if args.grid is not None:  # before any work: the grid comes last
+        if args.grid.suffix.lower() != ".png" or not args.grid.parent.is_dir():
+            raise MinisdError(f"--grid must be a .png path in an existing folder, got {args.grid}")
+        if (args.grid.exists() or args.grid.is_symlink()) and not args.overwrite:
+            raise MinisdError(f"--grid {args.grid} exists (--overwrite replaces it)")
     dtype = (fast_dtype("cpu") or torch.float32) if args.fast else torch.float32
     components = load_components(model, dtype=dtype)
     if args.fast:
@@ -248,7 +257,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.grid is not None:
         captions = evaluate.sample_captions_for_grid()
         pictures = evaluate.generate(components, captions, seed=0, **sampling)
-        evaluate.labelled_grid(pictures, captions).save(args.grid)
+        with open(args.grid, "wb" if args.overwrite else "xb") as file:  # "x": never replaces a file made meanwhile
+            evaluate.labelled_grid(pictures, captions).save(file, format="PNG")
         print(f"grid: {args.grid}")
     return 0
 

@@ -9,6 +9,7 @@ import datetime
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -143,6 +144,53 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
         return tensors, file.metadata() or {}
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse, before any work, a run directory that is a file, or that cannot be made because the nearest existing
+    path on its way is a file."""
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists() or p == Path(p.anchor or "."))
+    if not existing.is_dir():
+        raise MinisdError(f"run directory {run_dir}: {existing} is a file, not a folder")
+
+
+def make_run_dir(run_dir: str | os.PathLike) -> Path:
+    """The run directory, made if missing; a one-line MinisdError when it is a file or cannot be made."""
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MinisdError(f"cannot make the run directory {run_dir}: {error.strerror or error}") from None
+    return run_dir
+
+
+@contextmanager
+def resuming(path: Path):
+    """Around the code that restores a run (or a model) from the file at `path`: a file whose state does not fit
+    (a missing entry, wrong shapes, another optimizer, a bad generator state, bad JSON) is a one-line MinisdError."""
+    try:
+        yield
+    except MinisdError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
+        raise MinisdError(f"{path}: cannot use its state ({type(error).__name__}: {error})") from None
+
+
+def read_resume_state(checkpoint_path: Path, log_path: Path) -> dict | None:
+    """The state a run resumes from (None: a fresh run), read and checked before any work: a checkpoint with a
+    step and a config, and a readable loss log."""
+    if not checkpoint_path.exists():
+        return None
+    state = load_checkpoint(checkpoint_path)
+    step, config = state.get("step"), state.get("config")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or not isinstance(config, str):
+        raise MinisdError(f"{checkpoint_path}: not a resumable checkpoint (no step >= 0 or no config)")
+    with resuming(checkpoint_path):
+        json.loads(config)
+    if log_path.exists():
+        read_log(log_path)
+    return state
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint written by save_checkpoint back into the same nested dict (tensors on the CPU).
 
@@ -157,7 +205,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     tensors, metadata = read_safetensors(path)
     if "minisd.checkpoint" not in metadata:
         raise MinisdError(f"{path}: not a minisd training checkpoint (no minisd.checkpoint metadata)")
-    return _from_json_tree(json.loads(metadata["minisd.checkpoint"]), tensors)
+    try:
+        state = _from_json_tree(json.loads(metadata["minisd.checkpoint"]), tensors)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as error:
+        raise MinisdError(f"{path}: its minisd.checkpoint metadata is corrupt ({type(error).__name__})") from None
+    if not isinstance(state, dict):
+        raise MinisdError(f"{path}: its minisd.checkpoint metadata is corrupt (not a dict)")
+    return state
 
 
 def _to_json_tree(value, key: str, tensors: dict[str, Tensor]):
@@ -222,8 +276,8 @@ class LossLog:
             return
         kept = []
         if resume_step > 0 and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in read_log(self.path) if record["step"] <= resume_step]
+        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, step: int, **values: float) -> None:
         if self.enabled:
@@ -232,8 +286,18 @@ class LossLog:
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
-    """A LossLog file back as a list of dicts."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+    """A LossLog file back as a list of dicts; a one-line MinisdError naming the first line that is not a record."""
+    records = []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise MinisdError(f'{path}: line {number} is not a loss record {{"step": ..., ...}}: {line[:60]!r}')
+        records.append(record)
+    return records
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -68,6 +68,9 @@ from minisd.train.common import (
     config_to_json,
     linear_warmup,
     load_checkpoint,
+    make_run_dir,
+    read_resume_state,
+    resuming,
     save_checkpoint,
     save_minisd_file,
 )
@@ -237,7 +240,8 @@ def reusable(path: Path, source: dict, what: str) -> bool:
     runs and resumes reuse it. One made from other inputs is an error, never silently mixed in."""
     if not path.exists():
         return False
-    cached = load_checkpoint(path)["source"]
+    with resuming(path):
+        cached = load_checkpoint(path)["source"]
     if cached != source:
         raise MinisdError(f"{path} was made from {what} ({cached}); use a new run_dir")
     return True
@@ -301,10 +305,16 @@ def train_diffusion(
     dist_ = distributed or Distributed()
     config.check(dist_.world_size)
     vae = load_vae(vae_path)  # read once; a missing or wrong file fails now, before the run directory is made
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = make_run_dir(run_dir)
     device = torch.device(device)
     checkpoint_path = run_dir / "checkpoint.safetensors"
+    state = read_resume_state(checkpoint_path, run_dir / "log.jsonl")  # checked before any work
+    if state is not None:
+        with resuming(checkpoint_path):
+            saved = json.loads(state["config"])
+            for name in ("unet", "text_encoder"):
+                if saved[name] != json.loads(config_to_json(getattr(config, name))):
+                    raise MinisdError(f"{checkpoint_path} holds another {name} config; use a new run_dir")
 
     if dist_.is_main:
         prepare_latents(run_dir, vae_path, vae, config)
@@ -315,13 +325,13 @@ def train_diffusion(
     alphas_cumprod = alphas_cumprod_from_betas(scaled_linear_betas()).to(device)
 
     pretrained_path = run_dir / "text_encoder.safetensors"
-    if config.text_pretraining.steps > 0 and dist_.is_main and not checkpoint_path.exists():
+    if config.text_pretraining.steps > 0 and dist_.is_main and state is None:
         pretrain(pretrained_path, run_dir, config, progress)
     dist_.barrier()  # the other ranks wait for text_encoder.safetensors
 
     generator = torch.Generator().manual_seed(config.seed)  # every random draw of this run comes from here
     denoiser = Denoiser(build(UNet, config.unet, generator), build(TextEncoder, config.text_encoder, generator))
-    if config.text_pretraining.steps > 0 and not checkpoint_path.exists():
+    if config.text_pretraining.steps > 0 and state is None:
         denoiser.text_encoder.load_state_dict(load_checkpoint(pretrained_path)["text_encoder"])
     denoiser.text_encoder.requires_grad_(not config.freeze_text_encoder)
     denoiser = denoiser.to(device).train()
@@ -329,17 +339,13 @@ def train_diffusion(
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     ema = EMA(denoiser, config.ema_decay)
     step = 0
-    if checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        saved = json.loads(state["config"])
-        for name in ("unet", "text_encoder"):
-            if saved[name] != json.loads(config_to_json(getattr(config, name))):
-                raise MinisdError(f"{checkpoint_path} holds another {name} config ({saved[name]}); use a new run_dir")
-        denoiser.load_state_dict(state["denoiser"])
-        optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
-        generator.set_state(state["generator"])
-        step = state["step"]
+    if state is not None:
+        with resuming(checkpoint_path):
+            denoiser.load_state_dict(state["denoiser"])
+            optimizer.load_state_dict(state["optimizer"])
+            ema.load_state_dict(state["ema"])
+            generator.set_state(state["generator"])
+            step = state["step"]
     model = DistributedDataParallel(denoiser) if dist_.world_size > 1 else denoiser
 
     def checkpoint() -> None:

@@ -41,11 +41,14 @@ from minisd.train.common import (
     check_positive,
     config_to_json,
     linear_warmup,
-    load_checkpoint,
+    make_run_dir,
+    read_resume_state,
     read_safetensors,
+    resuming,
     save_checkpoint,
 )
 from minisd.vae import VAE, VAEConfig
+from weights_convert.configs import check_config, fields_from
 
 # The size study in minisd/train/__init__.py: 1.03 M parameters, decode 64×64 in ~12 ms on one CPU thread.
 NANO_VAE = VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=16)
@@ -151,24 +154,26 @@ def train_vae(
     (with a checkpoint) before that step, as if killed; for tests of resuming.
     """
     config.check()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = make_run_dir(run_dir)
     checkpoint_path = run_dir / "checkpoint.safetensors"
+    state = read_resume_state(checkpoint_path, run_dir / "log.jsonl")  # checked before any work
+    if state is not None:
+        with resuming(checkpoint_path):
+            if json.loads(state["config"])["vae"] != json.loads(config_to_json(config.vae)):
+                raise MinisdError(f"{checkpoint_path} holds another VAE config; use a new run_dir")
     device = torch.device(device)
 
     generator = torch.Generator().manual_seed(config.seed)  # every random draw of this run comes from here
     vae = build(VAE, config.vae, generator).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    pixels, _ = shapes.dataset(config.num_pictures, seed=config.seed)  # (n, 3, 64, 64) uint8
     step = 0
-    if checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        if json.loads(state["config"])["vae"] != json.loads(config_to_json(config.vae)):
-            raise MinisdError(f"{checkpoint_path} holds another VAE config; use a new run_dir")
-        vae.load_state_dict(state["vae"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        step = state["step"]
+    if state is not None:
+        with resuming(checkpoint_path):
+            vae.load_state_dict(state["vae"])
+            optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
+            step = state["step"]
+    pixels, _ = shapes.dataset(config.num_pictures, seed=config.seed)  # (n, 3, 64, 64) uint8
 
     def checkpoint() -> None:
         state = {"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state()}
@@ -213,9 +218,16 @@ def load_vae(path: str | os.PathLike) -> VAE:
     state_dict, metadata = read_safetensors(path)
     if "minisd.vae_config" not in metadata:
         raise MinisdError(f"{path}: not a minisd VAE training output (no minisd.vae_config metadata)")
-    fields = json.loads(metadata["minisd.vae_config"])
-    config = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    with torch.device("meta"):
-        vae = VAE(config)
-    vae.load_state_dict(state_dict, strict=True, assign=True)
+    with resuming(Path(path)):  # one line for metadata or weights that do not fit
+        fields = json.loads(metadata["minisd.vae_config"])
+        try:
+            if not isinstance(fields, dict):
+                raise MinisdError("its minisd.vae_config metadata is not a config")
+            config = fields_from(VAEConfig, fields)
+            check_config("vae", config, state_dict)  # the sizes the weights show, before anything is built
+        except MinisdError as error:
+            raise MinisdError(f"{path}: {error}") from None
+        with torch.device("meta"):
+            vae = VAE(config)
+        vae.load_state_dict(state_dict, strict=True, assign=True)
     return vae.eval()

@@ -27,6 +27,7 @@ from minisd.samplers.schedule import check_num_inference_steps, linear_betas
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 INPAINT_CHANNELS = 9  # the inpainting decoder: 4 noisy latents + 4 masked-image latents + 1 keep-mask
 MAX_SIDE = 4096  # pixels: Kandinsky 2.2 was trained up to 1024; 4096 is already 64× its attention cost
+MAX_PIXELS = 2048 * 2048  # height · width: 16 times its own 512×512, as SD's (pipelines/checks.MAX_AREA_FACTOR)
 # The decoder's samplers, with Kandinsky 2.2's β (scheduler_config.json: DDPMScheduler, "linear", 0.00085 → 0.012,
 # steps_offset 1, "leading" spacing): DDPM is the published one, DDIM the deterministic alternative.
 DECODER_SAMPLERS = ("DDPM", "DDIM")
@@ -76,6 +77,8 @@ def check_size(components: Decoder, height: object, width: object) -> None:
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or not m <= value <= MAX_SIDE or value % m:
             raise MinisdError(f"{name} must be a multiple of {m} pixels from {m} to {MAX_SIDE}, got {value!r}")
+    if height * width > MAX_PIXELS:
+        raise MinisdError(f"width × height must be at most {MAX_PIXELS} pixels (2048×2048), got {width}x{height}")
 
 
 def decoder_sampler(sampler: str | Sampler) -> Sampler:
