@@ -301,11 +301,11 @@ def read_png_parameters(path: str | os.PathLike) -> str | None:
     text inflates past PIL's limit is refused, not read; the text's own limit is parameters.parse_parameters'."""
     if not isinstance(path, str | os.PathLike):
         raise MinisdError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    with open_file("path", path) as file, _open_pil("path", file, os.fspath(path)) as im:
+    with open_file("the PNG", path) as file, _open_pil("the PNG", file, os.fspath(path)) as im:
         if im.format != "PNG":
-            raise MinisdError(f"path must be a PNG file, got a {im.format} file: {os.fspath(path)!r}")
+            raise MinisdError(f"the PNG must be a PNG file, got a {im.format} file: {os.fspath(path)!r}")
         try:
             text = im.text.get("parameters")  # .text also reads text chunks stored after the pixels
         except Exception as error:  # PIL: "Decompressed Data Too Large", a truncated or crafted file
-            raise MinisdError(f"path: cannot read the text of {os.fspath(path)!r} ({error})") from None
+            raise MinisdError(f"the PNG: cannot read the text of {os.fspath(path)!r} ({error})") from None
     return text
