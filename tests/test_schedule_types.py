@@ -10,13 +10,16 @@
    algorithms, in float64. k-diffusion itself cannot be a test dependency: its wheel requires torchvision (and
    clean-fid, kornia, wandb, ...), `pip download --no-deps k-diffusion` and its METADATA show.
 
-Then the differences by design between minisd and A1111/k-diffusion, each measured (test_differences_*).
+Then the differences by design between minisd and A1111/k-diffusion, each measured (test_differences_*); A1111's
+Brownian-tree noise for DPM++ 2M SDE comes from torchsde, as A1111's does (a test dependency: it needs only torch,
+numpy, scipy and trampoline).
 """
 
 import math
 
 import pytest
 import torch
+import torchsde
 from diffusers import DPMSolverMultistepScheduler
 from scipy.integrate import quad
 
@@ -426,6 +429,78 @@ def test_differences_dpm_start_and_integer_t():
     REPORT.append(("test_differences", "DPM++ 2M Karras: VP start ε vs σ_max·ε (x_0)", start_err, 1e-2))
     REPORT.append(("test_differences", "DPM++ 2M Karras: integer vs fractional t (x_0)", t_err, 1e-1))
     assert 1e-5 < start_err < 1e-2 and 1e-5 < t_err < 1e-1
+
+
+def a1111_brownian_noise(sigmas: torch.Tensor, seed: int):
+    """A1111's noise for DPM++ 2M SDE (k-diffusion's BrownianTreeNoiseSampler, as A1111 builds it), re-derived: one
+    Brownian motion W per picture, over σ ∈ [σ_min, σ_max] (the smallest σ > 0 and the first), W(σ_min) = 0, shaped
+    like one latent (and of its dtype and device: float32 on the CPU here), drawn by torchsde's Brownian tree from
+    entropy = the picture's seed. The step σ → σ' (σ' < σ) takes the increment (W(σ') − W(σ)) / √(σ − σ'): a
+    standard normal, independent between steps, and a function of σ and σ' alone (not of the query order). Returns
+    noise(σ, σ') -> (1, c, h, w). The tree is queried at σ rounded to float32, A1111's σ dtype. On the CPU: a GPU
+    tree draws other numbers from the same seed."""
+    sigmas = sigmas.float()
+    sigma_min, sigma_max = sigmas[sigmas > 0].min().item(), sigmas.max().item()
+    tree = torchsde.BrownianTree(sigma_min, torch.zeros(SHAPE[1:]), sigma_max, entropy=seed)
+
+    def noise(sigma: float, sigma_next: float) -> torch.Tensor:
+        sigma, sigma_next = torch.tensor([sigma, sigma_next]).tolist()  # float32 σ, as A1111's
+        return ((tree(sigma_next, sigma) * -1) / math.sqrt(sigma - sigma_next)).unsqueeze(0)  # W(σ') − W(σ)
+
+    return noise
+
+
+# torchsde rounds the tree's ends to its tolerance (6 decimals) and clamps a query at σ_max onto the rounded end,
+# with this warning: A1111's tree does the same
+@pytest.mark.filterwarnings("ignore:Should have tb<=t1")
+def test_differences_sde_noise_source(monkeypatch):
+    """DPM++ 2M SDE's per-step noise: minisd draws it as diffusers does (torch.randn from the picture's generator,
+    after the starting noise, one draw a step); A1111 takes k-diffusion's Brownian-tree increments seeded with the
+    picture's seed (a1111_brownian_noise). Same start, same stand-in model, same σ (A1111's "Automatic" for this
+    sampler, Exponential, n = 25, η = 1), the start and t as minisd's (their differences are measured above), so
+    only the noise source differs. 1. The method is the same: minisd's own step(), fed the tree's increments in place
+    of its draws, equals the k-diffusion loop on the tree to float rounding (2.7e-15). 2. The noise differs: the
+    final x_0 are 0.24 apart in the mean (mean |Δ| / max |x_0|; 0.88 of mean |x_0|), 1.2 at the worst element: as
+    far apart as minisd's own x_0 when only its per-step draws come from another seed (0.23, 0.98), i.e. another
+    picture from the same starting noise."""
+    seed, n = 0, 25
+    sigmas = kd_exponential(n)
+    generator = torch.Generator().manual_seed(seed)
+    start_noise = torch.randn(SHAPE, generator=generator, dtype=torch.float64)
+    sampler = get_sampler("DPM++ 2M SDE", schedule_type="Exponential")
+    ours = minisd_sample(sampler, sigmas, start_noise.clone(), generator)  # the generator goes on into the steps
+
+    def tree_noise():
+        """k-diffusion's noise(): the increment of the step it is called in (no call on the last, σ' = 0)."""
+        i = next(steps)
+        return brownian(sigmas[i].item(), sigmas[i + 1].item()).double()
+
+    brownian, steps = a1111_brownian_noise(sigmas, seed), iter(range(n))
+    x_start = start_noise * math.sqrt(sigmas[0] ** 2 + 1)
+    a1111 = kd_sample("DPM++ 2M SDE", x_start, sigmas, 1.0, tree_noise, round_t=True)
+
+    # 1. minisd's step() with the tree's increments as its noise (its last draw, at σ' = 0, is not used)
+    increments = [brownian(sigmas[i].item(), sigmas[i + 1].item()) for i in range(n - 1)] + [torch.zeros(SHAPE)]
+    fed = iter(increments)
+    monkeypatch.setattr("minisd.samplers.dpm_solver.randn", lambda shape, generator, dtype, device: next(fed))
+    ours_on_tree = minisd_sample(get_sampler("DPM++ 2M SDE", schedule_type="Exponential"), sigmas, start_noise, None)
+    assert next(fed, None) is None  # every increment was taken, one a step
+    assert_parity("test_differences", "DPM++ 2M SDE fed the Brownian tree vs k-diffusion", ours_on_tree, a1111, 1e-12)
+    monkeypatch.undo()
+
+    # 2. the two noise sources: both standard normal, other numbers, another x_0
+    tree_draws = torch.stack(increments[:-1])
+    assert abs(tree_draws.mean().item()) < 0.05 and abs(tree_draws.std().item() - 1) < 0.05
+    worst = relative_error(ours, a1111)
+    mean = ((ours - a1111).abs().mean() / a1111.abs().max()).item()
+    other_seed = minisd_sample(  # for scale: minisd itself with its per-step draws from another seed
+        get_sampler("DPM++ 2M SDE", schedule_type="Exponential"), sigmas, start_noise, torch.Generator().manual_seed(1)
+    )
+    seed_mean = ((ours - other_seed).abs().mean() / a1111.abs().max()).item()
+    REPORT.append(("test_differences", "DPM++ 2M SDE: per-step randn vs Brownian tree (x_0, max)", worst, 2.0))
+    REPORT.append(("test_differences", "DPM++ 2M SDE: per-step randn vs Brownian tree (x_0, mean)", mean, 2.0))
+    REPORT.append(("test_differences", "DPM++ 2M SDE: per-step randn, seed 0 vs 1 (x_0, mean)", seed_mean, 2.0))
+    assert 0.05 < mean < 2.0 and 0.5 < mean / seed_mean < 2
 
 
 def test_dpm_spacing_refusals():

@@ -142,7 +142,8 @@ class DPMSolverPP2MSampler(SigmaSampler):
     sde=True is diffusers' algorithm_type "sde-dpmsolver++": every step draws one float32 standard normal tensor
     shaped like the model output from `generator` (diffusers' randn_tensor), so the same generator gives diffusers'
     picture.
-    A1111's "DPM++ 2M SDE" takes its noise from k-diffusion's Brownian tree instead: same method, other pictures.
+    A1111's "DPM++ 2M SDE" takes its noise from k-diffusion's Brownian tree instead: same method, other pictures
+    (tests/test_schedule_types.py::test_differences_sde_noise_source measures both).
     eta (SDE only, in [0, 1]): k-diffusion's η, A1111's "Eta"; 1 is diffusers' (which has no other).
     """
 
