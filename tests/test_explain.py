@@ -131,6 +131,8 @@ def test_page_in_headless_chromium(tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if (chromium is None or driver_path is None) and os.environ.get("MINISD_REQUIRE_BROWSER"):
+        pytest.fail("MINISD_REQUIRE_BROWSER is set (.ci/run) but chromium / chromedriver are not installed")
     if chromium is None or driver_path is None:
         pytest.skip("no Chromium installed: apt-get install chromium chromium-driver (Debian), as .ci/run does")
     port = free_port()
