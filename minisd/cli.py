@@ -263,7 +263,7 @@ def command_regenerate(args, status: Status) -> None:
     if params is None:
         return kandinsky_cli.regenerate(args, text, status, save, output_paths, weights_source)
     if args.prior is not None:
-        raise MinisdError("--prior is a Kandinsky 2.2 option; this PNG's parameters are an SD v1 image's")
+        raise MinisdError("--prior is a Kandinsky 2.2 option; this PNG's parameters are a Stable Diffusion image's")
     unknown = check_fields(fields)
     if unknown:
         print(f"note: fields minisd does not know, not used: {', '.join(unknown)}", file=sys.stderr)

@@ -230,7 +230,8 @@ REFUSED = {
     "Downcast alphas_cumprod": "a float16 ᾱ table",
 }
 # Fields that do not change the picture minisd makes: A1111's version and user, its hash list, its noise source
-# (A1111 draws its noise otherwise anyway: README "A1111 and minisd"), old minisd's paths.
+# (A1111 draws its noise otherwise anyway: README "A1111 and minisd"), "Pad conds" (A1111 pads a prompt and its
+# negative to the same number of 77-token chunks; minisd always does, pipelines/common.py), old minisd's paths.
 IGNORED = ("Version", "User", "Hashes", "RNG", "ENSD", "Pad conds", "Weights", "Init image", "Mask image")
 READ = (
     *FIXED_KEYS, "Clip skip", "Eta", "Eta DDIM", "Denoising strength", "Init image hash", "Mask image hash",

@@ -48,7 +48,7 @@ def inputs(seed: int = 0, width: int = 32):
 
 def compare(test: str, what: str, fresh, tol: float = TOL) -> None:
     """The UNet's ε and the text encoder's last hidden state, minisd's against diffusers'."""
-    x, t, context, ids = inputs()
+    x, t, context, ids = inputs(width=fresh.ours.unet.config.cross_attention_dim)
     with torch.no_grad():
         assert_parity(test, f"{what}: UNet", fresh.ours.unet(x, t, context), fresh.ref.unet(x, t, context).sample, tol)
         ours, ref = fresh.ours.text_encoder(ids).last_hidden_state, fresh.ref.text_encoder(ids).last_hidden_state
@@ -232,3 +232,30 @@ def test_lora_tags():
     for bad in ("<lora:a:1:2>", "<lora:a> <lora:a:0.5>", "<lora::1>", "<lora:a:x>"):
         with pytest.raises(MinisdError, match="LoRA tag"):
             lora_tags(bad)
+
+
+def test_kohya_lora_on_an_sd2_model_matches_diffusers(tmp_path_factory, tmp_path):
+    """An SD 2.x LoRA (kohya names, the text encoder in transformers' layout as sd-scripts trains SD 2's OpenCLIP) on
+    SD 2-shaped networks: the UNet's linear proj_in / proj_out and 64-wide heads, a GELU text encoder, "!" padding.
+    On the fly and fused, against diffusers."""
+    fresh = make_twins(tmp_path_factory.getbasetemp() / "tokenizer-sd2", sd2=True)
+    fresh.adapters = Adapters(networks(fresh))
+    assert isinstance(fresh.ours.unet.mid_block.attentions[0].proj_in, torch.nn.Linear)
+    x, t, context, ids = inputs(width=fresh.ours.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        base = fresh.ours.unet(x, t, context), fresh.ours.text_encoder(ids).last_hidden_state
+    path = tmp_path / "sd2.safetensors"
+    save_file(kohya_lora(fresh.ours.unet, fresh.ours.text_encoder, seed=6), path)
+    fresh.pipe.load_lora_weights(str(path), adapter_name="sd2")
+    fresh.pipe.set_adapters(["sd2"], [0.9])
+    weights = read_lora(path, networks(fresh))
+    assert "mid_block.attentions.0.proj_in" in {w.module for w in weights}
+    fresh.adapters.add("sd2", weights, 0.9)
+    compare("test_sd2_lora", "SD 2 LoRA on the fly, weight 0.9", fresh)
+    with torch.no_grad():
+        changed = fresh.ours.unet(x, t, context), fresh.ours.text_encoder(ids).last_hidden_state
+    for after, before in zip(changed, base, strict=True):
+        assert (after - before).abs().max() > 1e-2 * before.abs().max(), "the LoRA changes UNet and text encoder"
+    fresh.pipe.fuse_lora(lora_scale=1.0)
+    fresh.adapters.fuse()
+    compare("test_sd2_lora", "SD 2 LoRA fused, weight 0.9", fresh)
