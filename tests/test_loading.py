@@ -268,13 +268,20 @@ print(kib("VmHWM:") - before)
 """
 
 
-def test_converting_never_holds_the_whole_file(tmp_path):
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_converting_never_holds_the_whole_file(tmp_path, suffix):
     """The point of weights_convert.converted, measured in a fresh process on a 256 MiB float16 file: reading it as
     bfloat16 grows the peak resident memory by the 256 MiB of copies plus about one tensor (32 MiB), not by the
     file's pages too, as converting the memory-mapped views does (measured alongside: ~2×, so the test can tell).
-    Linux only (/proc/self/status), as CI is."""
-    path = tmp_path / "big.safetensors"
-    safetensors.torch.save_file({f"t{i}": torch.full((2**24,), i, dtype=torch.float16) for i in range(8)}, path)
+    A .ckpt (torch.save) is read through its map, each view's pages handed back once converted. Linux only
+    (/proc/self/status), as CI is."""
+    path = tmp_path / f"big{suffix}"
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(2**24, generator=g).half() for i in range(8)}
+    if suffix == ".safetensors":
+        safetensors.torch.save_file(tensors, path)
+    else:
+        torch.save({"state_dict": tensors}, path)
     size_kib = path.stat().st_size // 1024
     growth = {}
     for how in ("converted", "mapped views"):
@@ -282,6 +289,8 @@ def test_converting_never_holds_the_whole_file(tmp_path):
         assert run.returncode == 0, run.stderr
         growth[how] = int(run.stdout) / size_kib
     assert growth["converted"] < 1.4 and growth["mapped views"] > 1.7, growth
+    converted = read_converted(path, torch.bfloat16)  # and the values survive the pages' release
+    assert all(torch.equal(converted[name], t.to(torch.bfloat16)) for name, t in tensors.items())
 
 
 @pytest.mark.gpu
