@@ -54,7 +54,13 @@ not measured.
   19/30, "under" 18/30, "beneath" 21/30, "right of" 13/26 ("the … the", a full stop, "on the left of": all).
   After the contrastive stage of the shipped run: every family, every caption (probe: 56/56, 30/30, 26/26).
 - Held-out adherence at the file's guidance 2: documented captions 98.7% (4 seeds), each phrasing family 96–100%
-  (2 seeds); at guidance 3: 99.6% and 96–100% (README's table).
+  (2 seeds); at guidance 3: 99.6% and 96–100%. Measured again with the checker that has known diamonds since the
+  textual-inversion lesson, 4 seeds everywhere: documented 96.9%, families 95.2–98.3% (README's table); 4 of the 5
+  documented shape failures are squares or circles read as diamonds (98.7% again without that test).
+- The same recipe learning v (`--prediction-type v`), 2026-12-06, the quiet machine (load ~2 from other work): 49 min
+  9 s; VAE 1,250 steps at ~0.57 s (11 min 56 s), UNet 5,000 steps at 0.35–0.49 s (29 min 56 s), guidance choice 1.5
+  (training captions 99%; 98% at 2). Its VAE and text encoder are bit for bit the shipped file's (same seed, same
+  threads): only the UNet differs. Held-out at its guidance 1.5: documented 99.1%, families 98.3–100% (4 seeds).
 
 The first shipped run (documented captions only), on this 2-core machine, quiet: 56 min 41 s from nothing, and the
 file it wrote was byte for byte the one it shipped (the run was made twice: once stage by stage, once with the one
