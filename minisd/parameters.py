@@ -229,9 +229,8 @@ REFUSED = {
     "VAE Encoder": "another VAE encoder (TAESD)",
     "Downcast alphas_cumprod": "a float16 ᾱ table",
 }
-# Fields that do not change the picture minisd makes: A1111's version and user, its hash list, its noise source
-# (A1111 draws its noise otherwise anyway: README "A1111 and minisd"), "Pad conds" (A1111 pads a prompt and its
-# negative to the same number of 77-token chunks; minisd always does, pipelines/common.py), old minisd's paths.
+# Fields that do not change minisd's picture: A1111's version, user, hash list, noise source (README "A1111 and
+# minisd"), "Pad conds" (prompt and negative padded to the same 77-token chunks: minisd always does), old paths.
 IGNORED = ("Version", "User", "Hashes", "RNG", "ENSD", "Pad conds", "Weights", "Init image", "Mask image")
 READ = (
     *FIXED_KEYS, "Clip skip", "Eta", "Eta DDIM", "Denoising strength", "Init image hash", "Mask image hash",

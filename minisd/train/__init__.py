@@ -57,7 +57,7 @@ not measured.
   (2 seeds); at guidance 3: 99.6% and 96–100%. Measured again with the checker that has known diamonds since the
   textual-inversion lesson, 4 seeds everywhere: documented 96.9%, families 95.2–98.3% (README's table); 4 of the 5
   documented shape failures are squares or circles read as diamonds (98.7% again without that test).
-- The same recipe learning v (`--prediction-type v`), 2026-12-06, the quiet machine (load ~2 from other work): 49 min
+- The same recipe learning v (`--prediction-type v`), 2026-12-06, the 2-core machine lightly shared (load ~2-3): 49 min
   9 s; VAE 1,250 steps at ~0.57 s (11 min 56 s), UNet 5,000 steps at 0.35–0.49 s (29 min 56 s), guidance choice 1.5
   (training captions 99%; 98% at 2). Its VAE and text encoder are bit for bit the shipped file's (same seed, same
   threads): only the UNet differs. Held-out at its guidance 1.5: documented 99.1%, families 98.3–100% (4 seeds).
