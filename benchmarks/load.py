@@ -85,6 +85,8 @@ def _run_child(loader: str, path: str, config_folder: str) -> dict:
 
 
 def bench_load(path: str, repeat: int) -> None:
+    if not os.path.isfile(path):
+        raise SystemExit(f"python -m benchmarks load: {path}: no such file (an SD v1 .safetensors or .ckpt)")
     size = os.path.getsize(path)
     with tempfile.TemporaryDirectory() as config_folder:
         write_sd_v1_config_folder(config_folder)

@@ -77,6 +77,8 @@ def bench_picture(path: str, steps: int, size: int, runners: list[str]) -> list[
     from benchmarks.load import write_sd_v1_config_folder
     from benchmarks.speed import cpu_description
 
+    if not os.path.isfile(path):
+        raise SystemExit(f"python -m benchmarks picture: {path}: no such file (an SD v1 .safetensors or .ckpt)")
     unknown = [name for name in runners if name not in RUNNERS]
     if unknown:
         raise SystemExit(f"unknown runner(s) {unknown}; choose from {list(RUNNERS)}")
