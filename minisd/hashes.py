@@ -6,11 +6,18 @@ images given again for a record: no path of the maker's machine is recorded, the
     lora_hash          A1111's "Lora hashes": 12 hex digits of the SHA-256 of a .safetensors file's tensor bytes
     legacy_file_hash   A1111's old 8-digit "Model hash" (SHA-256 of 64 KiB at offset 1 MiB), still in old PNGs
     pixels_hash        "Init image hash" / "Mask image hash": SHA-256 of an image's pixels (mode, size, bytes)
+
+A 4 GB checkpoint takes seconds to hash, and `minisd regenerate --models-dir` may hash every file of a folder, so
+the SHA-256 of files of CACHE_FROM bytes or more is kept, as A1111 keeps its cache.json, in hashes.json in
+$MINISD_CACHE (default $XDG_CACHE_HOME/minisd, else ~/.cache/minisd), keyed by the file's absolute path, size and
+modification time: a file changed in any way is hashed again. A cache that cannot be read or written is ignored.
 """
 
 import hashlib
+import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from PIL import Image
@@ -28,14 +35,60 @@ def short_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:10]
 
 
+CACHE_FROM = 64 << 20  # files this large or larger have their SHA-256 cached (checkpoints, VAEs; not embeddings)
+
+
+def hash_cache_path() -> Path:
+    """hashes.json in $MINISD_CACHE, else $XDG_CACHE_HOME/minisd, else ~/.cache/minisd."""
+    folder = (
+        os.environ.get("MINISD_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minisd"
+    )
+    return Path(folder) / "hashes.json"
+
+
+def _read_cache(cache: Path) -> dict:
+    try:
+        entries = json.loads(cache.read_text())
+        return entries if isinstance(entries, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(cache: Path, entries: dict) -> None:
+    """Write the whole cache to a temporary file beside it, then rename: a reader never sees half a file."""
+    temporary = None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=cache.parent, suffix=".tmp", delete=False) as f:
+            temporary = f.name
+            json.dump(entries, f)
+        os.replace(temporary, cache)
+    except OSError:  # a read-only home: hash again next time
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+
+
 def file_hash(path: str | os.PathLike, digits: int = 10, skip: int = 0) -> str:
     """The first `digits` hex digits of the SHA-256 of a file's bytes from byte `skip` on, read in 16 MiB pieces:
-    A1111's "Model hash" and "VAE hash" (10 digits) and "TI hashes" (12)."""
+    A1111's "Model hash" and "VAE hash" (10 digits) and "TI hashes" (12). Whole large files: through the cache."""
+    stat = os.stat(path)
+    cached = skip == 0 and stat.st_size >= CACHE_FROM
+    if cached:
+        cache, key = hash_cache_path(), str(Path(path).resolve())
+        entry = _read_cache(cache).get(key)
+        if isinstance(entry, dict) and [entry.get("size"), entry.get("mtime_ns")] == [stat.st_size, stat.st_mtime_ns]:
+            sha256 = entry.get("sha256")
+            if isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256):
+                return sha256[:digits]
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         f.seek(skip)
         while piece := f.read(16 << 20):
             digest.update(piece)
+    if cached:  # read again just before writing: another process may have added entries meanwhile
+        entries = _read_cache(cache)
+        entries[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+        _write_cache(cache, entries)
     return digest.hexdigest()[:digits]
 
 

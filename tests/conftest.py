@@ -1,7 +1,17 @@
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
 from tests.parity import REPORT
+
+# minisd's hash cache (minisd/hashes.py) in a folder of the test run's own, never the user's ~/.cache; the CLI tests'
+# subprocesses inherit it.
+os.environ["MINISD_CACHE"] = tempfile.mkdtemp(prefix="minisd-cache-")
+atexit.register(shutil.rmtree, os.environ["MINISD_CACHE"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,10 +10,12 @@ A1111 texts below are written from A1111's documented format (1.5-era: the sched
 
 import hashlib
 import json
+import os
 import re
 
 import pytest
 
+from minisd import hashes
 from minisd.errors import MinisdError
 from minisd.hashes import file_hash, hash_matches, legacy_file_hash
 from minisd.parameters import GenerationParameters, check_fields, parse_parameters
@@ -315,6 +317,33 @@ def test_model_hashes_new_and_old(tmp_path):
     assert (file_hash(path), legacy_file_hash(path)) == (new, old)
     assert hash_matches(new, path) and hash_matches(old, path) and hash_matches(new.upper(), path)
     assert not hash_matches("0" * 10, path) and not hash_matches("0" * 8, path) and not hash_matches("xyz", path)
+
+
+def test_large_files_hash_once_and_again_when_changed(tmp_path, monkeypatch):
+    """A large file's SHA-256 is kept in the cache (path, size, mtime): hashed once, read back the next time without
+    opening the file; a file changed in place (same size) is hashed again; a corrupt cache is ignored and rewritten;
+    small files and hashes that skip a header never touch it."""
+    monkeypatch.setenv("MINISD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hashes, "CACHE_FROM", 1 << 20)
+    path = tmp_path / "big.ckpt"
+    data = bytearray(bytes(range(256)) * 8192)  # 2 MiB
+    path.write_bytes(data)
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: opened.append(str(p)) or real_open(p, *a, **k))
+    assert file_hash(path) == hashlib.sha256(data).hexdigest()[:10] and opened.count(str(path)) == 1
+    assert file_hash(path, digits=12) == hashlib.sha256(data).hexdigest()[:12] and opened.count(str(path)) == 1
+    data[1000] ^= 1  # the same size; a later modification time
+    path.write_bytes(data)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    assert file_hash(path) == hashlib.sha256(data).hexdigest()[:10] and opened.count(str(path)) == 2
+    hashes.hash_cache_path().write_text("{not json")
+    assert file_hash(path) == hashlib.sha256(data).hexdigest()[:10] and opened.count(str(path)) == 3
+    assert json.loads(hashes.hash_cache_path().read_text())[str(path.resolve())]["size"] == len(data)
+    small = tmp_path / "embedding.pt"
+    small.write_bytes(b"x" * 1000)
+    file_hash(small)
+    assert str(small.resolve()) not in json.loads(hashes.hash_cache_path().read_text())
 
 
 def test_find_weights_by_either_hash_and_by_plain_name(tmp_path, monkeypatch):
