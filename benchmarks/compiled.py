@@ -12,7 +12,8 @@ distinct graphs to trace, so a shorter warm-up, but no fusion across blocks.
 
 Printed per runner: warm-up (the first call: tracing, code generation, the C++ compiler, weight packing), the median
 step of --repeat calls after it, and the error max |out - eager| / max |eager|. The warm-up is paid once per process
-(inductor's on-disk cache shortens a second process's, not the first); a 25-step picture makes 25 calls.
+(inductor's on-disk cache shortened a second process's by a few seconds only, README); a 25-step picture makes 25
+calls. Timings need a quiet machine: a job beside it hits the runners unevenly.
 """
 
 import argparse
