@@ -65,23 +65,32 @@ PROMPTS = [
 NEGATIVE = "easynegative, blurry"
 
 
-def test_every_format_matches_diffusers(fresh, tmp_path):
-    files = write_embeddings(tmp_path)
+@pytest.mark.parametrize("sd2", [False, True], ids=["sd1", "sd2"])
+def test_every_format_matches_diffusers(tmp_path_factory, tmp_path, sd2):
+    """Every embedding format on SD v1's text encoder, and on an SD 2-shaped one (GELU, "!" padding: the added words
+    must not change the padding): prompt and negative embeddings and a picture against diffusers."""
+    fresh = make_twins(tmp_path_factory.getbasetemp() / ("tokenizer-sd2" if sd2 else "tokenizer"), sd2=sd2)
+    width, what = fresh.ours.text_encoder.config.hidden_size, "SD 2 " if sd2 else ""
+    files = write_embeddings(tmp_path, width=width)
     for name, (token, n) in files.items():
         fresh.pipe.load_textual_inversion(str(tmp_path / name), token=token)
         loaded = load_textual_inversion(fresh.ours.tokenizer, fresh.ours.text_encoder, tmp_path / name)
-        assert len(loaded.ids) == n and read_embedding(tmp_path / name).vectors.shape == (n, WIDTH)
+        assert len(loaded.ids) == n and read_embedding(tmp_path / name).vectors.shape == (n, width)
+    if sd2:
+        ids = fresh.ours.tokenizer([PROMPTS[0]])[0]
+        assert ids[-1] == 0 and (ids == 0).sum() > 60, "SD 2 pads with '!' (id 0) after the added words"
     # (diffusers' encode_prompt spells a multi-vector word out itself, maybe_convert_prompt; minisd's tokenizer does)
     with torch.no_grad():
         want, want_negative = fresh.pipe.encode_prompt(PROMPTS, "cpu", 1, True, [NEGATIVE] * 2)
         ours = encode_prompt(fresh.ours.tokenizer, fresh.ours.text_encoder, [NEGATIVE] * 2 + PROMPTS)
-    assert_parity("test_every_format", "prompt embeddings with 4 embeddings, 10 vectors", ours[2:], want, TOL)
-    assert_parity("test_every_format", "negative prompt embedding (A1111 .safetensors)", ours[:2], want_negative, TOL)
+    assert_parity("test_every_format", f"{what}prompt embeddings with 4 embeddings, 10 vectors", ours[2:], want, TOL)
+    assert_parity("test_every_format", f"{what}negative prompt embedding (A1111 .safetensors)", ours[:2],
+                  want_negative, TOL)  # fmt: skip
 
     kwargs = dict(prompt=PROMPTS[0], negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=3)
     got = txt2img(fresh.ours, **kwargs, output_type="np", latents=start_latents(1, 5), sampler="DDIM")
     want = fresh.pipe(**kwargs, output_type="np", latents=start_latents(1, 5)).images
-    check_pixels("test_every_format", "txt2img with textual-inversion words in both prompts", got, want)
+    check_pixels("test_every_format", f"{what}txt2img with textual-inversion words in both prompts", got, want)
 
 
 def test_a1111_folder_names_typed_in_prompts(fresh, tmp_path):
@@ -185,26 +194,3 @@ def test_bad_embeddings_are_one_line(fresh, tmp_path, make, fragment):
         load_textual_inversion(fresh.ours.tokenizer, fresh.ours.text_encoder, path)
     assert "\n" not in str(error.value)
     assert len(fresh.ours.tokenizer) == rows == fresh.ours.text_encoder.embeddings.token_embedding.num_embeddings
-
-
-def test_sd2_embeddings_match_diffusers(tmp_path_factory, tmp_path):
-    """Embeddings for an SD 2-shaped text encoder (GELU, "!" padding: the added words must not change the padding):
-    every format, prompt and negative embeddings and a picture against diffusers."""
-    fresh = make_twins(tmp_path_factory.getbasetemp() / "tokenizer-sd2", sd2=True)
-    width = fresh.ours.text_encoder.config.hidden_size
-    files = write_embeddings(tmp_path, width=width, seed=3)
-    for name, (token, n) in files.items():
-        fresh.pipe.load_textual_inversion(str(tmp_path / name), token=token)
-        loaded = load_textual_inversion(fresh.ours.tokenizer, fresh.ours.text_encoder, tmp_path / name)
-        assert len(loaded.ids) == n
-    ids = fresh.ours.tokenizer([PROMPTS[0]])[0]
-    assert ids[-1] == 0 and (ids == 0).sum() > 60, "SD 2 pads with '!' (id 0) after the added words"
-    with torch.no_grad():
-        want, want_negative = fresh.pipe.encode_prompt(PROMPTS, "cpu", 1, True, [NEGATIVE] * 2)
-        ours = encode_prompt(fresh.ours.tokenizer, fresh.ours.text_encoder, [NEGATIVE] * 2 + PROMPTS)
-    assert_parity("test_sd2_embeddings", "SD 2 prompt embeddings, 4 embeddings", ours[2:], want, TOL)
-    assert_parity("test_sd2_embeddings", "SD 2 negative prompt embedding", ours[:2], want_negative, TOL)
-    kwargs = dict(prompt=PROMPTS[1], negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=3)
-    got = txt2img(fresh.ours, **kwargs, output_type="np", latents=start_latents(1, 6), sampler="DDIM")
-    want = fresh.pipe(**kwargs, output_type="np", latents=start_latents(1, 6)).images
-    check_pixels("test_sd2_embeddings", "SD 2 txt2img with textual-inversion words", got, want)
