@@ -46,7 +46,7 @@ def _compile(unet: torch.nn.Module, regional: bool) -> torch.nn.Module:
 def bench_compile(args: argparse.Namespace) -> list[dict]:
     import torch._inductor.config as inductor_config
 
-    from benchmarks.speed import cpu_description, model_configs
+    from benchmarks.speed import cpu_description, load_line, model_configs
     from minisd.fast import fast_dtype, make_fast
 
     if args.threads:
@@ -92,8 +92,7 @@ def bench_compile(args: argparse.Namespace) -> list[dict]:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     print(f"CPU: {cpu_description()}")
-    print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in load_before)} before, "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} after")  # fmt: skip
+    print(load_line(load_before, os.getloadavg()))
     print(f"{'runner':<18} {'warm-up s':>10} {'step s':>10} {'x eager':>8} {'error':>10}")
     for row in rows:
         print(

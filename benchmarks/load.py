@@ -76,11 +76,14 @@ def child(loader: str, path: str, config_folder: str) -> dict:
     return {"load_s": load_s, "read_s": read_s, "peak_rss": peak_rss}
 
 
-def _run_child(loader: str, path: str, config_folder: str) -> dict:
-    command = [sys.executable, "-m", "benchmarks", "_child", loader, path, config_folder]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+def run_child(command: str, runner: str, *args: str) -> dict:
+    """`python -m benchmarks <command> <runner> <args>` in a fresh process (also picture.py's): the JSON dict its
+    last line of output prints."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", command, runner, *args], capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
-        raise SystemExit(f"{loader} child failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{runner} child failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -90,11 +93,11 @@ def bench_load(path: str, repeat: int) -> None:
     size = os.path.getsize(path)
     with tempfile.TemporaryDirectory() as config_folder:
         write_sd_v1_config_folder(config_folder)
-        _run_child("minisd", path, config_folder)  # warm-up: brings the file into the page cache
+        run_child("_child", "minisd", path, config_folder)  # warm-up: brings the file into the page cache
         results = {"minisd": [], "diffusers": []}
         for _ in range(repeat):  # alternate, so drift in machine load hits both
             for loader in results:
-                results[loader].append(_run_child(loader, path, config_folder))
+                results[loader].append(run_child("_child", loader, path, config_folder))
     best = {loader: min(runs, key=lambda r: r["load_s"]) for loader, runs in results.items()}
     print(f"file: {path}  ({size / 1e9:.2f} GB)   best of {repeat} per loader, each in a fresh process")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (timings are only as quiet as that)")

@@ -12,11 +12,8 @@ Both draw the same prompt at the same size from the same seed; "max diff" is eac
 count (each step frees its activations), so `--steps 2` measures memory in minutes; times per step are speed.py's.
 """
 
-import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -63,19 +60,11 @@ def child(runner: str, path: str, config_folder: str, steps: int, size: int, out
     return {"load_s": load_s, "picture_s": total_s - load_s, "peak_rss": peak_rss}
 
 
-def _run_child(runner: str, path: str, config_folder: str, steps: int, size: int, out: str) -> dict:
-    command = [sys.executable, "-m", "benchmarks", "_picture", runner, path, config_folder, str(steps), str(size), out]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{runner} child failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def bench_picture(path: str, steps: int, size: int, runners: list[str]) -> list[dict]:
     from PIL import Image
 
-    from benchmarks.load import write_sd_v1_config_folder
-    from benchmarks.speed import cpu_description
+    from benchmarks.load import run_child, write_sd_v1_config_folder
+    from benchmarks.speed import cpu_description, load_line
 
     if not os.path.isfile(path):
         raise SystemExit(f"python -m benchmarks picture: {path}: no such file (an SD v1 .safetensors or .ckpt)")
@@ -88,14 +77,19 @@ def bench_picture(path: str, steps: int, size: int, runners: list[str]) -> list[
         write_sd_v1_config_folder(folder)
         for runner in runners:  # one at a time: each child has the machine's memory to itself
             out = os.path.join(folder, runner.replace(" ", "_") + ".png")
-            rows.append({"runner": runner, "png": out, **_run_child(runner, path, folder, steps, size, out)})
+            rows.append(
+                {
+                    "runner": runner,
+                    "png": out,
+                    **run_child("_picture", runner, path, folder, str(steps), str(size), out),
+                }
+            )
         pixels = {row["runner"]: torch.tensor(list(Image.open(row["png"]).getdata())).float() for row in rows}
     size_bytes = os.path.getsize(path)
     first = pixels[rows[0]["runner"]]
     print(f"file: {path} ({size_bytes / 2**30:.2f} GiB); {size}x{size} px, {steps} DDIM steps, one process per runner")
     print(f"CPU: {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in load_before)} before, "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} after")  # fmt: skip
+    print(load_line(load_before, os.getloadavg()))
     print(f"{'runner':<20} {'load s':>8} {'picture s':>10} {'peak RSS GiB':>13} {'max diff':>9}")
     for row in rows:
         row["max_diff"] = (pixels[row["runner"]] - first).abs().max().item()

@@ -171,6 +171,12 @@ def cpu_description() -> str:
     return f"{name}, {os.cpu_count()} logical CPUs; features: {' '.join(have) or 'none of ' + ' '.join(wanted)}"
 
 
+def load_line(before: tuple, after: tuple) -> str:
+    """The benchmark header's line on machine load: os.getloadavg() before and after the runs."""
+    before, after = (" ".join(f"{x:.2f}" for x in load) for load in (before, after))
+    return f"load average (1, 5, 15 min): {before} before, {after} after"
+
+
 def twin_in(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """A second copy of a built network in another dtype, made without a transient float32 copy (the full UNet is
     3.4 GB): built on the meta device, then given its weights converted one tensor at a time."""
@@ -321,8 +327,7 @@ def print_table(rows: list[dict], args: argparse.Namespace, size: int, loads: tu
         from minisd.fast import fast_dtype
 
         print(f"CPU: {cpu_description()}; minisd.fast computes in {str(fast_dtype('cpu')).removeprefix('torch.')}")
-        before, after = (" ".join(f"{x:.2f}" for x in load) for load in loads)
-        print(f"load average (1, 5, 15 min): {before} before, {after} after")
+        print(load_line(*loads))
     header = ["case", "runner", "dtype", "seconds", "x diffusers", "peak MB", "error"]
     print(f"{header[0]:<12} {header[1]:<15} {header[2]:<9} " + " ".join(f"{h:>12}" for h in header[3:]))
     for row in rows:
