@@ -23,7 +23,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from minisd.clip import TextEncoder, TextEncoderConfig
 from minisd.errors import MinisdError
@@ -31,13 +31,11 @@ from minisd.pipelines.img2img import img2img
 from minisd.pipelines.inpaint import inpaint
 from minisd.pipelines.txt2img import txt2img
 from minisd.samplers.ddim import DDIMSampler
-from minisd.tokenizer import PAD_TOKENS, Tokenizer
 from minisd.unet import UNet, UNetConfig
 from minisd.vae import VAE, VAEConfig
-from tests.reference import SD15_SCHEDULER_CONFIG, write_reference_tokenizer_folder
+from tests.reference import SD15_SCHEDULER_CONFIG
 from tests.test_pipelines import (
     SIZE,
-    TINY_VAE,
     UNET_BLOCKS,
     FreshWarmupPNDM,
     RunOrderLMS,
@@ -85,31 +83,21 @@ SAMPLERS = ["DDIM", "PLMS", "LMS", "Euler a", "DPM++ 2M Karras", "DPM++ 2M SDE"]
 
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory):
-    """ours: minisd SD 2 components predicting v; ours9: the 9-channel inpainting UNet, predicting ε; ref: twins."""
-    torch.manual_seed(0)
-    ref_unet = UNet2DConditionModel(**asdict(TINY_UNET), **UNET_BLOCKS, sample_size=SIZE // 8)
-    ref_unet9 = UNet2DConditionModel(**{**asdict(TINY_UNET), "in_channels": 9}, **UNET_BLOCKS, sample_size=SIZE // 8)
-    n = len(TINY_VAE.block_out_channels)
-    from diffusers import AutoencoderKL
+    """ours: minisd SD 2 components predicting v (tests/twins.py's SD 2 twins); ours9: the 9-channel inpainting
+    UNet, predicting ε; ref: the twins, with unet9."""
+    from tests.twins import make_twins
 
-    ref_vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n, **asdict(TINY_VAE)
+    made = make_twins(tmp_path_factory.mktemp("sd2") / "tokenizer", seed=21, sd2=True)
+    assert made.ref.tokenizer.pad_token_id == 0
+    ref_unet9 = UNet2DConditionModel(**{**asdict(TINY_UNET), "in_channels": 9}, **UNET_BLOCKS, sample_size=SIZE // 8)
+    unet9 = twin(UNet(replace(TINY_UNET, in_channels=9)), ref_unet9, seed=25)
+    shared = {name: getattr(made.ours, name) for name in ("tokenizer", "text_encoder", "vae")}
+    ours = types.SimpleNamespace(
+        **shared, unet=made.ours.unet, prediction_type="v_prediction", rescale_betas_zero_snr=False
     )
-    ref_text_encoder = CLIPTextModel(CLIPTextConfig(**asdict(TINY_TEXT)))
-    unet = twin(UNet(TINY_UNET), ref_unet, seed=21)
-    unet9 = twin(UNet(replace(TINY_UNET, in_channels=9)), ref_unet9, seed=22)
-    vae = twin(VAE(TINY_VAE), ref_vae, seed=23)
-    text_encoder = twin(TextEncoder(TINY_TEXT), ref_text_encoder, seed=24)
-    folder = write_reference_tokenizer_folder(tmp_path_factory.mktemp("sd2") / "tokenizer", pad_token="!")
-    ref_tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-    assert ref_tokenizer.pad_token_id == 0
-    tokenizer = Tokenizer.from_default(PAD_TOKENS["sd2"])
-    shared = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, rescale_betas_zero_snr=False)
-    ours = types.SimpleNamespace(**shared, unet=unet, prediction_type="v_prediction")
-    ours9 = types.SimpleNamespace(**shared, unet=unet9, prediction_type="epsilon")
-    ref = types.SimpleNamespace(unet=ref_unet, unet9=ref_unet9, vae=ref_vae, text_encoder=ref_text_encoder)
-    ref.tokenizer = ref_tokenizer
-    return types.SimpleNamespace(ours=ours, ours9=ours9, ref=ref)
+    ours9 = types.SimpleNamespace(**shared, unet=unet9, prediction_type="epsilon", rescale_betas_zero_snr=False)
+    made.ref.unet9 = ref_unet9
+    return types.SimpleNamespace(ours=ours, ours9=ours9, ref=made.ref)
 
 
 def reference_pipeline(pipeline_class, ref, scheduler, unet=None):
